@@ -1,0 +1,1 @@
+"""Domain XML -> validated, immutable models (no I/O beyond reading the document)."""
