@@ -1,0 +1,46 @@
+"""Terminal output shared by the user-facing commands: rich colour on a terminal, plain lines
+otherwise, so that logs and pipes stay greppable."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan", "step": "bold"}
+
+
+class Console:
+    """Prints status lines; colour and markup only when the stream is a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, color: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.color = self.stream.isatty() if color is None else color
+        self._rich = None
+        if self.color:
+            from rich.console import Console as RichConsole  # noqa: PLC0415 - only on terminals
+
+            self._rich = RichConsole(file=self.stream, highlight=False)
+
+    def line(self, text: str, status: str | None = None) -> None:
+        """One line; `status` (ok/warn/fail/info/step) colours the text on a terminal."""
+        if self._rich is not None:
+            from rich.text import Text  # noqa: PLC0415
+
+            self._rich.print(Text(text, style=STYLES.get(status or "", "")))
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def table(self, headers: list[str], rows: list[list[str]], statuses: list[str] | None = None) -> None:
+        if self._rich is not None:
+            from rich.table import Table  # noqa: PLC0415
+
+            table = Table(*headers)
+            for i, row in enumerate(rows):
+                table.add_row(*row, style=STYLES.get(statuses[i], "") if statuses else "")
+            self._rich.print(table)
+            return
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=self.stream)
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.stream)
+        self.stream.flush()
