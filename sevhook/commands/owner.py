@@ -1,0 +1,375 @@
+"""`sevhook owner`: the guest owner's side of an SEV launch, run where the owner keeps its keys.
+
+verify-chain checks a platform's certificates, session makes the LAUNCH_START files, verify-measurement
+checks LAUNCH_MEASURE, and secret wraps the LAUNCH_SECRET packet."""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import importlib
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sevhook.errors import FormatError, SevhookError, UsageError
+from sevhook.sev.policy import parse_number
+
+if TYPE_CHECKING:
+    from sevhook.sev.chain import CertificateChain
+    from sevhook.sev.roots import TrustAnchor
+
+DEFAULT_SESSION_NAME = "guest"
+
+
+def _number(what: str) -> Callable[[str], int]:
+    """An argparse type: decimal or 0x-hex, with a usage error naming the option."""
+
+    def convert(text: str) -> int:
+        try:
+            return parse_number(text, what)
+        except SevhookError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    return convert
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _warn(message: str) -> None:
+    print(f"sevhook: warning: {message}", file=sys.stderr)
+
+
+def _ca_bytes(ark: str | None, ask: str | None) -> bytes | None:
+    """ASK||ARK from --ask and --ark, or from --ark alone when it is AMD's ask_ark bundle."""
+    if ask and not ark:
+        raise UsageError("--ask needs --ark as well (or pass AMD's ask_ark_<gen>.cert bundle as --ark)")
+    if not ark:
+        return None
+    ark_bytes = _read(ark, "ARK file")
+    return (_read(ask, "ASK file") if ask else b"") + ark_bytes
+
+
+def _trust_anchors(paths: list[str] | None) -> list[TrustAnchor]:
+    from sevhook.sev.roots import TrustAnchor
+
+    return [TrustAnchor.load(path) for path in paths or ()]
+
+
+def _load_chain(chain_path: str, pdh_path: str | None, ark: str | None, ask: str | None) -> CertificateChain:
+    from sevhook.sev.chain import CertificateChain, maybe_base64
+
+    pdh = maybe_base64(_read(pdh_path, "PDH file")) if pdh_path else None
+    chain = maybe_base64(_read(chain_path, "chain file"))
+    return CertificateChain.from_parts(chain, ca=_ca_bytes(ark, ask), pdh=pdh, what=f"chain file {chain_path}")
+
+
+def cmd_verify_chain(args: argparse.Namespace) -> int:
+    from sevhook.sev.chain import verify_chain
+
+    chain = _load_chain(args.chain, args.pdh, args.ark, args.ask)
+    report = verify_chain(chain, _trust_anchors(args.trust_anchor))
+    for link in report.links:
+        print(f"{'ok' if link.ok else 'FAIL':<5} {link.name}: {link.why}")
+    if report.ok:
+        print(f"chain valid: PDH certified by {report.root}")
+        return 0
+    print(f"chain INVALID: {len(report.failures)} link(s) failed", file=sys.stderr)
+    return 1
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    from sevhook.sev.certs import SevCertificate
+    from sevhook.sev.chain import maybe_base64
+    from sevhook.sev.policy import SevPolicy
+    from sevhook.sev.session import create_session
+
+    policy = SevPolicy(args.policy)
+    pdh_bytes = maybe_base64(_read(args.pdh, "PDH file"))
+    pdh = SevCertificate.parse(pdh_bytes, f"PDH file {args.pdh}")
+    if args.chain:
+        chain = _load_chain(args.chain, args.pdh, args.ark, args.ask)
+        report = chain.verify(_trust_anchors(args.trust_anchor))
+        print(f"chain valid: PDH certified by {report.root}")
+    elif args.insecure_skip_chain:
+        _warn("the PDH's certificate chain was NOT verified (--insecure-skip-chain): a host could have "
+              "substituted its own key and will be able to read the TEK/TIK")
+    else:
+        raise UsageError(
+            "refusing to make a session for an unverified PDH: pass --chain FILE (with --ark/--ask for "
+            "PEK|OCA|CEK chains) or, for tests only, --insecure-skip-chain"
+        )
+    session = create_session(pdh, policy.value)
+    paths = session.write_files(args.out_dir, args.name)
+    print(f"policy {policy.describe()}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
+    import base64
+    import binascii
+
+    if args.launch_digest:
+        text = args.launch_digest.strip()
+        try:
+            digest = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
+        except (ValueError, binascii.Error):
+            digest = b""
+        if len(digest) != 32:
+            raise UsageError("--launch-digest: give the 32-byte SHA-256 launch digest as 64 hex digits (or base64)")
+        return digest
+    if not args.firmware:
+        raise UsageError("give --launch-digest HEX, or --firmware FILE (with --kernel/--initrd/--cmdline/--vmsa)")
+    try:
+        from sevhook.sev.launch_digest import sev_launch_digest
+    except ImportError as exc:
+        if exc.name and exc.name.startswith("sevhook.sev"):
+            raise UsageError("computing the launch digest from its inputs is not available in this build; "
+                             "pass --launch-digest HEX") from None
+        raise
+    for option, paths in (("firmware", [args.firmware]), ("kernel", [args.kernel]), ("initrd", [args.initrd]),
+                          ("vmsa", args.vmsa or [])):
+        for path in paths:
+            if path and not Path(path).is_file():
+                raise UsageError(f"--{option} {path}: no such file")
+    return sev_launch_digest(
+        Path(args.firmware),
+        kernel=Path(args.kernel) if args.kernel else None,
+        initrd=Path(args.initrd) if args.initrd else None,
+        cmdline=args.cmdline,
+        vmsas=tuple(Path(path) for path in args.vmsa or ()),
+    )
+
+
+def cmd_verify_measurement(args: argparse.Namespace) -> int:
+    from sevhook.sev.measurement import LaunchMeasurement, compute_measurement
+    from sevhook.sev.session import read_key_file
+
+    reported = LaunchMeasurement.parse(args.measurement, "--measurement")
+    tik = read_key_file(args.tik, "TIK")
+    digest = _launch_digest_from_args(args)
+    expected = compute_measurement(
+        tik, args.api_major, args.api_minor, args.build_id, args.policy, digest, reported.mnonce
+    )
+    print(f"launch digest:        {digest.hex()}")
+    print(f"expected measurement: {expected.hex()}")
+    print(f"reported measurement: {reported.measurement.hex()}")
+    if hmac.compare_digest(expected, reported.measurement):
+        print("measurement matches")
+        return 0
+    print(
+        "measurement MISMATCH: check that the TIK is this launch's, that api/build/policy are the platform's "
+        "(query-sev) and the guest's, and that firmware, kernel, initrd, cmdline and VMSAs are exactly what "
+        "QEMU loaded (`sevhook owner diagnose-mismatch` helps)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _parse_secret_option(text: str) -> tuple[str, str]:
+    guid, sep, path = text.partition(":")
+    if not sep or not path:
+        raise UsageError(f"--secret {text!r}: use GUID:FILE, e.g. 736869e5-84f0-4973-92ec-06879ce3da0b:pass.txt")
+    return guid, path
+
+
+def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
+    from sevhook.sev.secret import DISK_PASSPHRASE_GUID
+
+    entries: list[tuple[uuid.UUID, bytes]] = []
+    for option in args.secret or ():
+        guid_text, path = _parse_secret_option(option)
+        try:
+            guid = uuid.UUID(guid_text)
+        except ValueError:
+            raise UsageError(f"--secret {option!r}: {guid_text!r} is not a GUID") from None
+        data = _read(path, "secret file")
+        if guid == DISK_PASSPHRASE_GUID and not data.endswith(b"\0"):
+            _warn(f"disk-passphrase entry from {path} is not NUL-terminated; grub will reject it "
+                  "('password is not zero terminated'): use --disk-passphrase FILE, which adds the NUL")
+        entries.append((guid, data))
+    if args.disk_passphrase:
+        data = _read(args.disk_passphrase, "disk-passphrase file")
+        if data.endswith(b"\n"):
+            data = data[:-1]
+            _warn(f"dropped the trailing newline of {args.disk_passphrase} from the disk passphrase")
+        if not data.endswith(b"\0"):
+            data += b"\0"
+        entries.append((DISK_PASSPHRASE_GUID, data))
+    if not entries:
+        raise UsageError("nothing to send: give --secret GUID:FILE and/or --disk-passphrase FILE")
+    seen = set()
+    for guid, _ in entries:
+        if guid in seen:
+            raise UsageError(f"GUID {guid} is given more than once")
+        seen.add(guid)
+    return entries
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    import base64
+    import binascii
+    import json
+
+    from sevhook.sev.measurement import LAUNCH_MEASUREMENT_SIZE, MEASUREMENT_SIZE
+    from sevhook.sev.secret import SECRET_AREA_SIZE, SecretTable, wrap_secret
+    from sevhook.sev.session import read_key_file, write_private_file
+
+    if (args.api_major is None) != (args.api_minor is None):
+        raise UsageError("give both --api-major and --api-minor, or neither (API >= 0.17 form)")
+    try:
+        measurement = base64.b64decode(args.measurement.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("--measurement: not valid base64") from None
+    if len(measurement) not in (MEASUREMENT_SIZE, LAUNCH_MEASUREMENT_SIZE):
+        raise UsageError(f"--measurement: {len(measurement)} bytes; give the 48-byte launch measurement "
+                         "(or its 32-byte measurement part) as base64")
+    iv = None
+    if args.iv:
+        try:
+            iv = base64.b64decode(args.iv.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError("--iv: not valid base64") from None
+        if len(iv) != 16:
+            raise UsageError(f"--iv: {len(iv)} bytes, expected 16")
+    tek = read_key_file(args.tek, "TEK")
+    tik = read_key_file(args.tik, "TIK")
+    table = SecretTable(tuple(_secret_entries(args))).build()
+    if len(table) > SECRET_AREA_SIZE:
+        raise FormatError(f"secret table is {len(table)} bytes; OVMF's secret area holds {SECRET_AREA_SIZE}")
+    header, ciphertext = wrap_secret(tek, tik, measurement[:MEASUREMENT_SIZE], table, iv=iv,
+                                     api_major=args.api_major, api_minor=args.api_minor)
+    result = {"header": base64.b64encode(header.to_bytes()).decode(), "secret": base64.b64encode(ciphertext).decode()}
+    if args.out_dir:
+        out = Path(args.out_dir)
+        if not out.is_dir():
+            raise UsageError(f"--out-dir {out}: no such directory")
+        files = {
+            "secret_header.bin": header.to_bytes(),
+            "secret_payload.bin": ciphertext,
+            "secret_header.b64": result["header"].encode(),
+            "secret_payload.b64": result["secret"].encode(),
+        }
+        for name, data in files.items():
+            write_private_file(out / name, data)
+        print(f"wrote {', '.join(str(out / name) for name in files)}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_owner_help(args: argparse.Namespace) -> int:
+    args.owner_parser.print_help(sys.stderr)
+    return 2
+
+
+def _parser(subparsers: argparse._SubParsersAction, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _add_chain_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ark", metavar="FILE", help="AMD ARK, or AMD's ask_ark_<gen>.cert (ASK then ARK)")
+    parser.add_argument("--ask", metavar="FILE", help="AMD ASK, when --ark holds the ARK alone")
+    parser.add_argument("--trust-anchor", metavar="FILE", action="append",
+                        help="trust this non-AMD ARK (file name = its name); repeatable")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    owner = subparsers.add_parser(
+        "owner",
+        help="guest-owner cryptography: chains, sessions, measurements, secrets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  sevhook owner verify-chain full_chain.bin\n"
+               "  sevhook owner session --pdh pdh.cert --chain full_chain.bin --policy 0x3 --out-dir keys\n",
+    )
+    owner.set_defaults(func=cmd_owner_help, owner_parser=owner)
+    owner_subparsers = owner.add_subparsers(dest="owner_command", metavar="SUBCOMMAND", parser_class=type(owner))
+
+    p = _parser(owner_subparsers, "verify-chain", "verify a platform's certificate chain up to an AMD root",
+                "examples:\n  sevhook owner verify-chain full_chain.bin            # sevctl export --full\n"
+                "  sevhook owner verify-chain cert_chain.b64 --pdh pdh.b64 --ark ask_ark_milan.cert\n"
+                "  sevhook owner verify-chain sim_chain.bin --trust-anchor sim_ark.cert\n"
+                "exit status: 0 valid, 1 invalid, 2 usage error")
+    p.add_argument("chain", metavar="CHAIN",
+                   help="PDH|PEK|OCA|CEK[|ASK|ARK] or PEK|OCA|CEK (raw or base64)")
+    p.add_argument("--pdh", metavar="FILE", help="PDH certificate (raw or base64), for PEK|OCA|CEK chains")
+    _add_chain_sources(p)
+    p.set_defaults(func=cmd_verify_chain)
+
+    p = _parser(owner_subparsers, "session", "make LAUNCH_START files (GODH, session blob, TEK, TIK) for a platform",
+                "examples:\n  sevhook owner session --pdh pdh.cert --chain full_chain.bin --policy 0x3 --out-dir keys --name vm1\n"
+                "  sevhook owner session --pdh pdh.b64 --chain cert_chain.b64 --ark ask_ark_milan.cert \\\n"
+                "      --policy 0x05 --out-dir keys\n"
+                "writes NAME_godh.b64 and NAME_session.b64 (for QEMU dh-cert-file/session-file or libvirt\n"
+                "<dhCert>/<session>) and NAME_tek.bin, NAME_tik.bin (keep them secret), all mode 0600")
+    p.add_argument("--pdh", metavar="FILE", required=True, help="the platform's PDH certificate (raw or base64)")
+    p.add_argument("--policy", type=_number("--policy"), metavar="N", required=True, help="guest policy, decimal or 0x-hex")
+    p.add_argument("--out-dir", metavar="DIR", required=True, help="existing directory for the four files")
+    p.add_argument("--name", default=DEFAULT_SESSION_NAME, help=f"file-name prefix (default {DEFAULT_SESSION_NAME})")
+    p.add_argument("--chain", metavar="FILE", help="certificate chain proving the PDH (as for verify-chain)")
+    _add_chain_sources(p)
+    p.add_argument("--insecure-skip-chain", action="store_true",
+                   help="make a session without verifying the PDH (tests only)")
+    p.set_defaults(func=cmd_session)
+
+    p = _parser(owner_subparsers, "verify-measurement", "check a LAUNCH_MEASURE result against expected inputs",
+                "examples:\n  sevhook owner verify-measurement --measurement \"$(virsh domlaunchsecinfo vm1 | ...)\" \\\n"
+                "      --tik keys/vm1_tik.bin --api-major 1 --api-minor 40 --build-id 40 --policy 0x3 \\\n"
+                "      --firmware /usr/share/OVMF/OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\\n"
+                "      --cmdline 'console=ttyS0'\n"
+                "  sevhook owner verify-measurement --measurement B64 --tik tik.bin --api-major 0 --api-minor 24 \\\n"
+                "      --build-id 15 --policy 0 --launch-digest e3b0c442...\n"
+                "exit status: 0 match, 1 mismatch, 2 usage error")
+    p.add_argument("--measurement", metavar="B64", required=True, help="base64 of measurement||mnonce (48 bytes)")
+    p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
+    p.add_argument("--api-major", type=_number("--api-major"), metavar="N", required=True, help="platform API major")
+    p.add_argument("--api-minor", type=_number("--api-minor"), metavar="N", required=True, help="platform API minor")
+    p.add_argument("--build-id", type=_number("--build-id"), metavar="N", required=True, help="platform build id")
+    p.add_argument("--policy", type=_number("--policy"), metavar="N", required=True, help="guest policy")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--launch-digest", metavar="HEX", help="expected SHA-256 launch digest")
+    source.add_argument("--firmware", metavar="FILE", help="OVMF image to compute the launch digest from")
+    p.add_argument("--kernel", metavar="FILE", help="kernel for measured direct boot")
+    p.add_argument("--initrd", metavar="FILE", help="initrd for measured direct boot")
+    p.add_argument("--cmdline", metavar="S", help="kernel command line for measured direct boot")
+    p.add_argument("--vmsa", metavar="FILE", action="append", help="SEV-ES VMSA page (4096 bytes); repeat per vCPU")
+    p.set_defaults(func=cmd_verify_measurement)
+
+    p = _parser(owner_subparsers, "secret", "wrap secrets for LAUNCH_SECRET after checking the measurement",
+                "examples:\n  sevhook owner secret --tek keys/vm1_tek.bin --tik keys/vm1_tik.bin --measurement B64 \\\n"
+                "      --disk-passphrase luks.txt --out-dir keys\n"
+                "  sevhook owner secret --tek tek.bin --tik tik.bin --measurement B64 \\\n"
+                "      --secret 736869e5-84f0-4973-92ec-06879ce3da0b:pass_with_nul.bin\n"
+                "prints {\"header\": base64, \"secret\": base64} for QMP sev-inject-launch-secret or\n"
+                "virDomainSetLaunchSecurityState; --out-dir also writes secret_header/secret_payload .bin and .b64")
+    p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
+    p.add_argument("--tek", metavar="FILE", required=True, help="the session's 16-byte TEK file")
+    p.add_argument("--measurement", metavar="B64", required=True, help="the verified launch measurement (base64)")
+    p.add_argument("--secret", metavar="GUID:FILE", action="append", help="an entry: the file's bytes as they are")
+    p.add_argument("--disk-passphrase", metavar="FILE",
+                   help="grub/LUKS passphrase (GUID 736869e5-...): one trailing newline dropped, NUL added")
+    p.add_argument("--iv", metavar="B64", help="16-byte IV (default: random)")
+    p.add_argument("--api-major", type=_number("--api-major"), metavar="N", help="platform API major (with --api-minor; < 0.17 "
+                   "selects the older MAC)")
+    p.add_argument("--api-minor", type=_number("--api-minor"), metavar="N", help="platform API minor")
+    p.add_argument("--out-dir", metavar="DIR", help="also write header and payload files here (0600)")
+    p.set_defaults(func=cmd_secret)
+
+    try:
+        measure = importlib.import_module("sevhook.commands.measure")
+    except ImportError as exc:
+        if exc.name != "sevhook.commands.measure":
+            raise
+    else:  # `owner measure` and `owner diagnose-mismatch` live with the launch-digest code
+        measure.register_owner_subcommands(owner_subparsers)
