@@ -1,0 +1,73 @@
+"""Strict base64 for the blobs of <launchSecurity>, and the GODH certificate check of <dhCert>.
+
+libvirt hands these texts to QEMU verbatim and QEMU's decoder silently skips characters it does not
+know, so a pasted blob with a typo becomes a launch that fails far away with a firmware error. Here a
+blob must be exact base64 (whitespace between characters allowed, as when the XML wraps long lines)."""
+
+from __future__ import annotations
+
+import binascii
+import re
+
+from sevhook.errors import FormatError
+
+SEV_CERT_SIZE = 2084
+SESSION_SIZE = 128
+USAGE_PDH = 0x1003
+ECDH_ALGORITHMS = {0x0003: "ECDH_SHA256", 0x0103: "ECDH_SHA384"}
+CURVE_P384 = 2
+
+_WHITESPACE = re.compile(r"[ \t\r\n]+")
+_ALPHABET = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode exact base64; FormatError says what is wrong with it (never which secret bytes)."""
+    compact = _WHITESPACE.sub("", text)
+    if not compact:
+        raise FormatError("it is empty")
+    bad = re.search(r"[^A-Za-z0-9+/=]", compact)
+    if bad:
+        raise FormatError(f"character '{bad.group()}' at position {bad.start() + 1} is not base64")
+    if not _ALPHABET.fullmatch(compact):
+        raise FormatError("'=' padding appears before the end")
+    if len(compact) % 4:
+        raise FormatError(f"its length, {len(compact)} characters, is not a multiple of 4 (truncated or mis-padded)")
+    try:
+        return binascii.a2b_base64(compact, strict_mode=True)
+    except binascii.Error as exc:
+        raise FormatError(f"it does not decode ({exc})") from None
+
+
+def check_godh_certificate(data: bytes) -> str | None:
+    """None when `data` is a guest owner's Diffie-Hellman certificate as LAUNCH_START needs it
+    (2084-byte SEV certificate, usage PDH, ECDH key on P-384); otherwise what is wrong."""
+    if len(data) != SEV_CERT_SIZE:
+        return f"decodes to {len(data)} bytes, a SEV certificate is exactly {SEV_CERT_SIZE}"
+    version = int.from_bytes(data[:4], "little")
+    if version != 1:
+        return f"has version {version}; SEV certificates are version 1"
+    from sevhook.sev.certs import SevCertificate  # lazy: pulls in cryptography
+
+    try:
+        cert = SevCertificate.parse(data)
+    except FormatError as exc:
+        return f"is not a SEV certificate ({exc.message})"
+    if int(cert.usage) != USAGE_PDH:
+        return (
+            f"has key usage {int(cert.usage):#06x} ({cert.usage.name}); the guest owner's DH certificate "
+            f"has usage PDH ({USAGE_PDH:#06x})"
+        )
+    if int(cert.algorithm) not in ECDH_ALGORITHMS:
+        return (
+            f"has key algorithm {int(cert.algorithm):#x} ({cert.algorithm.name}); it must be ECDH_SHA256 (0x3) "
+            "or ECDH_SHA384 (0x103)"
+        )
+    curve = int.from_bytes(cert.to_bytes()[0x10:0x14], "little")
+    if curve != CURVE_P384:
+        return f"has curve {curve}; the key must be on P-384 (curve 2)"
+    try:
+        cert.public_key()
+    except FormatError:
+        return "holds a public key that is not a point on P-384"
+    return None
