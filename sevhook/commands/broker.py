@@ -1,0 +1,318 @@
+"""`sevhook broker ...`: run the guest owner's key broker and administer it (roots, hosts, guests,
+audit). The admin commands work on the database directly, so they need no running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+EPILOG = """examples:
+  sevhook broker init --data-dir /var/lib/sevhook-broker
+  sevhook broker add-root milan --ca ask_ark_milan.cert
+  sevhook broker add-host host1 --token-file host1.token
+  sevhook broker add-guest web1 --firmware OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\
+      --cmdline 'console=ttyS0' --policy 0x1 --disk-passphrase luks.pass
+  sevhook broker serve --listen 0.0.0.0:8700 --tls-cert broker.crt --tls-key broker.key
+  sevhook broker audit --limit 20"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="broker data directory: storage key, admin token, SQLite file "
+                             "(default $XDG_DATA_HOME/sevhook/broker)")
+    parser.add_argument("--db", metavar="URL", default=None,
+                        help="database URL (default sqlite:///DATA_DIR/broker.sqlite3; replicas share "
+                             "postgresql+psycopg://USER@HOST:PORT/DB)")
+
+
+def _sub(subparsers: argparse._SubParsersAction, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                   epilog=f"example:\n  {epilog}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    broker = subparsers.add_parser(
+        "broker", help="the guest owner's key broker: serve it and administer it",
+        description="The key broker releases a guest's secrets only to a launch whose measurement matches "
+                    "one of the launch digests its owner registered. Secrets and launch keys are encrypted "
+                    "at rest; every decision is audited.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = broker.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
+    broker.set_defaults(func=lambda _args: (broker.print_help(sys.stderr), 2)[1])
+
+    serve = _sub(sub, "serve", "serve the host API (/v1) and the admin API (/admin) over HTTP(S)",
+                 "sevhook broker serve --listen 127.0.0.1:8700 --tls-cert broker.crt --tls-key broker.key")
+    serve.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:8700", help="default 127.0.0.1:8700")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key file")
+    serve.add_argument("--max-body", type=int, default=64 * 1024, metavar="BYTES",
+                       help="largest request body accepted (default 65536)")
+    serve.add_argument("--rate-limit", type=float, default=100.0, metavar="PER_SECOND",
+                       help="requests per second per token (default 100; 0 disables)")
+    serve.add_argument("--burst", type=int, default=200, help="rate-limit burst per token (default 200)")
+    serve.add_argument("--launch-ttl", type=float, default=3600.0, metavar="SECONDS",
+                       help="how long a launch may wait for its attestation (default 3600)")
+    serve.add_argument("--access-log", action="store_true", help="log every request line (no bodies)")
+    serve.set_defaults(func=run_serve)
+
+    init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
+                "sevhook broker init --data-dir /var/lib/sevhook-broker")
+    init.set_defaults(func=run_init)
+
+    root = _sub(sub, "add-root", "trust a root (ARK) for platform chains, given as its ASK|ARK bundle",
+                "sevhook broker add-root milan --ca ask_ark_milan.cert")
+    root.add_argument("name", help="a name for the root, e.g. milan or sim-lab")
+    root.add_argument("--ca", type=Path, required=True, help="ASK|ARK bundle (AMD's ask_ark_<gen>.cert format)")
+    root.add_argument("--test", action="store_true",
+                      help="trust a root that is not AMD's (a software or test platform); it is named as such")
+    root.set_defaults(func=run_add_root)
+
+    roots = _sub(sub, "list-roots", "list the trusted roots", "sevhook broker list-roots --json")
+    roots.add_argument("--json", action="store_true")
+    roots.set_defaults(func=run_list_roots)
+
+    host = _sub(sub, "add-host", "register a host and write its bearer token to a new 0600 file",
+                "sevhook broker add-host host1 --token-file host1.token")
+    host.add_argument("name")
+    host.add_argument("--token-file", type=Path, required=True, help="where to write the host's token")
+    host.set_defaults(func=run_add_host)
+
+    guest = _sub(sub, "add-guest", "register a guest: its launch digests, rules and secrets",
+                 "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x1 --secret GUID:FILE")
+    guest.add_argument("guest_id", metavar="ID")
+    guest.add_argument("--digest", action="append", default=[], metavar="HEX",
+                       help="an allowed launch digest, 64 hex digits (repeatable)")
+    guest.add_argument("--firmware", type=Path, help="compute a digest from this OVMF image (with the inputs below)")
+    guest.add_argument("--kernel", type=Path, help="direct-boot kernel measured with --firmware")
+    guest.add_argument("--initrd", type=Path, help="direct-boot initrd measured with --firmware")
+    guest.add_argument("--cmdline", help="direct-boot kernel command line measured with --firmware")
+    guest.add_argument("--policy", action="append", default=[], metavar="N",
+                       help="an allowed SEV policy, decimal or 0x-hex (repeatable; the first is the default)")
+    guest.add_argument("--min-api", default="0.0", metavar="X.Y", help="minimum platform SEV API version")
+    guest.add_argument("--min-build", default="0", metavar="N", help="minimum platform firmware build id")
+    guest.add_argument("--secret", action="append", default=[], metavar="GUID:FILE",
+                       help="release FILE's bytes under GUID in the guest's secret table (repeatable)")
+    guest.add_argument("--disk-passphrase", type=Path, metavar="FILE",
+                       help="release FILE's first line as the disk passphrase (grub/cryptsetup GUID, NUL-terminated)")
+    guest.add_argument("--reusable", action="store_true",
+                       help="a launch may be attested more than once (default: single use)")
+    guest.set_defaults(func=run_add_guest)
+
+    listing = _sub(sub, "list-guests", "list registered guests (never their secrets)",
+                   "sevhook broker list-guests --json")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=run_list_guests)
+
+    revoke = _sub(sub, "revoke-guest", "revoke a guest: no new launches, no more secrets",
+                  "sevhook broker revoke-guest web1")
+    revoke.add_argument("guest_id", metavar="ID")
+    revoke.set_defaults(func=run_revoke_guest)
+
+    audit = _sub(sub, "audit", "show the audit log of decisions", "sevhook broker audit --guest web1 --limit 50")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--after", type=int, default=0, metavar="ID", help="only entries after this id")
+    audit.add_argument("--guest", metavar="ID")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=run_audit)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from sevhook.broker.server import default_data_dir  # noqa: PLC0415
+
+    return args.data_dir or default_data_dir()
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from sevhook.broker.server import open_broker  # noqa: PLC0415
+
+    return open_broker(_data_dir(args), args.db)
+
+
+def _read(path: Path, what: str) -> bytes:
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from sevhook.broker.app import Limits  # noqa: PLC0415
+    from sevhook.broker.server import ServeOptions, serve  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    if args.max_body < 1024 or args.burst < 1 or args.rate_limit < 0 or args.launch_ttl <= 0:
+        raise UsageError("--max-body must be >= 1024, --burst >= 1, --rate-limit >= 0 and --launch-ttl > 0")
+    return serve(ServeOptions(
+        data_dir=_data_dir(args), db_url=args.db, listen=args.listen, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, limits=Limits(args.max_body, args.rate_limit, args.burst),
+        launch_ttl=args.launch_ttl, access_log=args.access_log))
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from sevhook.broker.server import open_broker  # noqa: PLC0415
+    from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys  # noqa: PLC0415
+
+    data_dir = _data_dir(args)
+    created = init_keys(data_dir)
+    open_broker(data_dir, args.db)
+    token_path = data_dir / ADMIN_TOKEN_FILE
+    state = "created" if created else "kept the existing"
+    print(f"broker data directory {data_dir}: {state} admin token in {token_path} (0600); tables ready")
+    return 0
+
+
+def run_add_root(args: argparse.Namespace) -> int:
+    bundle = _read(args.ca, "--ca")
+    root = _broker(args).add_root(args.name, bundle, test=args.test)
+    kind = "test root (trusted by name)" if root["test"] else "AMD root"
+    print(f"root {root['name']}: {kind}, ARK key id {root['ark_key_id']}")
+    return 0
+
+
+def run_list_roots(args: argparse.Namespace) -> int:
+    roots = _broker(args).list_roots()
+    if args.json:
+        print(json.dumps(roots, indent=2))
+    for root in [] if args.json else roots:
+        print(f"{root['name']}\t{'test' if root['test'] else 'amd'}\t{root['ark_key_id']}")
+    return 0
+
+
+def run_add_host(args: argparse.Namespace) -> int:
+    from sevhook.broker.vault import write_private_file  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    if args.token_file.exists():
+        raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
+    if not args.token_file.parent.is_dir():
+        raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
+    token = _broker(args).add_host(args.name)
+    write_private_file(args.token_file, (token + "\n").encode())
+    print(f"host {args.name}: token written to {args.token_file} (0600); give it to the host's sevhook config")
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
+    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
+
+    entries: list[tuple[uuid.UUID, bytes]] = []
+    for item in args.secret:
+        guid_text, sep, file_name = item.partition(":")
+        try:
+            guid = uuid.UUID(guid_text)
+        except ValueError:
+            guid = None
+        if not sep or guid is None or not file_name:
+            raise UsageError(f"--secret {item!r}: use GUID:FILE, e.g. 736869e5-84f0-4973-92ec-06879ce3da0b:pass.txt")
+        entries.append((guid, _read(Path(file_name), f"--secret {guid}")))
+    if args.disk_passphrase:
+        lines = _read(args.disk_passphrase, "--disk-passphrase").splitlines()
+        passphrase = lines[0] if lines else b""
+        if not passphrase or b"\0" in passphrase:
+            raise UsageError(f"--disk-passphrase {args.disk_passphrase}: the first line must hold the passphrase "
+                             "(no NUL bytes)")
+        entries.append((DISK_PASSPHRASE_GUID, passphrase + b"\0"))
+    return entries
+
+
+def _digests(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    digests: list[bytes] = []
+    labels: list[str] = []
+    for text in args.digest:
+        try:
+            digest = bytes.fromhex(text.strip())
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise UsageError(f"--digest {text!r}: give the SHA-256 launch digest as 64 hex digits")
+        digests.append(digest)
+        labels.append("given")
+    if args.firmware:
+        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
+
+        digests.append(sev_launch_digest(args.firmware, args.kernel, args.initrd, args.cmdline))
+        labels.append(f"computed from {args.firmware.name}" + (f" + {args.kernel.name}" if args.kernel else ""))
+    elif args.kernel or args.initrd or args.cmdline is not None:
+        raise UsageError("--kernel, --initrd and --cmdline are measured together with --firmware; give it too")
+    if not digests:
+        raise UsageError("give --digest HEX or --firmware FILE (SEV-ES guests: compute the digest with "
+                         "`sevhook owner measure` and pass it with --digest)")
+    return digests, labels
+
+
+def _version(text: str, what: str) -> tuple[int, int]:
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    major, sep, minor = text.partition(".")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        raise UsageError(f"{what} {text!r}: use MAJOR.MINOR, e.g. 0.17")
+    return int(major), int(minor)
+
+
+def run_add_guest(args: argparse.Namespace) -> int:
+    from sevhook.broker.service import GuestSpec  # noqa: PLC0415
+    from sevhook.sev.policy import SevPolicy, parse_number  # noqa: PLC0415
+
+    policies = [parse_number(p, "--policy") for p in args.policy] or [0x1]
+    digests, labels = _digests(args)
+    spec = GuestSpec(
+        guest_id=args.guest_id,
+        digests=tuple(digests),
+        policies=tuple(policies),
+        min_api=_version(args.min_api, "--min-api"),
+        min_build=parse_number(args.min_build, "--min-build"),
+        secrets=tuple(_secrets(args)),
+        reusable=args.reusable,
+        digest_labels=tuple(labels),
+    )
+    guest = _broker(args).add_guest(spec)
+    print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
+          f"{', '.join(SevPolicy(p).describe() for p in guest['policies'])}, "
+          f"{len(guest['secret_guids'])} secret(s), {'reusable' if guest['reusable'] else 'single-use'} launches")
+    for digest in guest["digests"]:
+        print(f"  digest {digest['digest']}  {digest['label']}")
+    return 0
+
+
+def run_list_guests(args: argparse.Namespace) -> int:
+    guests = _broker(args).list_guests()
+    if args.json:
+        print(json.dumps(guests, indent=2))
+        return 0
+    for guest in guests:
+        state = "revoked" if guest["revoked"] else "active"
+        print(f"{guest['id']}\t{state}\tpolicies {','.join(hex(p) for p in guest['policies'])}\t"
+              f"min API {guest['min_api']} build {guest['min_build']}\t{len(guest['digests'])} digest(s)\t"
+              f"{len(guest['secret_guids'])} secret(s)\t{'reusable' if guest['reusable'] else 'single-use'}")
+    return 0
+
+
+def run_revoke_guest(args: argparse.Namespace) -> int:
+    _broker(args).revoke_guest(args.guest_id)
+    print(f"guest {args.guest_id}: revoked")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    entries = _broker(args).audit_log(limit=max(1, args.limit), after_id=args.after, guest_id=args.guest)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"]))
+        print(f"{entry['id']}\t{when}Z\t{entry['actor']}\t{entry['action']}\t{entry['decision']}\t{entry['reason']}\t"
+              f"guest={entry['guest_id'] or '-'}\tlaunch={entry['launch_id'] or '-'}\t"
+              f"measurement={entry['measurement'] or '-'}\t{entry['detail']}")
+    return 0
