@@ -1,0 +1,190 @@
+"""The kernel-hashes table QEMU writes into guest memory for measured direct boot (-kernel/-initrd/-append
+with an AmdSev OVMF), and the streamed file hashing it and the launch digests are built from.
+
+Wire format (all little-endian, GUIDs in `uuid.bytes_le` order): a header `GUID ‖ u16 168` followed by three
+entries `GUID ‖ u16 50 ‖ SHA-256` for the command line, the initrd and the kernel, zero-padded from 168 to
+176 bytes; all 176 bytes are measured. SNP measures the whole 4 KiB page holding the table."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, TypeVar, Union
+
+from sevhook.errors import FormatError, UsageError
+
+BinaryInput = Union[str, "os.PathLike[str]", bytes]
+"""A path to a file, or the bytes themselves (tests, small inputs)."""
+
+CHUNK_SIZE = 1 << 20
+"""Bytes read per step when hashing a file: big enough for full hashing speed, small enough to stay flat."""
+
+TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
+CMDLINE_GUID = uuid.UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
+INITRD_GUID = uuid.UUID("44baf731-3a2f-4bd7-9af1-41e29169781d")
+KERNEL_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
+
+_ENTRY = struct.Struct("<16sH32s")
+_HEADER = struct.Struct("<16sH")
+TABLE_LENGTH = _HEADER.size + 3 * _ENTRY.size  # 168, the value of the header's length field
+TABLE_SIZE = (TABLE_LENGTH + 15) & ~15  # 176, what QEMU writes and the firmware measures
+PAGE_SIZE = 4096
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+_First = TypeVar("_First")
+_Second = TypeVar("_Second")
+
+
+def input_name(source: BinaryInput, what: str) -> str:
+    """How to name an input in messages."""
+    if isinstance(source, bytes):
+        return f"{what} ({len(source)} bytes given in memory)"
+    return f"{what} file {os.fspath(source)}"
+
+
+@contextmanager
+def open_input(source: BinaryInput, what: str) -> Iterator[tuple[BinaryIO, int]]:
+    """Open a path (or wrap bytes) for reading, yielding the stream and its size; unreadable files become
+    a UsageError that names the file."""
+    if isinstance(source, bytes):
+        yield io.BytesIO(source), len(source)
+        return
+    path = os.fspath(source)
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed below, after the caller is done
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}; check the path") from exc
+    with stream:
+        try:
+            size = os.fstat(stream.fileno()).st_size
+        except OSError as exc:
+            raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+        yield stream, size
+
+
+def feed(hash_object: hashlib._Hash, stream: BinaryIO, name: str) -> None:
+    """Hash a stream into `hash_object` in fixed-size chunks (constant memory)."""
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    try:
+        while True:
+            count = stream.readinto(buffer)
+            if not count:
+                return
+            hash_object.update(view[:count])
+    except OSError as exc:
+        raise UsageError(f"reading {name} failed: {exc.strerror or exc}") from exc
+
+
+def hash_input(source: BinaryInput, what: str) -> bytes:
+    """SHA-256 of a whole file or byte string, streamed."""
+    hash_object = hashlib.sha256()
+    with open_input(source, what) as (stream, _size):
+        feed(hash_object, stream, input_name(source, what))
+    return hash_object.digest()
+
+
+def run_concurrently(first: Callable[[], _First], second: Callable[[], _Second]) -> tuple[_First, _Second]:
+    """Run two independent hashing jobs at once: hashlib releases the GIL while it hashes a chunk, so a kernel,
+    an initrd and a firmware image are hashed on separate cores. Errors from either job propagate."""
+    results: list[_Second] = []
+    errors: list[BaseException] = []
+
+    def run_second() -> None:
+        try:
+            results.append(second())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run_second, name="sevhook-hash", daemon=True)
+    worker.start()
+    try:
+        result = first()
+    finally:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return result, results[0]
+
+
+def cmdline_bytes(cmdline: str | bytes | None) -> bytes:
+    """The bytes QEMU hashes for -append: the command line and its terminating NUL (just the NUL if none)."""
+    if cmdline is None:
+        return b"\0"
+    raw = cmdline.encode("utf-8") if isinstance(cmdline, str) else cmdline
+    if b"\0" in raw:
+        raise UsageError("the kernel command line must not contain a NUL character")
+    return raw + b"\0"
+
+
+@dataclass(frozen=True)
+class KernelHashes:
+    """The three SHA-256 values of the table; the table and page are serialized from them."""
+
+    cmdline: bytes
+    initrd: bytes
+    kernel: bytes
+
+    def __post_init__(self) -> None:
+        for what in ("cmdline", "initrd", "kernel"):
+            if len(getattr(self, what)) != 32:
+                raise FormatError(f"kernel-hashes table: the {what} hash must be 32 bytes")
+
+    @classmethod
+    def from_inputs(
+        cls, kernel: BinaryInput, initrd: BinaryInput | None = None, cmdline: str | bytes | None = None
+    ) -> KernelHashes:
+        """Hash the boot inputs as QEMU does (no initrd hashes as the empty string)."""
+        command_line = hashlib.sha256(cmdline_bytes(cmdline)).digest()
+        if initrd is None:
+            return cls(command_line, EMPTY_SHA256, hash_input(kernel, "kernel"))
+        kernel_digest, initrd_digest = run_concurrently(
+            lambda: hash_input(kernel, "kernel"), lambda: hash_input(initrd, "initrd"))
+        return cls(command_line, initrd_digest, kernel_digest)
+
+    def to_bytes(self) -> bytes:
+        """The 176-byte table."""
+        table = _HEADER.pack(TABLE_GUID.bytes_le, TABLE_LENGTH)
+        for guid, digest in ((CMDLINE_GUID, self.cmdline), (INITRD_GUID, self.initrd), (KERNEL_GUID, self.kernel)):
+            table += _ENTRY.pack(guid.bytes_le, _ENTRY.size, digest)
+        return table.ljust(TABLE_SIZE, b"\0")
+
+    def page(self, offset: int) -> bytes:
+        """The 4 KiB page SNP measures: zeros with the table at `offset` (the table GPA's offset in its page)."""
+        if not 0 <= offset <= PAGE_SIZE - TABLE_SIZE:
+            raise FormatError(
+                f"the firmware puts the kernel-hashes table at page offset {offset:#x}, where 176 bytes do not fit"
+            )
+        return bytes(offset) + self.to_bytes() + bytes(PAGE_SIZE - offset - TABLE_SIZE)
+
+    @classmethod
+    def parse(cls, data: bytes) -> KernelHashes:
+        """Read a table (as dumped from guest memory) back; every GUID and length must be the expected one."""
+        if len(data) not in (TABLE_LENGTH, TABLE_SIZE):
+            raise FormatError(f"kernel-hashes table: {len(data)} bytes, expected {TABLE_SIZE}")
+        guid, length = _HEADER.unpack_from(data)
+        if guid != TABLE_GUID.bytes_le or length != TABLE_LENGTH:
+            raise FormatError(f"kernel-hashes table: header is not GUID {TABLE_GUID} with length {TABLE_LENGTH}")
+        digests = []
+        for index, expected in enumerate((CMDLINE_GUID, INITRD_GUID, KERNEL_GUID)):
+            guid, length, digest = _ENTRY.unpack_from(data, _HEADER.size + index * _ENTRY.size)
+            if guid != expected.bytes_le or length != _ENTRY.size:
+                raise FormatError(f"kernel-hashes table: entry {index} is not GUID {expected} with length 50")
+            digests.append(digest)
+        if any(data[TABLE_LENGTH:]):
+            raise FormatError("kernel-hashes table: the padding after byte 168 is not zero")
+        return cls(*digests)
+
+
+def kernel_hashes_table(
+    kernel: BinaryInput, initrd: BinaryInput | None = None, cmdline: str | bytes | None = None
+) -> bytes:
+    """The 176-byte table QEMU builds for these boot inputs."""
+    return KernelHashes.from_inputs(kernel, initrd, cmdline).to_bytes()
