@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from sevhook import __version__
-from sevhook.commands import COMMAND_MODULES
+from sevhook.commands import COMMANDS
 from sevhook.errors import SevhookError
 
 
@@ -20,27 +20,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or only the family of `command` when it is known (every other family's
+    module then stays unimported, which keeps each invocation fast)."""
     parser = _Parser(
         prog="sevhook",
         description="Attested launch of AMD SEV guests on libvirt.",
+        epilog="Run `sevhook COMMAND --help` for each command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sevhook {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"sevhook.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"sevhook.commands.{name}":
-                continue  # a command family that is not built yet
-            raise
-        module.register(subparsers)
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in modules:
+        importlib.import_module(f"sevhook.commands.{name}").register(subparsers)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in argv (its first non-option word), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

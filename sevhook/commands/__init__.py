@@ -2,14 +2,16 @@
 parsers and sets `func` to a handler `(args) -> int`. Handlers import heavy modules lazily so that
 `sevhook --help` and the hook's fast path stay cheap."""
 
-COMMAND_MODULES = (
-    "validate",
-    "cmdline",
-    "owner",
-    "sim",
-    "broker",
-    "hook",
-    "start",
-    "demo",
-    "doctor",
-)
+# top-level command -> the module that registers it (one module may register several)
+COMMANDS = {
+    "validate": "validate",
+    "cmdline": "cmdline",
+    "owner": "owner",
+    "sim": "sim",
+    "broker": "broker",
+    "hook": "hook",
+    "prepare-domain": "hook",
+    "start": "start",
+    "demo": "demo",
+    "doctor": "doctor",
+}
