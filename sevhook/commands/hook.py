@@ -1,0 +1,142 @@
+"""`sevhook hook install|uninstall|run` (the libvirt hook) and `sevhook prepare-domain`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HOOK_EPILOG = """examples:
+  sevhook hook install                      # /etc/libvirt/hooks/qemu.d/50-sevhook, then restart libvirtd
+  sevhook hook install --log /var/log/sevhook/hook.log
+  sevhook hook uninstall
+  sevhook hook run guest1 started begin - < guest1.xml   # what libvirtd runs
+
+Start attested guests paused, so that the hook can attest them before their first instruction:
+  virsh start --paused guest1
+See docs/hook.md."""
+
+PREPARE_EPILOG = """examples:
+  sevhook prepare-domain guest1.xml --broker https://kbs.example:8443 --guest guest1 \\
+      --token-file /etc/sevhook/host.token --ca-file /etc/sevhook/kbs-ca.pem -o guest1.prepared.xml
+  sevhook prepare-domain guest1.xml --broker http://127.0.0.1:8700 --guest guest1 \\
+      --platform-export /var/lib/sevhook-sim/export -o guest1.prepared.xml
+  virsh define guest1.prepared.xml && virsh start --paused guest1
+  virsh dumpxml --inactive guest1 | sevhook prepare-domain - --broker URL --guest guest1 -o guest1.xml
+
+The host's PDH and certificate chain come from libvirt (getSEVInfo, -c URI) or from a file or
+directory written by `sevhook sim platform export`. The output validates with `sevhook validate`."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    hook = subparsers.add_parser(
+        "hook",
+        help="install, remove or run the libvirt hook that attests SEV guests",
+        description="The libvirt hook (qemu.d/50-sevhook): for guests with <launchSecurity type='sev'> and "
+        "sevhook metadata, started paused, it reads the launch measurement, asks the guest owner's key broker "
+        "for the verdict, injects the secret and resumes the guest; any failure leaves it shut off.",
+        epilog=HOOK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = hook.add_subparsers(dest="hook_command", metavar="ACTION", required=True)
+    install = actions.add_parser(
+        "install", help="write <hooks-dir>/qemu.d/50-sevhook",
+        description="Install the hook script. libvirtd reads hooks at start-up: restart it afterwards.",
+        epilog="example:\n  sevhook hook install --hooks-dir /etc/libvirt/hooks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    install.add_argument("--hooks-dir", type=Path, default=None, help="libvirt's hooks directory "
+                         "(default /etc/libvirt/hooks)")
+    install.add_argument("--log", metavar="FILE|syslog", help="where the hook logs its steps "
+                         "(default /var/log/sevhook/hook.log, syslog if that cannot be opened)")
+    install.set_defaults(func=_install)
+    uninstall = actions.add_parser(
+        "uninstall", help="remove <hooks-dir>/qemu.d/50-sevhook",
+        description="Remove the hook script sevhook installed, then restart libvirtd.",
+        epilog="example:\n  sevhook hook uninstall --hooks-dir /etc/libvirt/hooks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    uninstall.add_argument("--hooks-dir", type=Path, default=None, help="libvirt's hooks directory")
+    uninstall.set_defaults(func=_uninstall)
+    run = actions.add_parser(
+        "run", help="run the hook as libvirtd does (domain XML on stdin)",
+        description="Run one hook call: NAME OP SUBOP EXTRA, the domain XML on standard input. Exit 0 when the "
+        "operation may go on, 1 (with one line per reason on stderr) when it must not.",
+        epilog="example:\n  virsh dumpxml guest1 | sevhook hook run guest1 prepare begin -",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("hook_args", nargs=4, metavar="NAME OP SUBOP EXTRA")
+    run.set_defaults(func=_run)
+
+    prepare = subparsers.add_parser(
+        "prepare-domain",
+        help="get a launch from the key broker and make a domain attestable by the hook",
+        description="Ask the key broker for a launch of GUEST on this host's SEV platform, write the GODH "
+        "certificate and session into <launchSecurity>, add the sevhook metadata and the hook's private QMP "
+        "monitor (<qemu:commandline>), and validate the result.",
+        epilog=PREPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prepare.add_argument("domain_xml", metavar="DOMAIN.xml", help="the domain XML to prepare, or - for "
+                         "standard input (e.g. from `virsh dumpxml --inactive`)")
+    prepare.add_argument("--broker", required=True, metavar="URL", help="the guest owner's key broker")
+    prepare.add_argument("--guest", required=True, metavar="ID", help="the guest's id at the broker")
+    source = prepare.add_mutually_exclusive_group()
+    source.add_argument("-c", "--connect", metavar="URI", help="libvirt URI to read the host's SEV platform from "
+                        "(default: libvirt's default URI)")
+    source.add_argument("--platform-export", metavar="DIR|FILE", type=Path,
+                        help="the platform's certificates from `sevhook sim platform export` instead of libvirt")
+    prepare.add_argument("--socket", metavar="PATH", help="the private QMP socket "
+                         "(default /run/sevhook/NAME.qmp)")
+    prepare.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                         help="seconds the hook may spend attesting the guest (default 30)")
+    prepare.add_argument("--token-file", type=Path, metavar="F", help="the host's bearer token for the broker")
+    prepare.add_argument("--ca-file", type=Path, metavar="F", help="CA certificate (PEM) of an https broker")
+    prepare.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here (default: standard output)")
+    prepare.set_defaults(func=_prepare)
+
+
+def _hooks_dir(args: argparse.Namespace) -> Path:
+    from sevhook.hook.install import DEFAULT_HOOKS_DIR  # noqa: PLC0415
+
+    return args.hooks_dir or DEFAULT_HOOKS_DIR
+
+
+def _install(args: argparse.Namespace) -> int:
+    from sevhook.hook.install import install  # noqa: PLC0415
+
+    path = install(_hooks_dir(args), log_target=args.log)
+    print(f"installed {path}")
+    print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
+          "then start attested guests with `virsh start --paused NAME`")
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from sevhook.hook.install import uninstall  # noqa: PLC0415
+
+    path = uninstall(_hooks_dir(args))
+    if path is None:
+        print("no sevhook hook is installed there; nothing to do")
+    else:
+        print(f"removed {path}; restart libvirtd so that it forgets the hook")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sevhook.hook.fast import main  # noqa: PLC0415
+
+    return main(args.hook_args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from sevhook.hook.prepare import prepare_domain_file  # noqa: PLC0415
+
+    warnings = prepare_domain_file(
+        args.domain_xml, broker_url=args.broker, guest_id=args.guest, uri=args.connect,
+        platform_export=args.platform_export, socket=args.socket, timeout=args.timeout,
+        token_file=args.token_file, ca_file=args.ca_file, output=args.output,
+    )
+    for warning in warnings:
+        print(f"sevhook: {warning}", file=sys.stderr)
+    return 0

@@ -1,0 +1,94 @@
+"""Installing the hook as <hooks>/qemu.d/50-sevhook (libvirt >= 6.5 runs every script there).
+
+The script is a few lines of Python run with `-I -S`: no site module, no .pth processing, no
+environment. It puts sevhook's own directory and the interpreter's site-packages on sys.path itself
+and calls sevhook.hook.fast, which exits after a byte search for guests sevhook does not manage.
+That keeps the hook's cost close to a bare interpreter start for every other guest on the host."""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+from sevhook.errors import UsageError
+from sevhook.hook.steplog import LOG_ENV
+
+DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
+SCRIPT_NAME = "50-sevhook"
+MARKER = "# sevhook libvirt hook: written by `sevhook hook install`"
+
+
+def script_path(hooks_dir: Path) -> Path:
+    return hooks_dir / "qemu.d" / SCRIPT_NAME
+
+
+def _import_paths() -> list[str]:
+    """sevhook's parent directory (editable or installed) and the interpreter's site-packages."""
+    package_parent = str(Path(__file__).resolve().parent.parent.parent)
+    paths = [package_parent]
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths()[key]
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def render_script(python: str | None = None, log_target: str | None = None) -> str:
+    """The hook script's text for this installation of sevhook."""
+    lines = [
+        f"#!{python or sys.executable} -IS",
+        MARKER,
+        "# libvirtd runs it for every QEMU guest; it exits 0 at once unless the domain has <launchSecurity>",
+        "# and sevhook metadata. Remove it with `sevhook hook uninstall`, then restart libvirtd.",
+        "import sys",
+        f"sys.path[:0] = {_import_paths()!r}",
+    ]
+    if log_target:
+        lines += ["import os", f"os.environ[{LOG_ENV!r}] = {log_target!r}"]
+    lines += ["from sevhook.hook.fast import main", "sys.exit(main())", ""]
+    return "\n".join(lines)
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return MARKER in path.read_text(encoding="utf-8", errors="replace")[:512]
+    except OSError:
+        return False
+
+
+def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, log_target: str | None = None) -> Path:
+    """Write the script (0755, atomically); refuse to overwrite a file sevhook did not write."""
+    target = script_path(hooks_dir)
+    if target.exists() and not _is_ours(target):
+        raise UsageError(f"{target} exists and was not written by sevhook; move it away first")
+    try:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{SCRIPT_NAME}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(render_script(log_target=log_target))
+            os.chmod(temporary, 0o755)
+            os.replace(temporary, target)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}; run as root or pass --hooks-dir") from None
+    return target
+
+
+def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> Path | None:
+    """Remove the script if sevhook wrote it; the path removed, or None when none was installed."""
+    target = script_path(hooks_dir)
+    if not target.exists():
+        return None
+    if not _is_ours(target):
+        raise UsageError(f"{target} was not written by sevhook; not removing it")
+    try:
+        target.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot remove {target}: {exc.strerror or exc}") from None
+    return target

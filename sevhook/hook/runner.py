@@ -1,0 +1,117 @@
+"""One hook call for a domain sevhook manages: load the domain, then do what the operation needs
+(plan.action_for). Failures print one line per reason on stderr, `sevhook: NAME: STEP: REASON`,
+which libvirt shows in virsh's error, and exit 1; nothing is printed on stdout (for migrate and
+restore, stdout would replace the domain XML)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sevhook.errors import SevhookError
+from sevhook.hook import plan, runtime
+from sevhook.hook.plan import Action, Deadline, HookFailure, ManagedGuest
+from sevhook.hook.steplog import StepLog
+
+USAGE = "usage: sevhook hook run NAME OP SUBOP EXTRA < domain.xml (as libvirtd calls it)"
+
+
+def run(argv: Sequence[str], domain_xml: bytes) -> int:
+    if len(argv) < 2:
+        print(f"sevhook hook: {USAGE}", file=sys.stderr)
+        return 2
+    name, operation = argv[0], argv[1]
+    action = plan.action_for(operation)
+    if action is Action.NOTHING:
+        return 0
+    log = StepLog.open(name, operation)
+    _quiet_library_logging()
+    try:
+        with log.step("load"):
+            guest, errors = _load(name, domain_xml)
+        if guest is not None:
+            _perform(action, guest, errors, log)
+    except HookFailure as failure:
+        log.total("failed")
+        for reason in failure.reason.splitlines():
+            print(f"sevhook: {name}: {failure.step}: {reason}", file=sys.stderr)
+        return 1
+    except SevhookError as exc:
+        log.total("failed")
+        print(f"sevhook: {name}: {operation}: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+        log.total("failed")
+        print(f"sevhook: {name}: {operation}: internal error ({exc.__class__.__name__}: {exc}); "
+              "the guest was not attested", file=sys.stderr)
+        return 1
+    log.total("ok")
+    return 0
+
+
+def _quiet_library_logging() -> None:
+    """Libraries' warnings (e.g. the broker client's retries) would add lines to the one stderr line
+    libvirt shows; the step log already records what happened."""
+    import logging  # noqa: PLC0415
+
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def _load(name: str, domain_xml: bytes) -> tuple[ManagedGuest | None, list[str]]:
+    """The managed guest (None if sevhook has nothing to do) and the XML's validation errors."""
+    from sevhook.xml import load_domain  # noqa: PLC0415
+
+    try:
+        document = load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)")
+    except SevhookError as exc:
+        raise HookFailure("load", exc.message) from None
+    errors = [str(problem) for problem in document.errors]
+    guest = plan.managed_guest(document.domain)
+    if guest is None and errors:  # it names sevhook's namespace but its metadata could not be read
+        raise HookFailure("load", "\n".join(errors))
+    return guest, errors
+
+
+def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLog) -> None:
+    if action is Action.VALIDATE:
+        with log.step("validate"):
+            problems = errors + plan.readiness_problems(guest)
+            if problems:
+                raise HookFailure("validate", "\n".join(problems))
+    elif action is Action.PREPARE_RUNTIME:
+        with log.step("runtime-dir"):
+            runtime.prepare_monitor_directory(guest.socket)
+    elif action is Action.ATTEST:
+        _attest(guest, log)
+    elif action is Action.CLEAN_UP:
+        with log.step("clean-up"):
+            runtime.remove_socket(guest.socket, "clean-up")
+    elif action is Action.REFUSE_MOVE:
+        raise HookFailure(log.operation, "an attested SEV guest cannot be migrated or restored: its encryption "
+                          "key and injected secrets stay in this host's secure processor; shut it down and start "
+                          "it again (attested) instead")
+
+
+def _attest(guest: ManagedGuest, log: StepLog) -> None:
+    from sevhook.hook.attest import AttestedLaunch  # noqa: PLC0415
+    from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
+    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
+
+    deadline = Deadline(guest.attestation.timeout)
+    with log.step("monitor"):
+        try:
+            monitor = QmpMonitor(guest.socket, timeout=deadline.remaining("monitor"))
+        except MonitorError as exc:
+            raise HookFailure("monitor", exc.message + _monitor_hint(guest.socket)) from None
+    try:
+        AttestedLaunch(guest, monitor, deadline, log).run()
+    finally:
+        monitor.close()
+
+
+def _monitor_hint(socket: Path) -> str:
+    if socket.exists():
+        return ""
+    return (f"; QEMU did not create the private monitor: the domain XML must pass `-qmp "
+            f"{plan.private_monitor_arg(str(socket))}` in <qemu:commandline> (`sevhook prepare-domain` adds it)")

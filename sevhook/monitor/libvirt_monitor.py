@@ -1,0 +1,128 @@
+"""The launch operations through libvirt, for callers that own a libvirt connection rather than a
+QMP socket (`sevhook start`). libvirt's own calls are used where they exist; query-sev and the
+attestation report, which libvirt does not wrap, go through libvirt_qemu.qemuMonitorCommand.
+Never use this from inside a libvirt hook: a hook must not call back into libvirtd."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING, Any
+
+from sevhook.monitor.errors import MonitorError, MonitorProtocolError
+from sevhook.monitor.types import SevCapabilities, SevInfo, VmStatus, parse_report
+from sevhook.virt import libvirt_module
+
+if TYPE_CHECKING:
+    from sevhook.sev.measurement import LaunchMeasurement
+
+MNONCE_SIZE = 16
+# virDomainState values -> QEMU-like status names (libvirt's enum is stable ABI).
+_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
+           7: "pmsuspended"}
+
+
+def host_capabilities(connection: Any) -> SevCapabilities:
+    """The host's SEV platform (PDH, certificate chain) from virNodeGetSEVInfo."""
+    libvirt = libvirt_module()
+    try:
+        info = connection.getSEVInfo()
+    except libvirt.libvirtError as exc:
+        desc = exc.get_error_message() or str(exc)
+        raise MonitorError(f"libvirt cannot report the host's SEV platform (getSEVInfo): {desc}; does this host "
+                           "have SEV (virsh domcapabilities shows <sev supported='yes'>)?",
+                           command="getSEVInfo", desc=desc) from None
+    return SevCapabilities.from_qmp({
+        "pdh": info.get("pdh"),
+        "cert-chain": info.get("cert-chain"),
+        "cpu0-id": info.get("cpu0-id"),
+        "cbitpos": info.get("cbitpos"),
+        "reduced-phys-bits": info.get("reduced-phys-bits"),
+    })
+
+
+class LibvirtMonitor:
+    """LaunchMonitor over a libvirt domain handle (`virDomain`)."""
+
+    def __init__(self, domain: Any) -> None:
+        self._libvirt = libvirt_module()
+        self.domain = domain
+        self.timeout = 0.0  # libvirt bounds its own calls (job timeouts); kept for the LaunchMonitor interface
+
+    def _call(self, what: str, function: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except self._libvirt.libvirtError as exc:
+            desc = exc.get_error_message() or str(exc)
+            raise MonitorError(f"libvirt refused {what} for domain {self.domain.name()}: {desc}",
+                               command=what, desc=desc) from None
+
+    def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """A raw QMP command via libvirt-qemu; QMP errors keep their class and description."""
+        import libvirt_qemu  # noqa: PLC0415  (ships with the libvirt binding)
+
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        raw = self._call(command, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise MonitorProtocolError(f"{command}: libvirt passed back non-JSON from QEMU", command=command) from None
+        if not isinstance(reply, dict):
+            raise MonitorProtocolError(f"{command}: QEMU's reply is not an object", command=command)
+        error = reply.get("error")
+        if isinstance(error, dict):
+            qmp_class, desc = str(error.get("class")), str(error.get("desc"))
+            raise MonitorError(f"QEMU refused {command}: {desc} ({qmp_class})", command=command,
+                               qmp_class=qmp_class, desc=desc)
+        return reply.get("return")
+
+    def status(self) -> VmStatus:
+        state, _reason = self._call("state", self.domain.state)
+        name = _STATES.get(state, f"state-{state}")
+        return VmStatus(status=name, running=name == "running")
+
+    def query_sev(self) -> SevInfo:
+        return SevInfo.from_qmp(self.execute("query-sev"))
+
+    def launch_measurement(self) -> LaunchMeasurement:
+        from sevhook.errors import FormatError  # noqa: PLC0415
+        from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
+
+        info = self._call("launchSecurityInfo", self.domain.launchSecurityInfo)
+        data = info.get("sev-measurement")
+        if not isinstance(data, str):
+            raise MonitorProtocolError("launchSecurityInfo: libvirt returned no sev-measurement",
+                                       command="launchSecurityInfo")
+        try:
+            return LaunchMeasurement.parse(data, what="libvirt sev-measurement")
+        except FormatError as exc:
+            raise MonitorProtocolError(exc.message, command="launchSecurityInfo") from None
+
+    def capabilities(self) -> SevCapabilities:
+        return host_capabilities(self.domain.connect())
+
+    def inject_secret(self, header_b64: str, secret_b64: str, gpa: int | None = None) -> None:
+        params: dict[str, object] = {"sev-secret-header": header_b64, "sev-secret": secret_b64}
+        if gpa is not None:
+            params["sev-secret-set-address"] = gpa
+        self._call("setLaunchSecurityState", self.domain.setLaunchSecurityState, params, 0)
+
+    def attestation_report(self, mnonce: bytes) -> bytes:
+        if len(mnonce) != MNONCE_SIZE:
+            raise MonitorError(f"attestation report: mnonce must be {MNONCE_SIZE} bytes, got {len(mnonce)}")
+        return parse_report(self.execute("query-sev-attestation-report",
+                                         {"mnonce": base64.b64encode(mnonce).decode("ascii")}))
+
+    def cont(self) -> None:
+        """virDomainResume (libvirt waits for QEMU's RESUME itself)."""
+        if not self.status().running:
+            self._call("resume", self.domain.resume)
+
+    def stop(self) -> None:
+        if self.status().running:
+            self._call("suspend", self.domain.suspend)
+
+    def close(self) -> None:
+        """Nothing to release: the libvirt connection belongs to the caller."""

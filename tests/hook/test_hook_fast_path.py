@@ -1,0 +1,93 @@
+"""The hook's hot path: for guests sevhook does not manage, the installed script exits 0 with no
+output before importing anything heavy; the operations that need no QEMU behave as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sevhook.hook import fast
+from sevhook.xml.models import SEVHOOK_NS
+from tests.hook.domains import domain_xml
+
+PLAIN = "<domain type='kvm'><name>plain</name><memory>1</memory></domain>"
+SEV_ONLY = ("<domain type='kvm'><name>sev</name><launchSecurity type='sev'><policy>0x0003</policy>"
+            "</launchSecurity></domain>")
+HEAVY = ("lxml", "sevhook.xml", "sevhook.hook.runner", "qemu", "httpx", "cryptography", "asyncio", "dataclasses")
+
+
+def test_namespace_constant_matches_the_models():
+    assert fast.SEVHOOK_NS == SEVHOOK_NS.encode()
+
+
+def test_prefilter():
+    managed = domain_xml("g", socket="/run/sevhook/g.qmp").encode()
+    assert fast.concerns_sevhook(managed)
+    assert not fast.concerns_sevhook(PLAIN.encode())
+    assert not fast.concerns_sevhook(SEV_ONLY.encode())
+    metadata_only = managed.replace(b"<launchSecurity", b"<other").replace(b"</launchSecurity", b"</other")
+    assert not fast.concerns_sevhook(metadata_only)
+
+
+@pytest.mark.parametrize("xml", [PLAIN, SEV_ONLY])
+@pytest.mark.parametrize("operation", ["prepare", "start", "started", "stopped", "release", "migrate", "restore"])
+def test_unmanaged_domains_pass_silently(run_hook, xml, operation, hook_log):
+    result = run_hook("other", operation, xml)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert not hook_log.exists()  # not even the log is opened
+
+
+def test_no_heavy_import_for_unmanaged_domains(hook_script):
+    """-X importtime lists every module the interpreter imported while running the script."""
+    python, flags = hook_script.read_text().splitlines()[0][2:].split()
+    result = subprocess.run([python, flags, "-X", "importtime", str(hook_script), "plain", "prepare", "begin", "-"],
+                            input=PLAIN, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "sevhook.hook.fast" in imported
+    assert not [name for name in imported for heavy in HEAVY if name == heavy or name.startswith(heavy + ".")]
+
+
+def test_reconnect_and_attach_do_nothing_even_for_managed_guests(run_hook, hook_log):
+    xml = domain_xml("g", socket="/nonexistent/g.qmp")
+    for operation in ("reconnect", "attach"):
+        result = run_hook("g", operation, xml)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("operation", ["migrate", "restore"])
+def test_managed_guests_cannot_move(run_hook, session_blobs, operation):
+    godh, session = session_blobs
+    xml = domain_xml("g", socket="/run/sevhook/g.qmp", godh_b64=godh, session_b64=session)
+    result = run_hook("g", operation, xml)
+    assert result.returncode == 1
+    assert result.stdout == ""  # stdout would replace the domain XML
+    assert result.stderr.startswith(f"sevhook: g: {operation}: an attested SEV guest cannot be migrated")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_cli_run_uses_the_same_entry(session_blobs):
+    result = subprocess.run([sys.executable, "-m", "sevhook.cli", "hook", "run", "plain", "started", "begin", "-"],
+                            input=PLAIN, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    godh, session = session_blobs
+    managed = domain_xml("g", socket="/run/sevhook/g.qmp", godh_b64=godh, session_b64=session)
+    result = subprocess.run([sys.executable, "-m", "sevhook.cli", "hook", "run", "g", "migrate", "begin", "-"],
+                            input=managed, capture_output=True, text=True, timeout=60,
+                            env={"SEVHOOK_HOOK_LOG": "/dev/null", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "cannot be migrated" in result.stderr
+
+
+def test_unreadable_metadata_fails_closed(run_hook):
+    broken = domain_xml("g", socket="relative.qmp")  # the schema wants an absolute socket path
+    result = run_hook("g", "prepare", broken)
+    assert result.returncode == 1
+    assert result.stderr.startswith("sevhook: g: load: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_not_xml_fails_closed(run_hook):
+    result = run_hook("g", "prepare", "<launchSecurity http://sevhook.org/xmlns/libvirt/1.0")
+    assert result.returncode == 1 and "load" in result.stderr and "Traceback" not in result.stderr
