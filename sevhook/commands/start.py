@@ -1,0 +1,107 @@
+"""`sevhook start DOMAIN`: start a defined SEV domain attested, through libvirt's own APIs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EPILOG = """examples:
+  sevhook start web1
+  sevhook start web1 -c qemu+ssh://root@host1/system
+  sevhook start web1 --platform /etc/sevhook/full_chain.bin     chain from `sevctl export --full`
+  sevhook start web1 --json | jq .ok
+
+The domain needs <launchSecurity type='sev'> with its <policy> and a <sevhook:attestation> element in
+its <metadata> naming the key broker and the guest (docs/quickstart.md). Steps: connect, metadata,
+platform, session, define, start (paused), measure, attest, inject, resume; after the domain was
+started, any failure destroys it. Domains prepared for sevhook's libvirt hook (their <qemu:commandline>
+opens the hook's private monitor) are refused: the hook attests those at `virsh start --paused`.
+
+output: one line per step with its time (coloured on a terminal). --json prints nothing until the end,
+then one JSON object on stdout: {"domain", "ok", "launch_id", "failed_step", "error", "total_seconds",
+"steps": [{"name", "status": "ok"|"failed"|"info", "seconds", "detail"}]}.
+exit status: 0 the guest was attested and started; 1 any step failed (the reason names the step);
+2 usage error."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "start", help="start a defined SEV domain attested, through libvirt's own APIs",
+        description="Ask the domain's key broker for a fresh launch session, start the domain paused, read its "
+                    "launch measurement through libvirt, let the broker judge it, inject the secret it releases "
+                    "and resume. No private QEMU monitor and no custom QEMU arguments are needed.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("domain", metavar="DOMAIN", help="name of a defined (persistent), shut-off domain")
+    parser.add_argument("-c", "--connect", metavar="URI", default=None,
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's default)")
+    parser.add_argument("--platform", type=Path, metavar="FILE",
+                        help="take the host's PDH and certificate chain from this export (a directory of "
+                             "sevctl-named certificates or one PDH|PEK|OCA|CEK[|ASK|ARK] file) instead of "
+                             "libvirt's getSEVInfo")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end (see below)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging  # noqa: PLC0415
+
+    from sevhook.console import Console  # noqa: PLC0415
+    from sevhook.flow.report import StepPrinter, format_seconds  # noqa: PLC0415
+    from sevhook.flow.steps import StepFailed, Steps  # noqa: PLC0415
+
+    logging.getLogger().addHandler(logging.NullHandler())  # library retry warnings: the step line says it all
+    console = None if args.json else Console()
+    steps = Steps(StepPrinter(console) if console else None)
+    if console:
+        console.line(f"sevhook start {args.domain}" + (f" on {args.connect}" if args.connect else ""), "step")
+    outcome: dict[str, Any] = {"domain": args.domain, "ok": False, "launch_id": None, "failed_step": None,
+                               "error": None}
+    sequence = None
+    try:
+        sequence = _sequence(args, steps)
+        started = sequence.run()
+    except StepFailed as failure:
+        outcome.update(failed_step=failure.step, error=failure.reason)
+    except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+        reason = f"internal error ({exc.__class__.__name__}: {exc}); the guest was not attested"
+        outcome.update(failed_step=steps.current or "connect", error=reason)
+    else:
+        outcome.update(ok=True, launch_id=started.launch_id)
+    finally:
+        if sequence is not None:
+            sequence.domain.connection.close()
+    outcome["total_seconds"] = round(steps.elapsed, 4)
+    outcome["steps"] = [result.to_json() for result in steps.results]
+    if args.json:
+        print(json.dumps(outcome, indent=2))
+    if not outcome["ok"]:
+        tail = "; the guest was destroyed" if sequence is not None and sequence.destroyed else ""
+        print(f"sevhook: error: start {args.domain}: {outcome['failed_step']}: {outcome['error']}{tail}",
+              file=sys.stderr)
+        return 1
+    if console:
+        state = "running" if started.resumed else "paused (resume='no')"
+        console.line(f"{args.domain}: attested, secret injected, {state} (total {format_seconds(steps.elapsed)})",
+                     "ok")
+    return 0
+
+
+def _sequence(args: argparse.Namespace, steps: Any) -> Any:
+    """The StartSequence for the domain on its connection (closed by the caller)."""
+    from sevhook.flow.libvirt_domain import LibvirtDomain, exported_platform, host_platform  # noqa: PLC0415
+    from sevhook.flow.start import StartSequence  # noqa: PLC0415
+    from sevhook.virt import open_connection  # noqa: PLC0415
+
+    with steps.step("connect") as note:
+        connection = open_connection(args.connect)
+        try:
+            domain = LibvirtDomain(connection, args.domain)
+        except BaseException:
+            connection.close()
+            raise
+        note.detail = f"libvirt {connection.getURI()}"
+    platform = exported_platform(args.platform) if args.platform else host_platform(connection)
+    return StartSequence(domain, platform, steps)

@@ -1,0 +1,115 @@
+"""The start sequence's DomainPort on a real libvirt connection, using only libvirt's public SEV
+APIs (no QEMU monitor passthrough, so the domain is not tainted), and the host's platform
+certificates from virNodeGetSEVInfo or from an exported chain file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sevhook.errors import SevhookError
+from sevhook.flow.start import LaunchInfo, PlatformSource
+from sevhook.virt import LibvirtError, libvirt_module
+
+# virDomainState values (stable libvirt ABI)
+_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
+           7: "pmsuspended"}
+_HOOK_FAILED = "Hook script execution failed"
+
+
+def _message(exc: Any) -> str:
+    return " ".join((exc.get_error_message() or str(exc)).split())
+
+
+class LibvirtDomain:
+    """One defined domain on a libvirt connection (the connection belongs to the caller)."""
+
+    def __init__(self, connection: Any, name: str) -> None:
+        self._libvirt = libvirt_module()
+        self.connection = connection
+        self.name = name
+        try:
+            self.domain = connection.lookupByName(name)
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
+                raise LibvirtError(f"domain {name} is not defined on this connection: define it first "
+                                   f"(virsh define {name}.xml) or pass -c URI") from None
+            raise LibvirtError(f"cannot look up domain {name}: {_message(exc)}") from None
+
+    def _call(self, what: str, function: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except self._libvirt.libvirtError as exc:
+            raise LibvirtError(f"libvirt refused {what}: {_message(exc)}") from None
+
+    def state(self) -> str:
+        state, _reason = self._call("virDomainGetState", self.domain.state)
+        return _STATES.get(state, f"state {state}")
+
+    def inactive_xml(self) -> str:
+        if not self._call("virDomainIsPersistent", self.domain.isPersistent):
+            raise LibvirtError(f"domain {self.name} is transient; sevhook start needs a defined domain so that it "
+                               "can store the launch session in it: virsh define it first")
+        flags = self._libvirt.VIR_DOMAIN_XML_INACTIVE | self._libvirt.VIR_DOMAIN_XML_SECURE  # keep passwords
+        return self._call("virDomainGetXMLDesc", self.domain.XMLDesc, flags)
+
+    def redefine(self, xml: str) -> None:
+        self.domain = self._call("virDomainDefineXML", self.connection.defineXML, xml)
+
+    def start_paused(self) -> None:
+        try:
+            self.domain.createWithFlags(self._libvirt.VIR_DOMAIN_START_PAUSED)
+        except self._libvirt.libvirtError as exc:
+            message = _message(exc)
+            hint = ""
+            if _HOOK_FAILED in message:
+                hint = ("; a libvirt hook refused the start: if sevhook's hook is installed it attests this "
+                        "guest itself, so start it with `virsh start --paused` instead of sevhook start")
+            raise LibvirtError(f"libvirt refused to start the domain: {message}{hint}") from None
+
+    def launch_info(self) -> LaunchInfo:
+        info = self._call("virDomainGetLaunchSecurityInfo", self.domain.launchSecurityInfo)
+        measurement = info.get("sev-measurement")
+        keys = ("sev-api-major", "sev-api-minor", "sev-build-id", "sev-policy")
+        numbers = [value for value in (info.get(key) for key in keys) if isinstance(value, int)]
+        if not isinstance(measurement, str) or len(numbers) != len(keys):
+            raise SevhookError(f"libvirt's launch security info lacks the SEV measurement or firmware version "
+                               f"(got {sorted(info)}); is this an SEV guest?")
+        api_major, api_minor, build_id, policy = numbers
+        return LaunchInfo(measurement, api_major, api_minor, build_id, policy)
+
+    def inject(self, header_b64: str, secret_b64: str) -> None:
+        params = {"sev-secret-header": header_b64, "sev-secret": secret_b64}
+        self._call("virDomainSetLaunchSecurityState", self.domain.setLaunchSecurityState, params, 0)
+
+    def resume(self) -> None:
+        self._call("virDomainResume", self.domain.resume)
+
+    def destroy(self) -> bool:
+        if not self._call("virDomainIsActive", self.domain.isActive):
+            return False
+        self._call("virDomainDestroy", self.domain.destroy)
+        return True
+
+
+def host_platform(connection: Any) -> PlatformSource:
+    """The host's PDH and chain from virNodeGetSEVInfo (needs libvirt to see SEV on this host)."""
+
+    def read() -> tuple[str, str]:
+        from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
+
+        capabilities = host_capabilities(connection)
+        return capabilities.pdh_b64, capabilities.cert_chain_b64
+
+    return read
+
+
+def exported_platform(path: Path) -> PlatformSource:
+    """The PDH and chain from a platform export (`sevctl export`, `sevhook sim platform export`)."""
+
+    def read() -> tuple[str, str]:
+        from sevhook.hook.prepare import exported_platform as read_export  # noqa: PLC0415
+
+        return read_export(path)
+
+    return read
