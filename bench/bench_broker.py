@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from common import Figure, figure
 from sevhook.sev.measurement import compute_measurement
 from sevhook.sev.session import open_session
 from sevhook.sim.platform import PlatformConfig, RootOfTrust
@@ -213,6 +214,23 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print(f"{row['operation']:<18}{row['requests']:>9}{row['ok']:>7}{row['seconds']:>8.1f}{row['per_second']:>8.0f}"
               f"{row['target']:>8.0f}{row['ratio']:>7.2f}{row['p50_ms']:>8.1f}{row['p99_ms']:>8.1f}  "
               f"{'PASS' if row['passed'] else 'FAIL'}")
+
+
+def figures(quick: bool = False) -> list[Figure]:
+    """Each rate against its target (the issue names no other broker), and the p99 latency wrk saw under that
+    load; --quick runs 2 s instead of 8."""
+    rows = main(2) if quick else main()
+    print_table(rows)
+    converted = []
+    for row in rows:
+        operation, rate, target = str(row["operation"]), float(row["per_second"]), float(row["target"])  # type: ignore[arg-type]
+        converted += [
+            figure("broker", f"{operation}, {row['ok']:,} over HTTP with wrk", rate, "/s",
+                   (f"target {target:,.0f}/s", target), f">= {target:,.0f}/s", bool(row["passed"])),
+            figure("broker", f"{operation}, p99 latency at that rate", float(row["p99_ms"]), "ms",  # type: ignore[arg-type]
+                   ("p50 latency", float(row["p50_ms"]))),  # type: ignore[arg-type]
+        ]
+    return converted
 
 
 if __name__ == "__main__":
