@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ EPILOG = """examples:
 The domain needs <launchSecurity type='sev'> with its <policy> and a <sevhook:attestation> element in
 its <metadata> naming the key broker and the guest (docs/quickstart.md). Steps: connect, metadata,
 platform, session, define, start (paused), measure, attest, inject, resume; after the domain was
-started, any failure destroys it. Domains prepared for sevhook's libvirt hook (their <qemu:commandline>
-opens the hook's private monitor) are refused: the hook attests those at `virsh start --paused`.
+started, any failure destroys it. The metadata must not declare <sevhook:monitor>: such domains are the
+libvirt hook's (hook mode, `virsh start --paused`) and are refused. Both modes work on one host: while
+libvirt starts the domain, sevhook start holds /run/sevhook/DOMAIN.start, and an installed hook lets that
+start through and refuses any other start of a domain without <sevhook:monitor>. Run sevhook start as
+root on the host itself when the hook is installed there (over a remote URI the marker cannot be set).
 
 output: one line per step with its time (coloured on a terminal). --json prints nothing until the end,
 then one JSON object on stdout: {"domain", "ok", "launch_id", "failed_step", "error", "total_seconds",
@@ -104,4 +108,15 @@ def _sequence(args: argparse.Namespace, steps: Any) -> Any:
             raise
         note.detail = f"libvirt {connection.getURI()}"
     platform = exported_platform(args.platform) if args.platform else host_platform(connection)
-    return StartSequence(domain, platform, steps)
+    if is_local(connection.getURI()):
+        return StartSequence(domain, platform, steps)
+    return StartSequence(domain, platform, steps, claim=lambda _name: nullcontext())
+
+
+def is_local(uri: str) -> bool:
+    """Whether libvirtd (and so its hook) runs on this machine: a URI without a host part. The start
+    marker is a local file; set for a remote libvirtd it could only let a local start of a domain of
+    the same name through unattested, so it is not set (a hook on the remote host then refuses)."""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    return not urlsplit(uri).netloc

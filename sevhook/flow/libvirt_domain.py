@@ -63,8 +63,11 @@ class LibvirtDomain:
             message = _message(exc)
             hint = ""
             if _HOOK_FAILED in message:
-                hint = ("; a libvirt hook refused the start: if sevhook's hook is installed it attests this "
-                        "guest itself, so start it with `virsh start --paused` instead of sevhook start")
+                from sevhook.hook.runtime import RUNTIME_DIR  # noqa: PLC0415
+
+                hint = ("; a libvirt hook refused the start: sevhook's own hook lets sevhook start through only "
+                        "when sevhook start runs as root on the libvirt host itself (it marks the launch in "
+                        f"{RUNTIME_DIR})")
             raise LibvirtError(f"libvirt refused to start the domain: {message}{hint}") from None
 
     def launch_info(self) -> LaunchInfo:

@@ -13,14 +13,19 @@ custom QEMU arguments. The sequence is pure: libvirt (DomainPort), the host's pl
     resume    virDomainResume (LAUNCH_FINISH), unless the metadata says resume='no'
 
 Fail closed: once the domain was started, any failure destroys it, so an unattested guest never
-runs; a domain that was already running is refused and left alone."""
+runs; a domain that was already running is refused and left alone.
+
+Start mode: the metadata declares no <sevhook:monitor> (a domain that declares one belongs to the
+libvirt hook and is refused). While libvirt starts the domain this process holds the hook's start
+marker (LaunchClaim), so an installed hook lets this start through and refuses any other."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,7 +34,7 @@ from lxml import etree
 from sevhook.errors import SevhookError
 from sevhook.flow.steps import StepFailed, Steps
 from sevhook.hook.plan import Deadline, check_secret_packet
-from sevhook.xml.models import QEMU_NS, SEVHOOK_NS, Attestation, BrokerRef, SevLaunchSecurity
+from sevhook.xml.models import SEVHOOK_NS, Attestation, BrokerRef, SevLaunchSecurity
 
 if TYPE_CHECKING:
     from sevhook.broker.client import LaunchGrant, SecretGrant
@@ -37,7 +42,6 @@ if TYPE_CHECKING:
 MAX_BROKER_TIMEOUT = 60.0
 MEASUREMENT_SIZE = 48  # measurement(32) || mnonce(16)
 _GUEST = f"{{{SEVHOOK_NS}}}attestation/{{{SEVHOOK_NS}}}guest"
-_QEMU_ARGS = f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,24 @@ class BrokerPort(Protocol):
 
 PlatformSource = Callable[[], "tuple[str, str]"]  # -> (pdh_b64, cert_chain_b64)
 BrokerFactory = Callable[[BrokerRef, float, int], BrokerPort]  # (ref, timeout, retries)
+LaunchClaim = Callable[[str], AbstractContextManager[object]]  # held (domain name) while libvirt starts it
+
+
+@contextmanager
+def claim_for_the_hook(name: str) -> Iterator[None]:
+    """Hold the marker that tells sevhook's libvirt hook that this process attests the launch
+    (sevhook.hook.runtime.start_marker); an installed hook refuses the start without it. When it
+    cannot be written (not root, say) and no hook is installed, there is nobody to tell."""
+    from sevhook.hook.install import DEFAULT_HOOKS_DIR, script_path  # noqa: PLC0415
+    from sevhook.hook.runtime import start_marker  # noqa: PLC0415
+
+    with ExitStack() as held:
+        try:
+            held.enter_context(start_marker(name))
+        except SevhookError:
+            if script_path(DEFAULT_HOOKS_DIR).exists():
+                raise
+        yield
 
 
 def open_broker(ref: BrokerRef, timeout: float, retries: int) -> BrokerPort:
@@ -131,19 +153,11 @@ def read_domain(name: str, xml: str) -> ManagedDomain:
         found = f"type '{domain.launch_security.type}'" if domain.launch_security else "no <launchSecurity>"
         raise SevhookError(f"domain {name} has {found}; sevhook start attests <launchSecurity type='sev'> "
                            "guests (SEV and SEV-ES) only")
-    if domain.attestation.socket and opens_private_monitor(xml, domain.attestation.socket):
-        raise SevhookError(f"domain {name} is prepared for sevhook's libvirt hook (its <qemu:commandline> opens the "
-                           f"private monitor {domain.attestation.socket}), which attests it at start: use "
-                           f"`virsh start --paused {name}`, or remove that <qemu:commandline> to use sevhook start")
+    if domain.attestation.socket:
+        raise SevhookError(f"domain {name} declares <sevhook:monitor> in its metadata, so sevhook's libvirt hook "
+                           f"attests it (hook mode): start it with `virsh start --paused {name}`, or remove "
+                           "<sevhook:monitor> (and the -qmp <qemu:arg>s for its socket) to use sevhook start")
     return ManagedDomain(xml, domain.launch_security, domain.attestation)
-
-
-def opens_private_monitor(xml: str, socket: str) -> bool:
-    """Whether the domain passes QEMU the hook's `-qmp unix:SOCKET,...` (what prepare-domain adds)."""
-    from sevhook.xml.parsing import parse_document  # noqa: PLC0415
-
-    root = parse_document(xml.encode("utf-8"), "domain").getroot()
-    return any((arg.get("value") or "").startswith(f"unix:{socket},") for arg in root.iterfind(_QEMU_ARGS))
 
 
 def with_launch(xml: str, grant: LaunchGrant, filename: str) -> str:
@@ -184,11 +198,12 @@ class StartSequence:
     """One `sevhook start` of one domain; `run()` returns StartedGuest or raises StepFailed."""
 
     def __init__(self, domain: DomainPort, platform: PlatformSource, steps: Steps,
-                 broker_factory: BrokerFactory = open_broker) -> None:
+                 broker_factory: BrokerFactory = open_broker, claim: LaunchClaim = claim_for_the_hook) -> None:
         self.domain = domain
         self.platform = platform
         self.steps = steps
         self.broker_factory = broker_factory
+        self.claim = claim
         self._started = False
         self.destroyed = False  # set when a failure made it destroy the guest it started
 
@@ -226,7 +241,8 @@ class StartSequence:
         with self.steps.step("start") as note:
             deadline.remaining("start")
             self._started = True
-            self.domain.start_paused()
+            with self.claim(name):  # the hook's prepare/start/started calls all run inside start_paused
+                self.domain.start_paused()
             note.detail = "started paused; QEMU measured the launch"
         with self.steps.step("measure") as note:
             deadline.remaining("measure")

@@ -28,6 +28,8 @@ class Action(Enum):
     CLEAN_UP = "clean-up"  # stopped, release: remove the domain's runtime files
     REFUSE_MOVE = "refuse-move"  # migrate, restore: launch state cannot move
     NOTHING = "nothing"  # reconnect, attach, and operations newer libvirt may add
+    REFUSE_START_MODE = "refuse-start-mode"  # no <sevhook:monitor> and no live `sevhook start`: nobody attests
+    REMOVE_STALE_MARKER = "remove-stale-marker"  # stopped, release of such a guest: `sevhook start`'s leftovers
 
 
 _ACTIONS = {
@@ -43,6 +45,26 @@ _ACTIONS = {
 
 def action_for(operation: str) -> Action:
     return _ACTIONS.get(operation, Action.NOTHING)
+
+
+def start_mode_action(action: Action, started_by_sevhook_start: bool) -> Action:
+    """The action for a guest whose metadata declares no <sevhook:monitor>: `sevhook start` attests
+    it through libvirt's APIs, so the hook has no monitor to attest it with. While a live `sevhook
+    start` owns the launch the hook stays out of its way; otherwise nothing would attest the launch,
+    so the hook refuses it (at prepare, and at start and started should prepare have been skipped)."""
+    if started_by_sevhook_start:
+        return Action.NOTHING
+    if action in (Action.VALIDATE, Action.PREPARE_RUNTIME, Action.ATTEST):
+        return Action.REFUSE_START_MODE
+    if action is Action.CLEAN_UP:
+        return Action.REMOVE_STALE_MARKER
+    return action
+
+
+def start_mode_refusal(name: str) -> HookFailure:
+    return HookFailure("metadata", f"this guest is attested by `sevhook start` (its metadata declares no "
+                       f"<sevhook:monitor>): start it with `sevhook start {name}`, or run `sevhook prepare-domain` "
+                       "so the hook can attest it")
 
 
 class HookFailure(SevhookError):
@@ -105,7 +127,7 @@ def check_paused(guest: ManagedGuest, status: VmStatus) -> None:
     if status.running:
         raise HookFailure("paused-check", f"the guest was started running (QEMU status '{status.status}'), so "
                           "its launch was finished before it could be attested; start it with "
-                          f"`virsh start --paused {guest.name}` or `sevhook start {guest.name}`")
+                          f"`virsh start --paused {guest.name}`")
 
 
 def check_launch_state(guest: ManagedGuest, info: SevInfo) -> None:

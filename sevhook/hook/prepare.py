@@ -12,9 +12,10 @@ from lxml import etree
 
 from sevhook.errors import UsageError
 from sevhook.hook.plan import private_monitor_arg
+from sevhook.hook.runtime import RUNTIME_DIR
 from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
 
-DEFAULT_SOCKET_DIR = Path("/run/sevhook")
+DEFAULT_SOCKET_DIR = RUNTIME_DIR
 _QEMU = f"{{{QEMU_NS}}}"
 _SEVHOOK = f"{{{SEVHOOK_NS}}}"
 

@@ -1,5 +1,6 @@
 """One hook call for a domain sevhook manages: load the domain, then do what the operation needs
-(plan.action_for). Failures print one line per reason on stderr, `sevhook: NAME: STEP: REASON`,
+(plan.action_for; for a start-mode domain, one without <sevhook:monitor>, plan.start_mode_action
+after looking for a live `sevhook start`'s marker). Failures print one line per reason on stderr, `sevhook: NAME: STEP: REASON`,
 which libvirt shows in virsh's error, and exit 1; nothing is printed on stdout (for migrate and
 restore, stdout would replace the domain XML)."""
 
@@ -30,6 +31,10 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
     try:
         with log.step("load"):
             guest, errors = _load(name, domain_xml)
+        if guest is not None and guest.attestation.socket is None:
+            with log.step("owner"):
+                owned = runtime.start_marker_state(guest.name) is runtime.MarkerState.LIVE
+            action = plan.start_mode_action(action, owned)
         if guest is not None:
             _perform(action, guest, errors, log)
     except HookFailure as failure:
@@ -87,6 +92,12 @@ def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLo
     elif action is Action.CLEAN_UP:
         with log.step("clean-up"):
             runtime.remove_socket(guest.socket, "clean-up")
+    elif action is Action.REFUSE_START_MODE:
+        runtime.remove_stale_start_marker(guest.name, "metadata")
+        raise plan.start_mode_refusal(guest.name)
+    elif action is Action.REMOVE_STALE_MARKER:
+        with log.step("clean-up"):
+            runtime.remove_stale_start_marker(guest.name, "clean-up")
     elif action is Action.REFUSE_MOVE:
         raise HookFailure(log.operation, "an attested SEV guest cannot be migrated or restored: its encryption "
                           "key and injected secrets stay in this host's secure processor; shut it down and start "

@@ -1,14 +1,28 @@
 """The per-domain runtime files the hook manages: the private QMP monitor's socket and its
-directory. QEMU creates the socket itself (server=on); the hook prepares the directory before QEMU
-starts and removes what a crashed QEMU left behind."""
+directory, and the marker with which `sevhook start` tells the hook that it owns a launch.
+
+QEMU creates the socket itself (server=on); the hook prepares the directory before QEMU starts and
+removes what a crashed QEMU left behind. The marker, RUNTIME_DIR/NAME.start, exists only while
+`sevhook start` asks libvirt to start NAME; it holds that process's pid and start time, so a marker
+left by a killed process (or a pid reused since) is never taken for a live one."""
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
+from sevhook.errors import SevhookError
 from sevhook.hook.plan import HookFailure
+
+RUNTIME_DIR = Path("/run/sevhook")  # the default monitor socket directory too (prepare-domain)
+START_MARKER_SUFFIX = ".start"
+MAX_MARKER_BYTES = 64
 
 
 def prepare_monitor_directory(socket: Path) -> None:
@@ -43,3 +57,132 @@ def remove_socket(socket: Path, step: str) -> None:
         pass
     except OSError as exc:
         raise HookFailure(step, f"cannot remove the stale socket {socket}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class StartMarker:
+    """The content of NAME.start: `PID START_TICKS` (START_TICKS: field 22 of /proc/PID/stat, the
+    process's start time since boot, which tells a reused pid apart from the process that wrote it)."""
+
+    pid: int
+    start_ticks: int
+
+    def to_bytes(self) -> bytes:
+        return f"{self.pid} {self.start_ticks}\n".encode("ascii")
+
+    @classmethod
+    def parse(cls, data: bytes) -> StartMarker | None:
+        """None for anything that is not exactly two positive decimal numbers."""
+        fields = data.decode("ascii", errors="replace").split()
+        if len(fields) != 2 or not all(field.isdigit() for field in fields):
+            return None
+        pid, start_ticks = int(fields[0]), int(fields[1])
+        return cls(pid, start_ticks) if pid > 0 else None
+
+    @classmethod
+    def of_this_process(cls) -> StartMarker:
+        pid = os.getpid()
+        start_ticks = process_start_ticks(pid)
+        if start_ticks is None:
+            raise SevhookError(f"cannot read /proc/{pid}/stat: sevhook start needs /proc to mark its launch")
+        return cls(pid, start_ticks)
+
+    def is_alive(self) -> bool:
+        return process_start_ticks(self.pid) == self.start_ticks
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_line = handle.read()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2:].split()  # after "pid (comm) ": comm may hold spaces
+    try:
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return None
+
+
+class MarkerState(Enum):
+    """What NAME.start says about who drives the domain's launch."""
+
+    ABSENT = "absent"
+    LIVE = "live"  # a running `sevhook start` wrote it: that process attests the launch
+    STALE = "stale"  # left behind (its process is gone) or unreadable: nobody owns the launch
+
+
+def start_marker_path(domain_name: str, directory: Path = RUNTIME_DIR) -> Path:
+    """RUNTIME_DIR/NAME.start; libvirt forbids '/' in domain names, and sevhook refuses names that
+    could leave the directory."""
+    if not domain_name or "/" in domain_name or domain_name.startswith(".") or "\0" in domain_name:
+        raise SevhookError(f"domain name {domain_name!r} cannot name a file in {directory}")
+    return directory / f"{domain_name}{START_MARKER_SUFFIX}"
+
+
+def start_marker_state(domain_name: str, directory: Path = RUNTIME_DIR) -> MarkerState:
+    """LIVE only for a regular file of this user's (the directory is root's, 0700), not a link, whose
+    process still runs; anything else is not an owner (fail closed: the hook then refuses)."""
+    path = start_marker_path(domain_name, directory)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return MarkerState.ABSENT
+    except OSError:
+        return MarkerState.STALE
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return MarkerState.STALE
+        marker = StartMarker.parse(os.read(fd, MAX_MARKER_BYTES))
+    except OSError:
+        return MarkerState.STALE
+    finally:
+        os.close(fd)
+    return MarkerState.LIVE if marker is not None and marker.is_alive() else MarkerState.STALE
+
+
+def remove_stale_start_marker(domain_name: str, step: str, directory: Path = RUNTIME_DIR) -> None:
+    """Remove NAME.start unless a live `sevhook start` holds it (it removes its own)."""
+    if start_marker_state(domain_name, directory) is not MarkerState.STALE:
+        return
+    path = start_marker_path(domain_name, directory)
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            raise HookFailure(step, f"{path} exists and is not a regular file; remove it")
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise HookFailure(step, f"cannot remove the stale marker {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def start_marker(domain_name: str, directory: Path = RUNTIME_DIR) -> Iterator[Path]:
+    """Hold NAME.start (0600, written atomically, in a 0700 directory) for the block: while it
+    exists, the hook leaves the domain's launch to this process. Removed on the way out, whatever
+    happens, if it is still this process's."""
+    path = start_marker_path(domain_name, directory)
+    marker = StartMarker.of_this_process()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)  # mkstemp: mode 0600
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(marker.to_bytes())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise SevhookError(f"cannot write {path} ({exc.strerror or exc}), the marker that tells sevhook's libvirt "
+                           "hook this start is attested by sevhook start: run sevhook start as root") from None
+    try:
+        yield path
+    finally:
+        try:
+            if StartMarker.parse(path.read_bytes()) == marker:
+                path.unlink()
+        except OSError:
+            pass  # already gone; a stale marker is harmless (its process is dead) and the hook removes it

@@ -24,14 +24,14 @@ def build(element: etree._Element) -> Attestation:
     """The model of a schema-valid <sevhook:attestation>."""
     broker = element.find(f"{{{SEVHOOK_NS}}}broker")
     guest = element.find(f"{{{SEVHOOK_NS}}}guest")
-    monitor = element.find(f"{{{SEVHOOK_NS}}}monitor")
-    assert broker is not None and guest is not None and monitor is not None  # the schema requires them
+    monitor = element.find(f"{{{SEVHOOK_NS}}}monitor")  # absent: `sevhook start` attests the guest
+    assert broker is not None and guest is not None  # the schema requires them
     timeout = element.get("timeout")
     return Attestation(
         broker=BrokerRef(url=broker.get("url", ""), ca_file=broker.get("ca-file"), token_file=broker.get("token-file")),
         guest_id=guest.get("id", ""),
         launch_id=guest.get("launch"),
-        socket=monitor.get("socket"),
+        socket=monitor.get("socket") if monitor is not None else None,
         timeout=float(timeout.strip()) if timeout is not None else DEFAULT_TIMEOUT,
         resume=(element.get("resume") or "yes").strip() == "yes",
     )
@@ -88,9 +88,9 @@ def check(
             f"sevhook attests type='sev' guests (SEV and SEV-ES) only, this one is type='{launch_security.type}': "
             "the hook will refuse to start it; remove <sevhook:attestation> or use type='sev'",
         )
-    elif isinstance(launch_security, SevLaunchSecurity) and (
+    elif monitor is not None and isinstance(launch_security, SevLaunchSecurity) and (
         launch_security.dh_cert is None and launch_security.session is None
-    ):
+    ):  # without <monitor>, `sevhook start` writes a fresh <dhCert>/<session> at every start
         report(
             WARNING,
             launch_security_element if launch_security_element is not None else element,

@@ -162,7 +162,7 @@ ATTESTATION_SHAPE = Shape(
         "guest": Shape(attributes={"id": (_ID, True), "launch": (_ID, False)}),
         "monitor": Shape(attributes={"socket": (_SOCKET_PATH, True)}),
     },
-    required=frozenset({"broker", "guest", "monitor"}),
+    required=frozenset({"broker", "guest"}),  # no <monitor>: `sevhook start` attests it
     namespace=SEVHOOK_NS,
     prefix="sevhook:",
 )

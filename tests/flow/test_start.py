@@ -76,8 +76,7 @@ class World:
   <metadata>
     <sevhook:attestation xmlns:sevhook='{SEVHOOK_NS}' timeout='{timeout}' resume='{"yes" if resume else "no"}'>
       <sevhook:broker url='{broker_url or self.broker_url}' token-file='{self.root / "host.token"}'/>
-      <sevhook:guest id='{guest_id}'/>
-      <sevhook:monitor socket='/run/sevhook/{name}.qmp'/>
+      <sevhook:guest id='{guest_id}'/>{"<sevhook:monitor socket='/run/sevhook/" + name + ".qmp'/>" if private_monitor else ""}
     </sevhook:attestation>
   </metadata>
   <memory unit='MiB'>128</memory>

@@ -5,6 +5,10 @@ interruption; a domain it did not start is never destroyed; the steps come in or
 from __future__ import annotations
 
 import base64
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,13 +17,14 @@ from sevhook.broker.client import LaunchGrant, SecretGrant
 from sevhook.errors import SevhookError
 from sevhook.flow.start import LaunchInfo, StartSequence
 from sevhook.flow.steps import FAILED, OK, StepFailed, Steps
+from sevhook.hook.runtime import MarkerState, start_marker, start_marker_path, start_marker_state
 from sevhook.sev.certs import SevCertificate
 from sevhook.sev.session import create_session
 from sevhook.xml.models import SEVHOOK_NS
 
 XML = f"""<domain type='kvm'><name>d</name>
   <metadata><sevhook:attestation xmlns:sevhook='{SEVHOOK_NS}' timeout='30'>
-    <sevhook:broker url='http://127.0.0.1:9'/><sevhook:guest id='g'/><sevhook:monitor socket='/run/sevhook/d.qmp'/>
+    <sevhook:broker url='http://127.0.0.1:9'/><sevhook:guest id='g'/>
   </sevhook:attestation></metadata>
   <memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>
@@ -104,8 +109,23 @@ def blobs(shared: Path) -> tuple[str, str]:
 
 def run(domain: Domain, broker: Broker) -> Steps:
     steps = Steps()
-    StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda _ref, _timeout, _retries: broker).run()
+    StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda _ref, _timeout, _retries: broker,
+                  claim=claim_recorder(domain)).run()
     return steps
+
+
+def claim_recorder(domain: Domain) -> Callable[[str], AbstractContextManager[None]]:
+    """A LaunchClaim that records in the domain's calls when the hook's marker is held."""
+
+    @contextmanager
+    def claim(name: str) -> Iterator[None]:
+        domain.calls.append(f"claim {name}")
+        try:
+            yield
+        finally:
+            domain.calls.append(f"release {name}")
+
+    return claim
 
 
 def test_success_runs_every_step_in_order(blobs: tuple[str, str]) -> None:
@@ -114,7 +134,7 @@ def test_success_runs_every_step_in_order(blobs: tuple[str, str]) -> None:
     assert [r.name for r in steps.results] == ["metadata", "platform", "session", "define", "start", "measure",
                                                "attest", "inject", "resume"]
     assert all(r.status == OK and r.seconds >= 0 for r in steps.results)
-    assert domain.calls == ["redefine", "start", "launch_info", "inject", "resume"]
+    assert domain.calls == ["redefine", "claim d", "start", "release d", "launch_info", "inject", "resume"]
 
 
 @pytest.mark.parametrize("fail_at", ["launch_info", "inject", "resume"])
@@ -151,15 +171,41 @@ def test_a_running_domain_is_never_destroyed(blobs: tuple[str, str]) -> None:
     domain = Domain(state="running")
     steps = Steps()
     with pytest.raises(StepFailed, match="^metadata: domain d is running"):
-        StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda *_args: Broker(*blobs)).run()
+        StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda *_args: Broker(*blobs),
+                      claim=claim_recorder(domain)).run()
     assert domain.calls == [] and steps.results[-1].status == FAILED
 
 
 def test_a_domain_prepared_for_the_hook_is_left_to_the_hook(blobs: tuple[str, str]) -> None:
-    """With the hook installed both would attest one start; such a domain starts with virsh start --paused."""
-    monitor = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-qmp'/>"
-               "<qemu:arg value='unix:/run/sevhook/d.qmp,server=on,wait=off'/></qemu:commandline></domain>")
-    domain = Domain(xml=XML.replace("</domain>", monitor))
-    with pytest.raises(StepFailed, match="prepared for sevhook's libvirt hook.*virsh start --paused d"):
+    """<sevhook:monitor> declares hook mode: with the hook installed both would attest one start."""
+    domain = Domain(xml=XML.replace("<sevhook:guest id='g'/>",
+                                    "<sevhook:guest id='g'/><sevhook:monitor socket='/run/sevhook/d.qmp'/>"))
+    with pytest.raises(StepFailed, match="declares <sevhook:monitor>.*virsh start --paused d"):
         run(domain, Broker(*blobs))
     assert domain.calls == []
+
+
+def test_the_claim_is_released_when_libvirt_refuses_the_start(blobs: tuple[str, str]) -> None:
+    domain = Domain("start")
+    with pytest.raises(StepFailed) as failure:
+        run(domain, Broker(*blobs))
+    assert failure.value.step == "start"
+    assert domain.calls[:3] == ["redefine", "claim d", "start"] and domain.calls[3] == "release d"
+
+
+def test_the_real_claim_writes_the_hooks_marker_only_while_starting(blobs: tuple[str, str], tmp_path: Path) -> None:
+    """The marker exists, 0600, with this process's pid, exactly while libvirt starts the domain."""
+    seen: list[tuple[MarkerState, int, str]] = []
+    marker = start_marker_path("d", tmp_path)
+
+    class Watched(Domain):
+        def start_paused(self) -> None:
+            seen.append((start_marker_state("d", tmp_path), stat.S_IMODE(marker.stat().st_mode),
+                         marker.read_text().split()[0]))
+            super().start_paused()
+
+    domain = Watched()
+    StartSequence(domain, lambda: ("pdh", "chain"), Steps(), lambda *_args: Broker(*blobs),
+                  claim=lambda name: start_marker(name, tmp_path)).run()
+    assert seen == [(MarkerState.LIVE, 0o600, str(os.getpid()))]
+    assert not marker.exists() and list(tmp_path.iterdir()) == []

@@ -7,13 +7,14 @@ def domain_xml(name: str, *, socket: str | None, broker_url: str = "http://127.0
                policy: int = 1, godh_b64: str = "", session_b64: str = "", timeout: float = 5, resume: bool = True,
                declare_monitor: bool = True, emulator: str = "/usr/bin/qemu-system-x86_64",
                metadata: bool = True, extra_devices: str = "") -> str:
-    """A TCG domain with <launchSecurity type='sev'> and sevhook metadata, as prepare-domain writes it."""
+    """A TCG domain with <launchSecurity type='sev'> and sevhook metadata, as prepare-domain writes it
+    (socket=None: without <sevhook:monitor>, a domain for `sevhook start`)."""
     launch = f" launch='{launch_id}'" if launch_id else ""
     attestation = (
         f"<sevhook:attestation xmlns:sevhook='http://sevhook.org/xmlns/libvirt/1.0' timeout='{timeout:g}'"
         f" resume='{'yes' if resume else 'no'}'>"
         f"<sevhook:broker url='{broker_url}'/><sevhook:guest id='{name}'{launch}/>"
-        f"<sevhook:monitor socket='{socket}'/></sevhook:attestation>"
+        + (f"<sevhook:monitor socket='{socket}'/>" if socket else "") + "</sevhook:attestation>"
     ) if metadata else ""
     monitor = (f"<qemu:commandline><qemu:arg value='-qmp'/>"
                f"<qemu:arg value='unix:{socket},server=on,wait=off'/></qemu:commandline>") if declare_monitor else ""

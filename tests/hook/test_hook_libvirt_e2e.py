@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from sevhook.hook.install import install, uninstall
+from sevhook.hook.runtime import start_marker_path
 from sevhook.sim.state import default_state_dir
 from sevhook.virt import libvirt_module, open_connection
-from tests.hook.sim_world import PASSPHRASE, SimWorld, free_port
+from tests.hook.domains import domain_xml
+from tests.hook.sim_world import GUEST_ID, PASSPHRASE, SIM_QEMU, SimWorld, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
@@ -195,3 +198,56 @@ def test_ten_guests_started_at_once_all_attest(world, conn, run_dir):
         assert _becomes_running(domain)
         assert _passphrases(world, name) == [PASSPHRASE.encode() + b"\0"]
         domain.destroy()  # type: ignore[union-attr]
+
+
+def _start_mode_domain(world: SimWorld, name: str) -> str:
+    """A domain for `sevhook start`: metadata without <sevhook:monitor>, no session, no -qmp."""
+    xml = domain_xml(name, socket=None, declare_monitor=False, launch_id=None, broker_url=world.broker_url,
+                     emulator=SIM_QEMU, timeout=60)
+    loader = (f"<loader readonly='yes' type='pflash'>{world.firmware}</loader>"
+              f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{world.root / name}_VARS.fd</nvram>")
+    return (xml.replace("<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>",
+                        f"<os><type arch='x86_64' machine='q35'>hvm</type>{loader}</os>")
+            .replace(f"<sevhook:guest id='{name}'", f"<sevhook:guest id='{GUEST_ID}'")
+            .replace(f"<sevhook:broker url='{world.broker_url}'",
+                     f"<sevhook:broker url='{world.broker_url}' token-file='{world.token}'"))
+
+
+def test_sevhook_start_and_the_installed_hook_share_the_host(world, conn, libvirt_uri, hook_log):
+    """Hook installed: `sevhook start` attests a start-mode domain; starting the same domain any other
+    way is refused by the hook at prepare and leaves it shut off (hook-mode domains: the tests above)."""
+    libvirt = libvirt_module()
+    name = f"{PREFIX}startmode"
+    domain = conn.defineXML(_start_mode_domain(world, name))
+    try:
+        result = subprocess.run([sys.executable, "-m", "sevhook.cli", "start", name, "-c", libvirt_uri,
+                                 "--platform", str(world.export)], capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert _passphrases(world, name) == [PASSPHRASE.encode() + b"\0"]
+        assert not start_marker_path(name).exists()  # held only while libvirt started the domain
+        owned = [line.split()[3:6] for line in hook_log.read_text().splitlines() if line.split()[2] == name]
+        assert ["prepare", "owner", "ok"] in owned and ["started", "owner", "ok"] in owned
+        domain.destroy()
+
+        refusal = (f"sevhook: {name}: metadata: this guest is attested by `sevhook start` (its metadata declares "
+                   f"no <sevhook:monitor>): start it with `sevhook start {name}`, or run `sevhook prepare-domain` "
+                   "so the hook can attest it")
+        inactive = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        for attempt in ("virsh start", "virsh start --paused", "createXML"):
+            try:
+                if attempt == "createXML":
+                    conn.createXML(inactive, libvirt.VIR_DOMAIN_START_PAUSED)
+                else:
+                    domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if attempt.endswith("paused") else 0)
+                error = ""
+            except libvirt.libvirtError as exc:
+                error = exc.get_error_message()
+            assert _hook_error(error, name) == refusal, attempt
+            assert domain.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, attempt
+        assert _passphrases(world, name) == [PASSPHRASE.encode() + b"\0"]  # still the attested launch's: refused
+        # at prepare, before QEMU ran, none of these made a launch of its own
+    finally:
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)

@@ -117,6 +117,16 @@ def test_attestation_defaults() -> None:
     assert attestation.broker.ca_file is None and attestation.broker.token_file is None
 
 
+
+def test_attestation_without_monitor_is_sevhook_starts_mode() -> None:
+    """No <sevhook:monitor>: valid, no socket, and no warning about a monitor or a missing session."""
+    path = FIXTURES / "valid" / "sev-attested-start-mode.xml"
+    assert validate_file(path) == []
+    attestation = _domain(path.name).attestation
+    assert attestation is not None
+    assert attestation.socket is None and attestation.guest_id == "web1" and attestation.timeout == 60.0
+
+
 def test_snp_model() -> None:
     ls = _domain("sev-snp.xml").launch_security
     assert isinstance(ls, SevSnpLaunchSecurity)
