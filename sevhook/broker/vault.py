@@ -8,32 +8,17 @@ import hashlib
 import hmac
 import os
 import secrets as random_source
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sevhook.errors import UsageError, VerificationError
+from sevhook.files import write_private_file
 
 STORAGE_KEY_FILE = "storage.key"
 ADMIN_TOKEN_FILE = "admin.token"
 NONCE_BYTES = 12
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write a 0600 file atomically (temp file in the same directory, then rename)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def ensure_data_dir(data_dir: Path) -> None:

@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sevhook.commands.arguments import read_input
+
 EPILOG = """examples:
   sevhook broker init --data-dir /var/lib/sevhook-broker
   sevhook broker add-root milan --ca ask_ark_milan.cert
@@ -135,15 +137,6 @@ def _broker(args: argparse.Namespace) -> Any:
     return open_broker(_data_dir(args), args.db)
 
 
-def _read(path: Path, what: str) -> bytes:
-    from sevhook.errors import UsageError  # noqa: PLC0415
-
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from sevhook.broker.app import Limits  # noqa: PLC0415
     from sevhook.broker.server import ServeOptions, serve  # noqa: PLC0415
@@ -171,7 +164,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_add_root(args: argparse.Namespace) -> int:
-    bundle = _read(args.ca, "--ca")
+    bundle = read_input(args.ca, "--ca")
     root = _broker(args).add_root(args.name, bundle, test=args.test)
     kind = "test root (trusted by name)" if root["test"] else "AMD root"
     print(f"root {root['name']}: {kind}, ARK key id {root['ark_key_id']}")
@@ -188,7 +181,7 @@ def run_list_roots(args: argparse.Namespace) -> int:
 
 
 def run_add_host(args: argparse.Namespace) -> int:
-    from sevhook.broker.vault import write_private_file  # noqa: PLC0415
+    from sevhook.files import write_private_file  # noqa: PLC0415
     from sevhook.errors import UsageError  # noqa: PLC0415
 
     if args.token_file.exists():
@@ -214,9 +207,9 @@ def _secrets(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
             guid = None
         if not sep or guid is None or not file_name:
             raise UsageError(f"--secret {item!r}: use GUID:FILE, e.g. 736869e5-84f0-4973-92ec-06879ce3da0b:pass.txt")
-        entries.append((guid, _read(Path(file_name), f"--secret {guid}")))
+        entries.append((guid, read_input(Path(file_name), f"--secret {guid}")))
     if args.disk_passphrase:
-        lines = _read(args.disk_passphrase, "--disk-passphrase").splitlines()
+        lines = read_input(args.disk_passphrase, "--disk-passphrase").splitlines()
         passphrase = lines[0] if lines else b""
         if not passphrase or b"\0" in passphrase:
             raise UsageError(f"--disk-passphrase {args.disk_passphrase}: the first line must hold the passphrase "

@@ -10,37 +10,17 @@ import hmac
 import importlib
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sevhook.errors import FormatError, SevhookError, UsageError
-from sevhook.sev.policy import parse_number
+from sevhook.commands.arguments import number_type, read_input
+from sevhook.errors import FormatError, UsageError
 
 if TYPE_CHECKING:
     from sevhook.sev.chain import CertificateChain
     from sevhook.sev.roots import TrustAnchor
 
 DEFAULT_SESSION_NAME = "guest"
-
-
-def _number(what: str) -> Callable[[str], int]:
-    """An argparse type: decimal or 0x-hex, with a usage error naming the option."""
-
-    def convert(text: str) -> int:
-        try:
-            return parse_number(text, what)
-        except SevhookError as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
-
-    return convert
-
-
-def _read(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
 
 
 def _warn(message: str) -> None:
@@ -53,8 +33,8 @@ def _ca_bytes(ark: str | None, ask: str | None) -> bytes | None:
         raise UsageError("--ask needs --ark as well (or pass AMD's ask_ark_<gen>.cert bundle as --ark)")
     if not ark:
         return None
-    ark_bytes = _read(ark, "ARK file")
-    return (_read(ask, "ASK file") if ask else b"") + ark_bytes
+    ark_bytes = read_input(ark, "ARK file")
+    return (read_input(ask, "ASK file") if ask else b"") + ark_bytes
 
 
 def _trust_anchors(paths: list[str] | None) -> list[TrustAnchor]:
@@ -66,8 +46,8 @@ def _trust_anchors(paths: list[str] | None) -> list[TrustAnchor]:
 def _load_chain(chain_path: str, pdh_path: str | None, ark: str | None, ask: str | None) -> CertificateChain:
     from sevhook.sev.chain import CertificateChain, maybe_base64
 
-    pdh = maybe_base64(_read(pdh_path, "PDH file")) if pdh_path else None
-    chain = maybe_base64(_read(chain_path, "chain file"))
+    pdh = maybe_base64(read_input(pdh_path, "PDH file")) if pdh_path else None
+    chain = maybe_base64(read_input(chain_path, "chain file"))
     return CertificateChain.from_parts(chain, ca=_ca_bytes(ark, ask), pdh=pdh, what=f"chain file {chain_path}")
 
 
@@ -92,7 +72,7 @@ def cmd_session(args: argparse.Namespace) -> int:
     from sevhook.sev.session import create_session
 
     policy = SevPolicy(args.policy)
-    pdh_bytes = maybe_base64(_read(args.pdh, "PDH file"))
+    pdh_bytes = maybe_base64(read_input(args.pdh, "PDH file"))
     pdh = SevCertificate.parse(pdh_bytes, f"PDH file {args.pdh}")
     if args.chain:
         chain = _load_chain(args.chain, args.pdh, args.ark, args.ask)
@@ -192,13 +172,13 @@ def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
             guid = uuid.UUID(guid_text)
         except ValueError:
             raise UsageError(f"--secret {option!r}: {guid_text!r} is not a GUID") from None
-        data = _read(path, "secret file")
+        data = read_input(path, "secret file")
         if guid == DISK_PASSPHRASE_GUID and not data.endswith(b"\0"):
             _warn(f"disk-passphrase entry from {path} is not NUL-terminated; grub will reject it "
                   "('password is not zero terminated'): use --disk-passphrase FILE, which adds the NUL")
         entries.append((guid, data))
     if args.disk_passphrase:
-        data = _read(args.disk_passphrase, "disk-passphrase file")
+        data = read_input(args.disk_passphrase, "disk-passphrase file")
         if data.endswith(b"\n"):
             data = data[:-1]
             _warn(f"dropped the trailing newline of {args.disk_passphrase} from the disk passphrase")
@@ -220,9 +200,10 @@ def cmd_secret(args: argparse.Namespace) -> int:
     import binascii
     import json
 
+    from sevhook.files import write_private_file
     from sevhook.sev.measurement import LAUNCH_MEASUREMENT_SIZE, MEASUREMENT_SIZE
     from sevhook.sev.secret import SECRET_AREA_SIZE, SecretTable, wrap_secret
-    from sevhook.sev.session import read_key_file, write_private_file
+    from sevhook.sev.session import read_key_file
 
     if (args.api_major is None) != (args.api_minor is None):
         raise UsageError("give both --api-major and --api-minor, or neither (API >= 0.17 form)")
@@ -314,7 +295,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "writes NAME_godh.b64 and NAME_session.b64 (for QEMU dh-cert-file/session-file or libvirt\n"
                 "<dhCert>/<session>) and NAME_tek.bin, NAME_tik.bin (keep them secret), all mode 0600")
     p.add_argument("--pdh", metavar="FILE", required=True, help="the platform's PDH certificate (raw or base64)")
-    p.add_argument("--policy", type=_number("--policy"), metavar="N", required=True, help="guest policy, decimal or 0x-hex")
+    p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy, decimal or 0x-hex")
     p.add_argument("--out-dir", metavar="DIR", required=True, help="existing directory for the four files")
     p.add_argument("--name", default=DEFAULT_SESSION_NAME, help=f"file-name prefix (default {DEFAULT_SESSION_NAME})")
     p.add_argument("--chain", metavar="FILE", help="certificate chain proving the PDH (as for verify-chain)")
@@ -333,10 +314,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "exit status: 0 match, 1 mismatch, 2 usage error")
     p.add_argument("--measurement", metavar="B64", required=True, help="base64 of measurement||mnonce (48 bytes)")
     p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
-    p.add_argument("--api-major", type=_number("--api-major"), metavar="N", required=True, help="platform API major")
-    p.add_argument("--api-minor", type=_number("--api-minor"), metavar="N", required=True, help="platform API minor")
-    p.add_argument("--build-id", type=_number("--build-id"), metavar="N", required=True, help="platform build id")
-    p.add_argument("--policy", type=_number("--policy"), metavar="N", required=True, help="guest policy")
+    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", required=True, help="platform API major")
+    p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", required=True, help="platform API minor")
+    p.add_argument("--build-id", type=number_type("--build-id"), metavar="N", required=True, help="platform build id")
+    p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--launch-digest", metavar="HEX", help="expected SHA-256 launch digest")
     source.add_argument("--firmware", metavar="FILE", help="OVMF image to compute the launch digest from")
@@ -360,9 +341,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disk-passphrase", metavar="FILE",
                    help="grub/LUKS passphrase (GUID 736869e5-...): one trailing newline dropped, NUL added")
     p.add_argument("--iv", metavar="B64", help="16-byte IV (default: random)")
-    p.add_argument("--api-major", type=_number("--api-major"), metavar="N", help="platform API major (with --api-minor; < 0.17 "
+    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", help="platform API major (with --api-minor; < 0.17 "
                    "selects the older MAC)")
-    p.add_argument("--api-minor", type=_number("--api-minor"), metavar="N", help="platform API minor")
+    p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", help="platform API minor")
     p.add_argument("--out-dir", metavar="DIR", help="also write header and payload files here (0600)")
     p.set_defaults(func=cmd_secret)
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from sevhook.commands.arguments import number_type
+
 PLATFORM_EPILOG = """examples:
   sevhook sim platform init --state-dir /tmp/sim --api-major 1 --api-minor 55 --build-id 21
   sevhook sim platform status --state-dir /tmp/sim
@@ -24,19 +26,6 @@ SECRETS_EPILOG = """examples:
 
 EXPORT_FILES = {"full": "full_chain.bin", "pdh": "pdh.cert", "chain": "cert_chain.bin", "ca": "ask_ark.cert",
                 "ark": "ark.cert"}
-
-
-def _number(what: str):  # noqa: ANN202 - an argparse type factory
-    def convert(text: str) -> int:
-        from sevhook.errors import SevhookError
-        from sevhook.sev.policy import parse_number
-
-        try:
-            return parse_number(text, what)
-        except SevhookError as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
-
-    return convert
 
 
 def _state_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +123,7 @@ def _layouts(platform) -> dict[str, bytes]:  # noqa: ANN001
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sevhook.errors import UsageError
-    from sevhook.sim.state import atomic_write
+    from sevhook.files import write_private_file
 
     platform = _loaded_platform(args)
     layouts = _layouts(platform)
@@ -145,12 +134,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(f"--out-dir {out_dir}: not an existing directory")
         for layout, name in EXPORT_FILES.items():
             path = out_dir / (name + (".b64" if args.base64 else ""))
-            atomic_write(path, encode(layouts[layout]), 0o644)
+            write_private_file(path, encode(layouts[layout]), mode=0o644)
             print(f"{path}: {layout}")
         return 0
     data = encode(layouts[args.format])
     if args.out and args.out != "-":
-        atomic_write(Path(args.out), data, 0o644)
+        write_private_file(args.out, data, mode=0o644)
         return 0
     if sys.stdout.isatty() and not args.base64:
         raise UsageError("refusing to write binary certificates to a terminal: use --out FILE, --out-dir DIR "
@@ -241,13 +230,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _state_dir_option(init)
-    init.add_argument("--api-major", type=_number("--api-major"), help="firmware API major (default 1)")
-    init.add_argument("--api-minor", type=_number("--api-minor"), help="firmware API minor (default 55)")
-    init.add_argument("--build-id", type=_number("--build-id"), help="firmware build id (default 21)")
+    init.add_argument("--api-major", type=number_type("--api-major"), help="firmware API major (default 1)")
+    init.add_argument("--api-minor", type=number_type("--api-minor"), help="firmware API minor (default 55)")
+    init.add_argument("--build-id", type=number_type("--build-id"), help="firmware build id (default 21)")
     init.add_argument("--es", action=argparse.BooleanOptionalAction, default=None,
                       help="SEV-ES support (default on)")
-    init.add_argument("--cbitpos", type=_number("--cbitpos"), help="C-bit position reported to QEMU (default 51)")
-    init.add_argument("--reduced-phys-bits", type=_number("--reduced-phys-bits"), help="default 1")
+    init.add_argument("--cbitpos", type=number_type("--cbitpos"), help="C-bit position reported to QEMU (default 51)")
+    init.add_argument("--reduced-phys-bits", type=number_type("--reduced-phys-bits"), help="default 1")
     init.add_argument("--rsa-bits", type=int, choices=(2048, 4096), default=4096,
                       help="ARK/ASK key size for a new platform (4096 as Rome and later; 2048 as Naples)")
     init.add_argument("--force", action="store_true", help="discard the existing keys and make a new platform")

@@ -6,11 +6,10 @@ libvirt writes the exact XML text to `<libDir>/dh_cert.base64` and `<libDir>/ses
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 from sevhook.errors import SevhookError, UsageError
+from sevhook.files import write_private_file
 from sevhook.qemu_cmdline.objects import LaunchFiles
 from sevhook.xml.models import Domain, LaunchSecurity, SevLaunchSecurity
 
@@ -49,31 +48,12 @@ def file_contents(model: LaunchSecurity, lib_dir: str) -> dict[str, str]:
     return files
 
 
-def write_private_file(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` as a 0600 file atomically: a temp file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o600)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_files(files: Mapping[str, str]) -> list[str]:
     """Write every launch file; an unwritable lib dir is one clear error, not a traceback."""
     written: list[str] = []
     for path, text in files.items():
         try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             write_private_file(path, text)
         except OSError as exc:
             raise SevhookError(f"cannot write {path}: {exc.strerror}; choose a writable --lib-dir DIR") from None

@@ -164,6 +164,10 @@ class KernelHashes:
             )
         return bytes(offset) + self.to_bytes() + bytes(PAGE_SIZE - offset - TABLE_SIZE)
 
+    def describe(self) -> str:
+        """The three hashes in table order, for --explain (shows which boot input differs)."""
+        return f"cmdline {self.cmdline.hex()}, initrd {self.initrd.hex()}, kernel {self.kernel.hex()}"
+
     @classmethod
     def parse(cls, data: bytes) -> KernelHashes:
         """Read a table (as dumped from guest memory) back; every GUID and length must be the expected one."""

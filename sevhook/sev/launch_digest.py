@@ -93,8 +93,7 @@ def hash_launch_inputs(
 
 def table_component(hashes: KernelHashes) -> Component:
     table = hashes.to_bytes()
-    detail = f"cmdline {hashes.cmdline.hex()}, initrd {hashes.initrd.hex()}, kernel {hashes.kernel.hex()}"
-    return Component("kernel-hashes table", len(table), hashlib.sha256(table).digest(), detail)
+    return Component("kernel-hashes table", len(table), hashlib.sha256(table).digest(), hashes.describe())
 
 
 def _finish(

@@ -11,10 +11,9 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from sevhook.errors import FormatError, VerificationError
 from sevhook.sev.measurement import MEASUREMENT_SIZE, uses_versioned_form
+from sevhook.sev.session import aes_ctr
 
 SECRET_TABLE_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
@@ -117,11 +116,6 @@ def secret_mac(
     return hmac.digest(tik, message, "sha256")
 
 
-def _aes_ctr(tek: bytes, iv: bytes, data: bytes) -> bytes:
-    context = Cipher(algorithms.AES(tek), modes.CTR(iv)).encryptor()
-    return context.update(data) + context.finalize()
-
-
 def wrap_secret(
     tek: bytes,
     tik: bytes,
@@ -138,7 +132,7 @@ def wrap_secret(
     iv = os.urandom(IV_SIZE) if iv is None else bytes(iv)
     if len(iv) != IV_SIZE:
         raise FormatError(f"IV: {len(iv)} bytes, expected {IV_SIZE}")
-    ciphertext = _aes_ctr(tek, iv, bytes(plaintext))
+    ciphertext = aes_ctr(tek, iv, bytes(plaintext))
     mac = secret_mac(tik, flags, iv, ciphertext, measurement32, api_major, api_minor)
     return PacketHeader(flags, iv, mac), ciphertext
 
@@ -164,4 +158,4 @@ def unwrap_secret(
         raise VerificationError(
             "secret packet MAC mismatch: wrong TIK, different launch measurement, or altered header/ciphertext"
         )
-    return _aes_ctr(tek, header.iv, bytes(ciphertext))
+    return aes_ctr(tek, header.iv, bytes(ciphertext))

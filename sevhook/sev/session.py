@@ -9,7 +9,6 @@ import base64
 import hmac
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sevhook.errors import FormatError, UsageError, VerificationError
+from sevhook.files import write_private_file
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sev.kdf import sev_kdf
 
@@ -73,8 +73,9 @@ def derive_kek_kik(shared_secret: bytes, nonce: bytes) -> tuple[bytes, bytes]:
     return sev_kdf(master, b"sev-kek", b"", 128), sev_kdf(master, b"sev-kik", b"", 128)
 
 
-def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
-    """AES-128-CTR with the full 16-byte IV as the initial counter block (encrypt = decrypt)."""
+def aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-128-CTR with the full 16-byte IV as the initial counter block (encrypt = decrypt): the SEV
+    transport cipher, for TEK||TIK under the KEK here and for LAUNCH_SECRET payloads under the TEK."""
     context = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     return context.update(data) + context.finalize()
 
@@ -89,7 +90,7 @@ def build_session_blob(
 ) -> SessionBlob:
     """The deterministic part of session creation, from the ECDH secret and all random inputs."""
     kek, kik = derive_kek_kik(shared_secret, nonce)
-    wrap_tk = _aes_ctr(kek, wrap_iv, tek + tik)
+    wrap_tk = aes_ctr(kek, wrap_iv, tek + tik)
     return SessionBlob(
         nonce=nonce,
         wrap_tk=wrap_tk,
@@ -97,23 +98,6 @@ def build_session_blob(
         wrap_mac=hmac.digest(kik, wrap_tk, "sha256"),
         policy_mac=policy_mac(tik, policy),
     )
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically (temp file in the same directory + rename)."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def read_key_file(path: Path | str, what: str) -> bytes:
@@ -220,7 +204,7 @@ def open_session(
         raise SessionRejected(
             SEV_RET_BAD_SIGNATURE, "session wrap MAC mismatch: the session was made for another PDH, or altered"
         )
-    keys = _aes_ctr(kek, blob.wrap_iv, blob.wrap_tk)
+    keys = aes_ctr(kek, blob.wrap_iv, blob.wrap_tk)
     tek, tik = keys[:KEY_SIZE], keys[KEY_SIZE:]
     if not hmac.compare_digest(hmac.digest(tik, policy_bytes, "sha256"), blob.policy_mac):
         raise SessionRejected(

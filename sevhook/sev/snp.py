@@ -132,7 +132,7 @@ def measure_snp(
         _add_section(digest, footer, section, hashes)
         detail = section.describe()
         if section.kind == SnpSectionType.SNP_KERNEL_HASHES and hashes is not None:
-            detail += f"; cmdline {hashes.cmdline.hex()}, initrd {hashes.initrd.hex()}, kernel {hashes.kernel.hex()}"
+            detail += f"; {hashes.describe()}"
         components.append(Component("SNP section", section.size, digest.value, f"chain after it; {detail}"))
     for name, page, detail in vmsa_pages(vmsas):
         digest.add_vmsa_page(page)

@@ -1,6 +1,7 @@
-"""Reading a real qemu-system-x86_64 command line: what a SEV launch needs from it (the sev-guest object
-in JSON or key=value syntax, firmware, direct-boot inputs, vCPUs, -S, every QMP monitor) and rewriting it
-for the real QEMU when the stand-in wraps one. Every option we do not need is kept and ignored."""
+"""Reading a real qemu-system-x86_64 command line: what a SEV launch needs from it (the sev-guest object,
+read by sevhook.qemu_cmdline in JSON or key=value syntax; firmware, direct-boot inputs, vCPUs, -S, every
+QMP monitor) and rewriting it for the real QEMU when the stand-in wraps one. Every other option is kept
+and ignored; an -object QEMU would refuse is refused."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import UsageError
+
+if TYPE_CHECKING:
+    from sevhook.qemu_cmdline.objects import ParsedObject, QemuObject
 
 # QEMU options that take no argument (qemu-options.hx); every other option takes exactly one.
 FLAG_OPTIONS = frozenset(
@@ -24,34 +29,45 @@ FLAG_OPTIONS = frozenset(
 )
 SIM_FLAGS = frozenset({"sim-standalone"})
 SIM_OPTIONS = frozenset({"sim-qemu-version", "sim-state-dir", "sim-qemu-binary"})
+# Options whose argument is kept exactly as given, and the QemuInvocation field that keeps it.
+VERBATIM_OPTIONS = {
+    "sim-qemu-version": "qemu_version", "sim-state-dir": "state_dir", "sim-qemu-binary": "qemu_binary",
+    "uuid": "uuid", "bios": "firmware", "kernel": "kernel", "initrd": "initrd", "append": "append",
+    "pidfile": "pidfile",
+}
 DEFAULT_BIOS = Path("/usr/share/qemu/bios-256k.bin")
 MIB = 1 << 20
 _SIZE_SUFFIX = {"": MIB, "b": 1, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_keyval(text: str, implied_key: str | None = None, what: str = "option") -> dict[str, str]:
-    """QEMU's `key=value,...` syntax: `,,` is a literal comma, a bare first word is the implied key,
-    other bare words are booleans (`server` = on, `nowait` = wait off)."""
+def split_keyval_parts(text: str) -> list[str]:
+    """Split on the commas that are not doubled (QEMU's `,,` escape), each part's text kept verbatim."""
     parts: list[str] = []
     current = ""
     index = 0
     while index < len(text):
-        char = text[index]
-        if char == ",":
+        if text[index] == ",":
             if text[index + 1 : index + 2] == ",":
-                current += ","
+                current += ",,"
                 index += 2
                 continue
             parts.append(current)
             current = ""
         else:
-            current += char
+            current += text[index]
         index += 1
     parts.append(current)
+    return parts
+
+
+def parse_keyval(text: str, implied_key: str | None = None, what: str = "option") -> dict[str, str]:
+    """QEMU's `key=value,...` syntax: `,,` is a literal comma, a bare first word is the implied key,
+    other bare words are booleans (`server` = on, `nowait` = wait off)."""
     result: dict[str, str] = {}
-    for position, part in enumerate(parts):
+    for position, part in enumerate(split_keyval_parts(text)):
         if not part:
             continue
+        part = part.replace(",,", ",")
         key, sep, value = part.partition("=")
         if not sep:
             if position == 0 and implied_key:
@@ -87,18 +103,17 @@ def parse_int(value: object, what: str) -> int:
         raise UsageError(f"{what}: {value!r} is not a number") from None
 
 
-def parse_object_value(text: str, option: str) -> dict[str, object]:
-    """A -object/-blockdev argument in JSON (libvirt with QEMU >= 6.0) or key=value syntax."""
+def _blockdev_properties(text: str) -> dict[str, object]:
+    """A -blockdev argument in JSON (libvirt with QEMU >= 6.0) or key=value syntax."""
     if text.lstrip().startswith("{"):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"-{option} {text[:60]!r}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UsageError(f"-blockdev {text[:60]!r}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(value, dict):
-            raise UsageError(f"-{option}: the JSON argument must be an object")
+            raise UsageError("-blockdev: the JSON argument must be an object")
         return value
-    implied = "qom-type" if option == "object" else None
-    return dict(parse_keyval(text, implied, f"-{option}"))
+    return dict(parse_keyval(text, None, "-blockdev"))
 
 
 @dataclass(frozen=True)
@@ -115,26 +130,26 @@ class SevGuestObject:
     handle: int = 0
 
     @classmethod
-    def from_properties(cls, props: dict[str, object]) -> SevGuestObject:
-        what = f"-object sev-guest,id={props.get('id')}"
-        if "id" not in props:
-            raise UsageError("-object sev-guest: the 'id' property is missing (QEMU: Parameter 'id' is missing)")
+    def from_object(cls, obj: QemuObject) -> SevGuestObject:
+        """From sevhook.qemu_cmdline's reading, whose values are already typed and range-checked as
+        QEMU checks them (either -object syntax)."""
+        values = dict(obj.props)
 
         def number(key: str) -> int | None:
-            return parse_int(props[key], f"{what}: {key}") if key in props else None
+            return int(values[key]) if key in values else None
 
-        policy = number("policy")
-        if policy is not None and not 0 <= policy <= 0xFFFF_FFFF:
-            raise UsageError(f"{what}: policy {policy:#x} does not fit in 32 bits")
+        def text(key: str) -> str | None:
+            return str(values[key]) if key in values else None
+
         return cls(
-            object_id=str(props["id"]),
-            policy=0x1 if policy is None else policy,
+            object_id=obj.id,
+            policy=int(values.get("policy", 0x1)),
             cbitpos=number("cbitpos"),
             reduced_phys_bits=number("reduced-phys-bits"),
-            dh_cert_file=str(props["dh-cert-file"]) if "dh-cert-file" in props else None,
-            session_file=str(props["session-file"]) if "session-file" in props else None,
-            kernel_hashes=parse_bool(props["kernel-hashes"], f"{what}: kernel-hashes") if "kernel-hashes" in props else False,
-            handle=number("handle") or 0,
+            dh_cert_file=text("dh-cert-file"),
+            session_file=text("session-file"),
+            kernel_hashes=bool(values.get("kernel-hashes", False)),
+            handle=int(values.get("handle", 0)),
         )
 
 
@@ -247,7 +262,7 @@ def _check_server(opts: dict[str, str], what: str) -> None:
 def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
     """Read a QEMU command line (without the program name)."""
     inv = QemuInvocation(argv=list(argv))
-    objects: dict[str, tuple[int, dict[str, object]]] = {}
+    objects: list[tuple[int, str]] = []
     blockdevs: dict[str, dict[str, object]] = {}
     chardevs: dict[str, tuple[int, dict[str, str]]] = {}
     control_chardevs: dict[str, bool] = {}
@@ -259,50 +274,33 @@ def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
             inv.wants_help = True
         elif name == "sim-standalone":
             inv.standalone = True
-        elif name == "sim-qemu-version":
-            inv.qemu_version = value
-        elif name == "sim-state-dir":
-            inv.state_dir = value
-        elif name == "sim-qemu-binary":
-            inv.qemu_binary = value
         elif value is None:
             if name == "S":
                 inv.start_paused = True
             elif name == "daemonize":
                 inv.daemonize = True
+        elif name in VERBATIM_OPTIONS:
+            setattr(inv, VERBATIM_OPTIONS[name], value)
         elif name == "name":
             inv.name = parse_keyval(value, "guest").get("guest")
-        elif name == "uuid":
-            inv.uuid = value
         elif name == "object":
-            props = parse_object_value(value, "object")
-            objects[str(props.get("id", f"#{index}"))] = (index, props)
+            objects.append((index, value))
         elif name == "blockdev":
-            props = parse_object_value(value, "blockdev")
+            props = _blockdev_properties(value)
             if "node-name" in props:
                 blockdevs[str(props["node-name"])] = props
         elif name == "machine" or name == "M":
             machine.update(parse_keyval(value, "type", "-machine"))
-        elif name == "bios":
-            inv.firmware = value
         elif name == "drive":
             opts = parse_keyval(value, None, "-drive")
             if opts.get("if") == "pflash" and "file" in opts:
                 pflash_drives.append((parse_int(opts.get("unit", len(pflash_drives)), "-drive unit"), opts["file"]))
-        elif name == "kernel":
-            inv.kernel = value
-        elif name == "initrd":
-            inv.initrd = value
-        elif name == "append":
-            inv.append = value
         elif name == "smp":
             smp.update(parse_keyval(value, "cpus", "-smp"))
         elif name == "m":
             inv.ram_bytes = _memory_size(parse_keyval(value, "size", "-m").get("size", "128"))
         elif name == "cpu":
             inv.cpu_model = parse_keyval(value, "model", "-cpu").get("model")
-        elif name == "pidfile":
-            inv.pidfile = value
         elif name in ("qmp", "qmp-pretty"):
             spec = _monitor_from_chardev_spec(value, index)
             if spec is not None:
@@ -324,24 +322,45 @@ def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
     return inv
 
 
-def _resolve_sev(inv: QemuInvocation, objects: dict[str, tuple[int, dict[str, object]]]) -> None:
-    sev_objects = [(i, p) for i, p in objects.values() if p.get("qom-type") in ("sev-guest", "sev-snp-guest")]
-    for index, props in sev_objects:
-        if props.get("qom-type") == "sev-snp-guest":
+def _resolve_sev(inv: QemuInvocation, objects: list[tuple[int, str]]) -> None:
+    """Find the sev-guest object the machine points at; sevhook.qemu_cmdline reads -object in both
+    syntaxes (imported only when there is an -object: libvirt's probes have none)."""
+    cgs = inv.confidential_guest_support
+    if not objects:
+        if cgs is not None:
+            raise UsageError(f"-machine confidential-guest-support={cgs}: no -object with id {cgs!r}")
+        return
+    from sevhook.qemu_cmdline.argv import OptionArg, object_id_of, parse_object_arg
+    from sevhook.qemu_cmdline.objects import SEV_GUEST, SEV_SNP_GUEST
+
+    ids: set[str | None] = set()
+    sev_guests: list[tuple[int, ParsedObject]] = []
+    for index, text in objects:
+        arg = OptionArg(index + 1, "-object", text)  # +1: messages count the program as argv[0]
+        found = parse_object_arg(arg)
+        ids.add(object_id_of(arg))
+        if found is None:
+            continue
+        parsed = found[1]
+        if parsed.obj.qom_type == SEV_SNP_GUEST:
             raise UsageError(
                 "-object sev-snp-guest: the simulated platform implements SEV and SEV-ES only (no SNP); "
                 "use <launchSecurity type='sev'>"
             )
-    cgs = inv.confidential_guest_support
-    if cgs is not None:
-        match = [(i, p) for i, p in sev_objects if str(p.get("id")) == cgs]
-        if not match:
-            # a confidential-guest-support object of another kind (or none): QEMU would fail to find it
-            if cgs not in objects:
-                raise UsageError(f"-machine confidential-guest-support={cgs}: no -object with id {cgs!r}")
-            return
-        inv.sev_object_index, props = match[0]
-        inv.sev = SevGuestObject.from_properties(props)
+        if parsed.obj.qom_type == SEV_GUEST:
+            sev_guests.append((index, parsed))
+    if cgs is None:
+        return
+    match = [(index, parsed) for index, parsed in sev_guests if parsed.obj.id == cgs]
+    if not match:
+        # a confidential-guest-support object of another kind (or none): QEMU would fail to find it
+        if cgs not in ids:
+            raise UsageError(f"-machine confidential-guest-support={cgs}: no -object with id {cgs!r}")
+        return
+    inv.sev_object_index, parsed = match[-1]
+    if parsed.problems:
+        raise UsageError(f"-object sev-guest,id={cgs}: {'; '.join(parsed.problems)} (QEMU refuses it)")
+    inv.sev = SevGuestObject.from_object(parsed.obj)
 
 
 def _blockdev_filename(node: object, blockdevs: dict[str, dict[str, object]], depth: int = 0) -> str | None:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import UsageError
 from sevhook.sim.argv import (
@@ -27,10 +28,11 @@ from sevhook.sim.argv import (
     SIM_OPTIONS,
     MonitorSpec,
     QemuInvocation,
-    split_options,
     inherited_fds,
+    split_keyval_parts,
+    split_options,
 )
-from sevhook.sim.platform import SoftwarePlatform, load_or_init
+from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.qemu_sev import LaunchFailed, SevLaunch, SevMonitor, qemu_version_tuple
 from sevhook.sim.qmp_protocol import (
     SCHEMAS,
@@ -42,8 +44,10 @@ from sevhook.sim.qmp_protocol import (
     error_reply,
     reply,
 )
-from sevhook.sim.qmp_server import Connection, MonitorListener, listening_socket
-from sevhook.sim.state import StateDir
+from sevhook.sim.qmp_server import Connection, MonitorListener
+
+if TYPE_CHECKING:
+    from sevhook.sim.qemu_main import Daemon
 
 PROG = "qemu-system-x86_64"
 REAL_QEMU_ENV = "SEVHOOK_SIM_QEMU"
@@ -63,29 +67,9 @@ def real_qemu_binary(inv: QemuInvocation) -> str:
     return binary
 
 
-def _split_keyval_parts(text: str) -> list[str]:
-    """Split on commas that are not doubled (QEMU's `,,` escape), keeping each part's text verbatim."""
-    parts: list[str] = []
-    current = ""
-    index = 0
-    while index < len(text):
-        if text[index] == ",":
-            if text[index + 1 : index + 2] == ",":
-                current += ",,"
-                index += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += text[index]
-        index += 1
-    parts.append(current)
-    return parts
-
-
 def _rewrite_machine(value: str, sev_id: str | None, force_tcg: bool) -> str:
     kept = []
-    for position, part in enumerate(_split_keyval_parts(value)):
+    for position, part in enumerate(split_keyval_parts(value)):
         key = part.partition("=")[0] if position or "=" in part else "type"
         if sev_id is not None and key in ("confidential-guest-support", "memory-encryption"):
             continue
@@ -127,11 +111,11 @@ def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str]) -> list[str
         elif name == "accel":
             saw_accel = True
             if force_tcg:
-                parts = _split_keyval_parts(value)
+                parts = split_keyval_parts(value)
                 parts[0] = "tcg" if "=" not in parts[0] else "accel=tcg"
                 value = ",".join(part for part in parts if not part.startswith("kernel-irqchip"))
         elif name == "cpu" and force_tcg:
-            parts = _split_keyval_parts(value)
+            parts = split_keyval_parts(value)
             if parts[0] == "host":
                 parts[0] = "max"
                 value = ",".join(part for part in parts if not part.startswith(("migratable", "host-")))
@@ -413,45 +397,30 @@ def _runtime_dir() -> str | None:
 
 def run_wrapped(inv: QemuInvocation) -> int:
     """The wrapper's life: launch (SEV), fork if -daemonize, start QEMU, serve until it exits."""
-    from sevhook.sim.qemu_main import Daemon
+    from sevhook.sim.qemu_main import run_launched
 
     binary = real_qemu_binary(inv)
     if inv.wants_help:
         stripped = rewrite_argv(inv, {})
         os.execv(binary, [binary, *stripped])
-    platform = load_or_init(StateDir(inv.state_dir))
-    launch = None
-    if inv.sev is not None:
-        try:
-            launch = SevLaunch.run(platform, inv)
-        except LaunchFailed as exc:
-            for line in exc.lines:
-                print(f"{PROG}: {line}", file=sys.stderr)
-            return 1
-    try:
-        sockets = [listening_socket(spec) for spec in inv.monitors]
-        daemon = Daemon(inv)
-        daemon.detach()
-        if launch is not None:
-            launch.guest.recorder.update(pid=os.getpid())
-        version = qemu_version_tuple(inv.qemu_version)
-        wrapper = QemuWrapper(inv, platform, launch, version)
+
+    def serve(platform: SoftwarePlatform, launch: SevLaunch | None, sockets: list[socket.socket],
+              daemon: Daemon) -> int:
+        wrapper = QemuWrapper(inv, platform, launch, qemu_version_tuple(inv.qemu_version))
         try:
             return asyncio.run(_run(wrapper, binary, daemon, sockets))
         finally:
             wrapper.cleanup()
-            daemon.cleanup()
-    finally:
-        if launch is not None:
-            launch.guest.end()
+
+    return run_launched(inv, serve)
 
 
-async def _run(wrapper: QemuWrapper, binary: str, daemon: object, sockets: list[socket.socket]) -> int:
+async def _run(wrapper: QemuWrapper, binary: str, daemon: Daemon, sockets: list[socket.socket]) -> int:
     await wrapper.start(binary)
     if not await wrapper.wait_monitors_ready():
         assert wrapper.process is not None
         wrapper._kill(signal.SIGKILL)
         code = await wrapper.process.wait()
         return code if code > 0 else 1
-    daemon.ready()  # type: ignore[attr-defined]
+    daemon.ready()
     return await wrapper.serve(sockets)

@@ -12,11 +12,18 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import SevhookError
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
+
+if TYPE_CHECKING:
+    import socket
+
+    from sevhook.sim.platform import SoftwarePlatform
+    from sevhook.sim.qemu_sev import SevLaunch
 
 PROG = "qemu-system-x86_64"
 MODE_ENV = "SEVHOOK_SIM_MODE"
@@ -71,9 +78,9 @@ class Daemon:
 
     def ready(self) -> None:
         if self.pidfile is not None:
-            from sevhook.sim.state import atomic_write
+            from sevhook.files import write_private_file
 
-            atomic_write(self.pidfile, f"{os.getpid()}\n".encode(), 0o644)
+            write_private_file(self.pidfile, f"{os.getpid()}\n", mode=0o644)
         if self._ready_fd is not None:
             os.write(self._ready_fd, b"1")
             os.close(self._ready_fd)
@@ -90,17 +97,18 @@ class Daemon:
                     self.pidfile.unlink()
 
 
-def run_standalone(inv: QemuInvocation) -> int:
+def run_launched(
+    inv: QemuInvocation,
+    serve: Callable[[SoftwarePlatform, SevLaunch | None, list[socket.socket], Daemon], int],
+) -> int:
+    """What both modes share: the SEV launch happens before any monitor listens (a refused launch is
+    QEMU's exit 1), then the monitor sockets are bound, -daemonize forks, and `serve` runs; the
+    pidfile and the guest's record are cleaned up however it ends."""
     from sevhook.sim.platform import load_or_init
-    from sevhook.sim.qemu_sev import LaunchFailed, SevLaunch, qemu_version_tuple
+    from sevhook.sim.qemu_sev import LaunchFailed, SevLaunch
     from sevhook.sim.qmp_server import listening_socket
-    from sevhook.sim.standalone import StandaloneQemu
     from sevhook.sim.state import StateDir
 
-    version = qemu_version_tuple(inv.qemu_version)
-    if inv.wants_help:
-        print(f"QEMU emulator version {'.'.join(map(str, version))} (sevhook-sim standalone)")
-        return 0
     platform = load_or_init(StateDir(inv.state_dir))
     launch = None
     if inv.sev is not None:
@@ -116,15 +124,30 @@ def run_standalone(inv: QemuInvocation) -> int:
         daemon.detach()
         if launch is not None:
             launch.guest.recorder.update(pid=os.getpid())
-        daemon.ready()
-        app = StandaloneQemu(inv, platform, launch, version)
         try:
-            return asyncio.run(app.serve(sockets))
+            return serve(platform, launch, sockets, daemon)
         finally:
             daemon.cleanup()
     finally:
         if launch is not None:
             launch.guest.end()
+
+
+def run_standalone(inv: QemuInvocation) -> int:
+    from sevhook.sim.qemu_sev import qemu_version_tuple
+    from sevhook.sim.standalone import StandaloneQemu
+
+    version = qemu_version_tuple(inv.qemu_version)
+    if inv.wants_help:
+        print(f"QEMU emulator version {'.'.join(map(str, version))} (sevhook-sim standalone)")
+        return 0
+
+    def serve(platform: SoftwarePlatform, launch: SevLaunch | None, sockets: list[socket.socket],
+              daemon: Daemon) -> int:
+        daemon.ready()
+        return asyncio.run(StandaloneQemu(inv, platform, launch, version).serve(sockets))
+
+    return run_launched(inv, serve)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from sevhook.errors import SevhookError, UsageError
+from sevhook.files import write_private_file
 
 DEFAULT_STATE_DIR = Path("/var/lib/sevhook/sim")
 STATE_DIR_ENV = "SEVHOOK_SIM_DIR"
@@ -74,7 +74,7 @@ class StateDir:
 
     def write_private(self, name: str, data: bytes) -> Path:
         """Atomic write, mode 0600."""
-        return atomic_write(self.file(name), data)
+        return write_private_file(self.file(name), data)
 
     def read_json(self, name: str) -> dict:
         text = self.read_bytes(name)
@@ -99,20 +99,3 @@ class StateDir:
             yield
         finally:
             os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    """Write beside the target, fsync, then rename over it: readers never see half a file."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    return path

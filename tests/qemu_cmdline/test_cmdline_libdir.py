@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sevhook.errors import SevhookError, UsageError
-from sevhook.qemu_cmdline.libdir import file_contents, short_name, write_files, write_private_file
+from sevhook.files import write_private_file
+from sevhook.qemu_cmdline.libdir import file_contents, short_name, write_files
 from sevhook.sev.policy import SevPolicy
 from sevhook.xml.models import S390PvLaunchSecurity, SevLaunchSecurity
 
