@@ -189,7 +189,7 @@ class Demo:
 
     def _setup_broker(self, broker: LocalBroker, firmware: Path) -> str:
         from sevhook.broker.service import GuestSpec  # noqa: PLC0415
-        from sevhook.broker.vault import write_private_file  # noqa: PLC0415
+        from sevhook.files import write_private_file  # noqa: PLC0415
         from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
         from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
 

@@ -7,13 +7,12 @@ That keeps the hook's cost close to a bare interpreter start for every other gue
 
 from __future__ import annotations
 
-import os
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from sevhook.errors import UsageError
+from sevhook.files import write_private_file
 from sevhook.hook.steplog import LOG_ENV
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
@@ -66,15 +65,7 @@ def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, log_target: str | None = None) 
         raise UsageError(f"{target} exists and was not written by sevhook; move it away first")
     try:
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{SCRIPT_NAME}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(render_script(log_target=log_target))
-            os.chmod(temporary, 0o755)
-            os.replace(temporary, target)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_private_file(target, render_script(log_target=log_target), mode=0o755)
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; run as root or pass --hooks-dir") from None
     return target

@@ -205,18 +205,9 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    import os  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    from sevhook.files import write_private_file  # noqa: PLC0415
 
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_private_file(path, data, mode=0o644)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write the prepared domain ({exc.strerror or exc})") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,15 +165,10 @@ def start_marker(domain_name: str, directory: Path = RUNTIME_DIR) -> Iterator[Pa
     path = start_marker_path(domain_name, directory)
     marker = StartMarker.of_this_process()
     try:
+        from sevhook.files import write_private_file  # noqa: PLC0415 - only sevhook start writes markers
+
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(marker.to_bytes())
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_private_file(path, marker.to_bytes())
     except OSError as exc:
         raise SevhookError(f"cannot write {path} ({exc.strerror or exc}), the marker that tells sevhook's libvirt "
                            "hook this start is attested by sevhook start: run sevhook start as root") from None
