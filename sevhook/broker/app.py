@@ -119,6 +119,12 @@ class HostTokenBody(BaseModel):
     token: str = Field(description="the host's bearer token; shown once, stored only as a hash")
 
 
+class HostBody(BaseModel):
+    name: str
+    revoked: bool
+    created_at: float
+
+
 class SecretEntry(BaseModel):
     guid: uuid.UUID
     value: str = Field(max_length=8192, description="base64 secret value")
@@ -381,6 +387,17 @@ def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> 
     @app.post("/admin/hosts", tags=["admin"], dependencies=admin, response_model=HostTokenBody, responses=ERRORS)
     def add_host(body: HostRequest) -> dict[str, str]:
         return {"name": body.name, "token": broker.add_host(body.name)}
+
+    @app.get("/admin/hosts", tags=["admin"], dependencies=admin, response_model=list[HostBody], responses=ERRORS)
+    def list_hosts() -> list[dict[str, Any]]:
+        return broker.list_hosts()
+
+    @app.post("/admin/hosts/{name}/revoke", tags=["admin"], dependencies=admin, response_model=HostBody,
+              responses=ERRORS)
+    def revoke_host(name: Annotated[str, Path(max_length=64, pattern=HOST_PATTERN)]) -> dict[str, Any]:
+        """Refuse the host's token from now on (403 host-revoked); the name stays taken."""
+        broker.revoke_host(name)
+        return broker.host(name)
 
     @app.post("/admin/guests", tags=["admin"], dependencies=admin, response_model=GuestBody, responses=ERRORS)
     def add_guest(body: GuestRequest) -> dict[str, Any]:

@@ -6,6 +6,7 @@ broker replicas on one PostgreSQL cannot release the same launch twice."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sqlalchemy import (
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    make_url,
 )
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -126,6 +128,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
+_PASSWORD_IN_URL = re.compile(r"(?P<user>://[^:/@]*):.*@")  # greedy: a password may hold '@'
+
+
+def shown_url(url: str) -> str:
+    """The URL fit for a message or log: any password masked, even in a URL SQLAlchemy cannot parse."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return _PASSWORD_IN_URL.sub(r"\g<user>:***@", url)
+
+
 def make_engine(url: str) -> Engine:
     """One code path for both backends; the URL decides (sqlite:///FILE or postgresql+psycopg://...)."""
     try:
@@ -135,9 +148,13 @@ def make_engine(url: str) -> Engine:
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
         else:
-            raise UsageError(f"--db {url!r}: use sqlite:///FILE or postgresql+psycopg://USER@HOST:PORT/DB")
-    except (ArgumentError, NoSuchModuleError) as exc:
-        raise UsageError(f"--db {url!r}: {exc}") from None
+            raise UsageError(f"--db {shown_url(url)!r}: use sqlite:///FILE or postgresql+psycopg://USER@HOST:PORT/DB")
+    except NoSuchModuleError:
+        raise UsageError(f"--db {shown_url(url)!r}: unknown database driver; use sqlite:///FILE or "
+                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
+    except (ArgumentError, ValueError):  # their messages may quote the whole URL, password included
+        raise UsageError(f"--db {shown_url(url)!r}: not a valid database URL; use sqlite:///FILE or "
+                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
     return engine
 
 

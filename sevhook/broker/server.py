@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sevhook.broker import db
 from sevhook.broker.app import Limits, create_app, wrap_limits
 from sevhook.broker.service import DEFAULT_LAUNCH_TTL, Broker
-from sevhook.broker.vault import Vault, admin_token_digest, init_keys
+from sevhook.broker.vault import STORAGE_KEY_FILE, Vault, admin_token_digest, init_keys
 from sevhook.errors import UsageError
 
 log = logging.getLogger("sevhook.broker")
@@ -64,6 +65,7 @@ class ServeOptions:
     limits: Limits = Limits()
     launch_ttl: float = DEFAULT_LAUNCH_TTL
     access_log: bool = False
+    init: bool = False  # create missing keys (as `sevhook broker init`) instead of refusing the data directory
 
 
 def _check_tls(options: ServeOptions) -> None:
@@ -72,13 +74,31 @@ def _check_tls(options: ServeOptions) -> None:
     if options.tls_cert is None or options.tls_key is None:
         return
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for flag, path in (("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key)):
+        if not path.is_file():
+            raise UsageError(f"{flag} {path}: TLS file not found; give the path of an existing PEM file")
     try:
         context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
-    except FileNotFoundError as exc:
-        raise UsageError(f"{exc.filename}: TLS file not found") from None
     except (ssl.SSLError, OSError) as exc:
         raise UsageError(f"--tls-cert {options.tls_cert} / --tls-key {options.tls_key}: not a matching PEM "
                          f"certificate and key ({exc.__class__.__name__})") from None
+
+
+def _bind(host: str, port: int, listen: str) -> socket.socket:
+    """The listening socket, bound here so the log names the real port (also for :0) and a taken
+    address is one clear error."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:  # socket.gaierror included
+        raise UsageError(f"--listen {listen}: cannot resolve {host!r} ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--listen {listen}: cannot bind ({exc.strerror}); pick a free port") from None
+    return sock
 
 
 def serve(options: ServeOptions) -> int:
@@ -86,7 +106,11 @@ def serve(options: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = parse_listen(options.listen)
     _check_tls(options)
-    broker = open_broker(options.data_dir, options.db_url, options.launch_ttl, create_keys=True)
+    if not options.init and not (options.data_dir / STORAGE_KEY_FILE).exists():
+        raise UsageError(f"{options.data_dir}: not an initialised broker data directory (no {STORAGE_KEY_FILE}); "
+                         f"run `sevhook broker init --data-dir {options.data_dir}` first, or serve with --init "
+                         "to create it")
+    broker = open_broker(options.data_dir, options.db_url, options.launch_ttl, create_keys=options.init)
     app = wrap_limits(create_app(broker, admin_token_digest(options.data_dir), options.limits), options.limits)
     config = uvicorn.Config(
         app,
@@ -100,9 +124,15 @@ def serve(options: ServeOptions) -> int:
         timeout_keep_alive=30,
         lifespan="off",
     )
+    sock = _bind(host, port, options.listen)
+    bound_port = sock.getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
-    log.info("broker on %s://%s:%d, database %s, data %s", scheme, host, port,
+    shown_host = f"[{host}]" if ":" in host else host
+    log.info("broker on %s://%s:%d, database %s, data %s", scheme, shown_host, bound_port,
              broker.engine.url.render_as_string(hide_password=True), options.data_dir)
-    uvicorn.Server(config).run()
-    broker.engine.dispose()
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        broker.engine.dispose()
     return 0

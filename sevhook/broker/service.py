@@ -54,12 +54,14 @@ REASONS = {
     "firmware-too-old": "the platform's SEV API version is below the guest's minimum",
     "build-too-old": "the platform's firmware build is below the guest's minimum",
     "unknown-guest": "no such guest is registered",
+    "unknown-host": "no such host is registered (admin API)",
     "guest-revoked": "the guest has been revoked by its owner",
     "chain-invalid": "the platform certificate chain does not verify",
     "unknown-root": "the chain does not lead to a registered root (ARK)",
     "unknown-launch": "no such launch for this host",
     "token-missing": "no bearer token was sent",
     "token-invalid": "the bearer token is not a registered host's (or the admin) token",
+    "host-revoked": "the host's token has been revoked by the owner (sevhook broker revoke-host)",
     "bad-request": "malformed base64, wrong sizes or fields out of range",
     "body-too-large": "the request body exceeds the broker's limit",
     "rate-limited": "too many requests for this token; retry after the Retry-After delay",
@@ -172,8 +174,7 @@ def _policy_refusal(policy: int, allowed: Iterable[int]) -> Refusal | None:
 # Statements built once; each call only binds parameters (the hot paths run thousands of times a second).
 _AUDIT_INSERT = insert(db.audit)
 _LAUNCH_INSERT = insert(db.launches)
-_HOST_BY_TOKEN = select(db.hosts.c.name).where(db.hosts.c.token_sha256 == bindparam("digest"),
-                                               db.hosts.c.revoked.is_(False))
+_HOST_BY_TOKEN = select(db.hosts.c.name, db.hosts.c.revoked).where(db.hosts.c.token_sha256 == bindparam("digest"))
 _GUEST_BY_ID = select(db.guests).where(db.guests.c.id == bindparam("guest_id"))
 _LAUNCH_BY_ID = select(db.launches).where(db.launches.c.id == bindparam("launch_id"))
 _LAUNCH_WITH_RULES = (
@@ -294,28 +295,60 @@ class Broker:
         return [{"name": r.name, "test": r.test, "ark_key_id": AmdCertificate.parse(r.ark).key_id.hex()}
                 for r in rows]
 
-    def add_host(self, name: str) -> str:
-        """Register a host; returns its bearer token (shown once, stored only as a hash)."""
+    def add_host(self, name: str, token: str | None = None) -> str:
+        """Register a host; returns its bearer token (shown once, stored only as a hash). A caller
+        that must save the token before registering it (the CLI's --token-file) makes it with
+        `vault.new_token()` and passes it in."""
         if not NAME_PATTERN.match(name):
             raise UsageError(f"host name {name!r}: use 1-64 letters, digits and . _ : @ -")
-        token = new_token()
+        token = token or new_token()
         try:
             with self._write() as conn:
                 conn.execute(insert(db.hosts).values(name=name, token_sha256=token_digest(token), revoked=False,
                                                      created_at=time.time()))
                 self._audit(conn, "admin", "add-host", "allow", "ok", detail=f"host {name}")
         except IntegrityError:
-            raise UsageError(f"host {name!r} is already registered") from None
+            raise UsageError(f"host {name!r} is already registered; host names are never reused, even after "
+                             "revoke-host (the audit log names them): pick another name") from None
         return token
 
+    def list_hosts(self) -> list[dict[str, Any]]:
+        """Registered hosts, revoked ones included (never their tokens: only hashes are stored)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.hosts.c.name, db.hosts.c.revoked, db.hosts.c.created_at)
+                                .order_by(db.hosts.c.name)).all()
+        return [{"name": r.name, "revoked": r.revoked, "created_at": r.created_at} for r in rows]
+
+    def host(self, name: str) -> dict[str, Any]:
+        for entry in self.list_hosts():
+            if entry["name"] == name:
+                return entry
+        raise Refusal("unknown-host", f"host {name!r} is not registered", status=404)
+
+    def revoke_host(self, name: str) -> None:
+        """Refuse the host's token from now on (other replicas: within their CACHE_SECONDS)."""
+        with self._write() as conn:
+            result = conn.execute(update(db.hosts).where(db.hosts.c.name == name).values(revoked=True))
+            if result.rowcount != 1:
+                raise Refusal("unknown-host", f"host {name!r} is not registered", status=404)
+            self._audit(conn, "admin", "revoke-host", "allow", "ok", detail=f"host {name}")
+        self._hosts = _Expiring()  # this replica refuses the token at once
+
     def host_for_token(self, token: str) -> str | None:
+        """The host a token belongs to; None for an unknown token; Refusal('host-revoked') for a
+        revoked host's token, so the host learns why rather than suspecting a typo."""
         digest = token_digest(token)
         name = self._hosts.get(digest)
         if name is None:
             with self.engine.connect() as conn:
-                name = conn.execute(_HOST_BY_TOKEN, {"digest": digest}).scalar()
-            if name is not None:  # only known tokens are cached: random tokens cannot fill the cache
-                self._hosts.put(digest, name)
+                row = conn.execute(_HOST_BY_TOKEN, {"digest": digest}).first()
+            if row is None:
+                return None
+            if row.revoked:
+                raise self._deny(Refusal("host-revoked", f"host {row.name!r} has been revoked by the broker's owner; "
+                                         "ask the owner for a new host registration"), row.name, "authenticate")
+            name = row.name
+            self._hosts.put(digest, name)  # only known tokens are cached: random tokens cannot fill the cache
         return name
 
     def add_guest(self, spec: GuestSpec) -> dict[str, Any]:
@@ -340,7 +373,8 @@ class Broker:
                             detail=f"{len(spec.digests)} digest(s), policies "
                                    f"{[hex(p) for p in spec.policies]}, {len(spec.secrets)} secret(s)")
         except IntegrityError:
-            raise UsageError(f"guest {spec.guest_id!r} is already registered; revoke it or pick another id") from None
+            raise UsageError(f"guest {spec.guest_id!r} is already registered; guest ids are never reused, even after "
+                             "revoke-guest (the audit log names them): pick another id") from None
         return self.guest(spec.guest_id)
 
     def guest(self, guest_id: str) -> dict[str, Any]:

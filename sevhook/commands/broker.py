@@ -17,6 +17,8 @@ EPILOG = """examples:
   sevhook broker init --data-dir /var/lib/sevhook-broker
   sevhook broker add-root milan --ca ask_ark_milan.cert
   sevhook broker add-host host1 --token-file host1.token
+  sevhook broker list-hosts
+  sevhook broker revoke-host host1
   sevhook broker add-guest web1 --firmware OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\
       --cmdline 'console=ttyS0' --policy 0x1 --disk-passphrase luks.pass
   sevhook broker serve --listen 0.0.0.0:8700 --tls-cert broker.crt --tls-key broker.key
@@ -62,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--launch-ttl", type=float, default=3600.0, metavar="SECONDS",
                        help="how long a launch may wait for its attestation (default 3600)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (no bodies)")
+    serve.add_argument("--init", action="store_true",
+                       help="create the data directory, storage key and admin token when missing (as `sevhook "
+                            "broker init`); without it a data directory that was never initialised is refused")
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
@@ -85,6 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     host.add_argument("name")
     host.add_argument("--token-file", type=Path, required=True, help="where to write the host's token")
     host.set_defaults(func=run_add_host)
+
+    hosts = _sub(sub, "list-hosts", "list registered hosts and whether they are revoked (never their tokens)",
+                 "sevhook broker list-hosts --json")
+    hosts.add_argument("--json", action="store_true")
+    hosts.set_defaults(func=run_list_hosts)
+
+    revoke_host = _sub(sub, "revoke-host", "revoke a host: its token is refused from now on (403 host-revoked)",
+                       "sevhook broker revoke-host host1")
+    revoke_host.add_argument("name")
+    revoke_host.set_defaults(func=run_revoke_host)
 
     guest = _sub(sub, "add-guest", "register a guest: its launch digests, rules and secrets",
                  "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x1 --secret GUID:FILE")
@@ -147,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(ServeOptions(
         data_dir=_data_dir(args), db_url=args.db, listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=Limits(args.max_body, args.rate_limit, args.burst),
-        launch_ttl=args.launch_ttl, access_log=args.access_log))
+        launch_ttl=args.launch_ttl, access_log=args.access_log, init=args.init))
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -181,16 +196,42 @@ def run_list_roots(args: argparse.Namespace) -> int:
 
 
 def run_add_host(args: argparse.Namespace) -> int:
-    from sevhook.files import write_private_file  # noqa: PLC0415
+    from sevhook.broker.vault import new_token  # noqa: PLC0415
     from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.files import write_private_file  # noqa: PLC0415
 
     if args.token_file.exists():
         raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
     if not args.token_file.parent.is_dir():
         raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
-    token = _broker(args).add_host(args.name)
+    broker = _broker(args)
+    # The token is saved before the host is registered: a failed write then registers nothing, and a
+    # failed registration (a taken name) removes the file again, so no token is ever lost or orphaned.
+    token = new_token()
     write_private_file(args.token_file, (token + "\n").encode())
+    try:
+        broker.add_host(args.name, token=token)
+    except BaseException:
+        args.token_file.unlink(missing_ok=True)
+        raise
     print(f"host {args.name}: token written to {args.token_file} (0600); give it to the host's sevhook config")
+    return 0
+
+
+def run_list_hosts(args: argparse.Namespace) -> int:
+    hosts = _broker(args).list_hosts()
+    if args.json:
+        print(json.dumps(hosts, indent=2))
+        return 0
+    for host in hosts:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(host["created_at"]))
+        print(f"{host['name']}\t{'revoked' if host['revoked'] else 'active'}\tadded {when}Z")
+    return 0
+
+
+def run_revoke_host(args: argparse.Namespace) -> int:
+    _broker(args).revoke_host(args.name)
+    print(f"host {args.name}: revoked; its token is refused from now on (the name stays taken)")
     return 0
 
 

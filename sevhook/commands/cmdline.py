@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--syntax", choices=("json", "keyval"), help="-object syntax (default: libvirt's choice for the QEMU version)")
     parser.add_argument("--libvirt4-compat", action="store_true", help="reproduce libvirt 4.x: id sev0, memory-encryption, keyval, hex policy")
     parser.add_argument("--lib-dir", type=Path, metavar="DIR", help="directory of dh_cert.base64/session.base64 (default /var/lib/libvirt/qemu/domain-<id>-<name>)")
+    parser.add_argument("--domain-id", type=int, metavar="N", help="the running domain's id (`virsh domid NAME`) for the default lib dir (default: the XML's id, else -1 as for an inactive domain)")
     parser.add_argument("--write-files", action="store_true", help="write dhCert and session into the lib dir (0600, atomically)")
     host = parser.add_argument_group("host values for missing cbitpos/reducedPhysBits (give one source)")
     host.add_argument("--domcaps", type=Path, metavar="FILE", help="saved `virsh domcapabilities` XML")
@@ -85,6 +87,10 @@ def _platform_source(args: argparse.Namespace) -> PlatformSource | None:
         sources.append(platform.LibvirtConnection(args.connect))
     if len(sources) > 1:
         raise UsageError("give one source of host values: --domcaps, --cbitpos/--reduced-phys-bits, --qmp or -c")
+    if args.domcaps is not None:
+        # read and check the file even when the XML needs none of its values: a missing or garbage
+        # file is a mistake to report (exit 2 unreadable, 1 not SEV domain capabilities), not to skip
+        sources[0].load()
     return sources[0] if sources else None
 
 
@@ -100,6 +106,21 @@ def _load(args: argparse.Namespace) -> CmdlineInput:
     return loaded
 
 
+def _lib_dir(args: argparse.Namespace, loaded: CmdlineInput) -> Path | str | None:
+    """--lib-dir, or libvirt's per-domain directory for --domain-id; None: the XML's id (or -1)."""
+    from sevhook.errors import UsageError
+    from sevhook.qemu_cmdline.libdir import INACTIVE_DOMAIN_ID, default_lib_dir
+
+    if args.domain_id is None:
+        return args.lib_dir
+    if args.lib_dir is not None:
+        raise UsageError("give --lib-dir DIR or --domain-id N, not both (--domain-id only names libvirt's directory)")
+    if args.domain_id < 1 and args.domain_id != INACTIVE_DOMAIN_ID:
+        raise UsageError(f"--domain-id {args.domain_id}: a running domain's id is 1 or more (`virsh domid NAME`); "
+                         f"{INACTIVE_DOMAIN_ID} names an inactive domain")
+    return default_lib_dir(dataclasses.replace(loaded.domain, id=args.domain_id))
+
+
 def _options(args: argparse.Namespace, loaded: CmdlineInput) -> CmdlineOptions:
     from sevhook.qemu_cmdline.qemu_version import QemuVersion
     from sevhook.qemu_cmdline.translate import CmdlineOptions
@@ -109,7 +130,7 @@ def _options(args: argparse.Namespace, loaded: CmdlineInput) -> CmdlineOptions:
         version = QemuVersion.of_binary(loaded.domain.emulator or "/usr/bin/qemu-system-x86_64")
     elif args.qemu_version:
         version = QemuVersion.parse(args.qemu_version)
-    return CmdlineOptions(version, args.syntax, args.libvirt4_compat, args.lib_dir)
+    return CmdlineOptions(version, args.syntax, args.libvirt4_compat, _lib_dir(args, loaded))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +160,12 @@ def _run_translate(args: argparse.Namespace) -> int:
     model, info = fill_platform(loaded.launch_security, source)
     if info is not None:
         print(f"note: cbitpos {info.cbitpos}, reducedPhysBits {info.reduced_phys_bits} from {info.source}", file=sys.stderr)
-    translation = translate(loaded.domain, _options(args, loaded), model)
+    options = _options(args, loaded)
+    translation = translate(loaded.domain, options, model)
+    if translation.files and options.lib_dir is None and loaded.domain.id is None:
+        print(f"note: lib dir {translation.lib_dir}: -1 is the id libvirt's tests use for an inactive domain; a "
+              "running domain gets its real id at each start (`virsh domid NAME`): pass --domain-id N for it",
+              file=sys.stderr)
     if args.write_files:
         for path in libdir.write_files(translation.files):
             print(f"note: wrote {path} (mode 0600)", file=sys.stderr)

@@ -65,7 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  virsh dumpxml guest1 | sevhook hook run guest1 prepare begin -",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("hook_args", nargs=4, metavar="NAME OP SUBOP EXTRA")
+    # one positional each: argparse cannot show a tuple metavar for a positional with nargs=4
+    run.add_argument("hook_name", metavar="NAME", help="the domain's name")
+    run.add_argument("hook_op", metavar="OP", help="libvirt's operation, e.g. prepare, start, started, release")
+    run.add_argument("hook_subop", metavar="SUBOP", help="libvirt's sub-operation, e.g. begin or end")
+    run.add_argument("hook_extra", metavar="EXTRA", help="libvirt's extra argument, usually -")
     run.set_defaults(func=_run)
 
     prepare = subparsers.add_parser(
@@ -126,7 +130,7 @@ def _uninstall(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sevhook.hook.fast import main  # noqa: PLC0415
 
-    return main(args.hook_args)
+    return main([args.hook_name, args.hook_op, args.hook_subop, args.hook_extra])
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 
 from sevhook.errors import SevhookError, UsageError
-from sevhook.files import write_private_file
+from sevhook.files import UnwritableFileError, write_private_file
 from sevhook.qemu_cmdline.objects import LaunchFiles
 from sevhook.xml.models import Domain, LaunchSecurity, SevLaunchSecurity
 
@@ -57,5 +57,7 @@ def write_files(files: Mapping[str, str]) -> list[str]:
             write_private_file(path, text)
         except OSError as exc:
             raise SevhookError(f"cannot write {path}: {exc.strerror}; choose a writable --lib-dir DIR") from None
+        except UnwritableFileError as exc:
+            raise SevhookError(f"cannot write {path}: {exc.reason}; choose a writable --lib-dir DIR") from None
         written.append(path)
     return written

@@ -123,8 +123,8 @@ class BrokerProcess:
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.ca_file = ca_file
-        command = [*SEVHOOK, "broker", "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{self.port}",
-                   *extra]
+        command = [*SEVHOOK, "broker", "serve", "--init", "--data-dir", str(data_dir), "--listen",
+                   f"127.0.0.1:{self.port}", *extra]
         if db_url:
             command += ["--db", db_url]
         if tls:

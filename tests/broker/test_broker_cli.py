@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import stat
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -85,8 +87,15 @@ def test_admin_commands_configure_a_working_broker(tmp_path: Path, platform: Pla
     (("add-root", "r", "--ca", "/nonexistent"), "cannot read"),
     (("serve", "--listen", "nowhere"), "ADDR:PORT"),
     (("serve", "--tls-cert", "/nonexistent"), "--tls-key"),
+    (("serve", "--init", "--tls-cert", "/missing.crt", "--tls-key", "/missing.key"),
+     "--tls-cert /missing.crt: TLS file not found"),
+    (("serve", "--listen", "127.0.0.1:0"), "run `sevhook broker init --data-dir"),
+    (("add-host", "h", "--token-file", "/proc/sevhook-h.token"), "/proc/sevhook-h.token: cannot write ("),
+    (("revoke-host", "nope"), "not registered"),
 ])
 def test_bad_admin_input_gives_one_clear_message(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    if args[0] in ("add-host", "revoke-host"):
+        sevhook("broker", "init", "--data-dir", tmp_path / "data")
     result = sevhook("broker", *args, "--data-dir", tmp_path / "data", ok=False)
     assert result.returncode in (1, 2) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -117,3 +126,99 @@ def test_real_naples_chain_verifies_only_under_the_registered_amd_root(tmp_path:
         host.close()
     finally:
         broker.stop()
+
+
+def test_a_failed_token_write_registers_nothing_and_a_taken_name_leaves_no_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sevhook("broker", "init", "--data-dir", data)
+    failed = sevhook("broker", "add-host", "host1", "--token-file", "/proc/host1.token", "--data-dir", data, ok=False)
+    assert failed.returncode == 2 and "choose a writable location" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert json.loads(sevhook("broker", "list-hosts", "--json", "--data-dir", data).stdout) == []
+    token_file = tmp_path / "host1.token"
+    sevhook("broker", "add-host", "host1", "--token-file", token_file, "--data-dir", data)  # the name is free
+    taken = sevhook("broker", "add-host", "host1", "--token-file", tmp_path / "second.token", "--data-dir", data,
+                    ok=False)
+    assert taken.returncode == 2 and "already registered" in taken.stderr
+    assert not (tmp_path / "second.token").exists() and token_file.exists()
+
+
+def test_hosts_are_listed_and_a_revoked_host_is_refused(tmp_path: Path, platform: PlatformKeys) -> None:
+    data = tmp_path / "data"
+    sevhook("broker", "init", "--data-dir", data)
+    for name in ("host1", "host2"):
+        sevhook("broker", "add-host", name, "--token-file", tmp_path / f"{name}.token", "--data-dir", data)
+    sevhook("broker", "add-guest", "g", "--digest", "11" * 32, "--data-dir", data)
+    revoked = sevhook("broker", "revoke-host", "host1", "--data-dir", data).stdout
+    assert "host1: revoked" in revoked
+    listing = sevhook("broker", "list-hosts", "--data-dir", data).stdout.splitlines()
+    assert [line.split("\t")[:2] for line in listing] == [["host1", "revoked"], ["host2", "active"]]
+    hosts = json.loads(sevhook("broker", "list-hosts", "--json", "--data-dir", data).stdout)
+    assert [(h["name"], h["revoked"]) for h in hosts] == [("host1", True), ("host2", False)]
+    assert all("token" not in key for host in hosts for key in host)
+    again = sevhook("broker", "add-host", "host1", "--token-file", tmp_path / "again.token", "--data-dir", data,
+                    ok=False)
+    assert again.returncode == 2 and "never reused" in again.stderr
+    body = {"guest": "g", "pdh": platform.pdh_b64, "cert_chain": platform.chain_b64}
+    broker = BrokerProcess(data)
+    try:
+        for name, status, reason in (("host1", 403, "host-revoked"), ("host2", 403, "unknown-root")):
+            token = (tmp_path / f"{name}.token").read_text().strip()
+            answer = httpx.post(f"{broker.url}/v1/launches", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert (answer.status_code, answer.json()["reason"]) == (status, reason), answer.text
+    finally:
+        broker.stop()
+
+
+def test_a_revoked_guest_id_is_not_offered_for_reuse(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sevhook("broker", "init", "--data-dir", data)
+    sevhook("broker", "add-guest", "web1", "--digest", "11" * 32, "--data-dir", data)
+    sevhook("broker", "revoke-guest", "web1", "--data-dir", data)
+    again = sevhook("broker", "add-guest", "web1", "--digest", "11" * 32, "--data-dir", data, ok=False)
+    assert again.returncode == 2 and "never reused" in again.stderr and "pick another id" in again.stderr
+    assert "revoke it" not in again.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+nodriver://owner:hunter2-secret@127.0.0.1/db",
+    "postgresql+psycopg://owner:hunter2-secret@127.0.0.1:notaport/db",
+    "postgresql+psycopg://owner:hunter2-secret@127.0.0.1:1/db",  # nothing listens: the connection fails
+    "mysql://owner:hunter2-secret@127.0.0.1/db",
+])
+def test_database_password_is_never_printed(tmp_path: Path, url: str) -> None:
+    data = tmp_path / "data"
+    sevhook("broker", "init", "--data-dir", data)
+    result = sevhook("broker", "list-guests", "--data-dir", data, "--db", url, ok=False)
+    assert result.returncode == 2, result.stderr
+    assert "hunter2" not in result.stderr + result.stdout and "owner:***@127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_uninitialised_data_dir_unless_told_and_logs_the_bound_port(tmp_path: Path) -> None:
+    typo = tmp_path / "typo"
+    refused = sevhook("broker", "serve", "--data-dir", typo, "--listen", "127.0.0.1:0", ok=False)
+    assert refused.returncode == 2 and "not an initialised broker data directory" in refused.stderr
+    assert "--init" in refused.stderr and not typo.exists()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*SEVHOOK, "broker", "serve", "--init", "--data-dir", str(typo), "--listen",
+                                    "127.0.0.1:0"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not re.search(r"broker on http://127\.0\.0\.1:(\d+),", log.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(re.search(r"broker on http://127\.0\.0\.1:(\d+),", log.read_text()).group(1))
+        assert port != 0
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    assert (typo / "storage.key").exists()

@@ -171,6 +171,31 @@ def test_missing_and_wrong_tokens(owner: Owner) -> None:
     assert owner.attest(grant["launch_id"], measurement).status_code == 200  # none of that spent the launch
 
 
+def test_revoked_host_token_is_refused_with_its_own_reason(owner: Owner) -> None:
+    other = register(owner.broker, owner.platform)
+    guest = owner.add_guest()
+    launch = {"guest": guest, "pdh": owner.platform.pdh_b64, "cert_chain": owner.platform.chain_b64}
+    with other.host() as host:
+        grant = host.post("/v1/launches", json=launch)
+        assert grant.status_code == 200, grant.text
+        with owner.broker.admin() as admin:
+            listed = {h["name"]: h["revoked"] for h in admin.get("/admin/hosts").json()}
+            assert listed[other.host_name] is False and listed[owner.host_name] is False
+            revoked = admin.post(f"/admin/hosts/{other.host_name}/revoke")
+            assert revoked.status_code == 200 and revoked.json()["revoked"] is True, revoked.text
+            assert {h["name"]: h["revoked"] for h in admin.get("/admin/hosts").json()}[other.host_name] is True
+            refused(admin.post("/admin/hosts/no-such-host/revoke"), 404, "unknown-host")
+            again = admin.post("/admin/hosts", json={"name": other.host_name})
+            assert again.status_code == 400 and "never reused" in again.json()["error"]
+        refused(host.post("/v1/launches", json=launch), 403, "host-revoked")
+        refused(host.get(f"/v1/launches/{grant.json()['launch_id']}"), 403, "host-revoked")
+    assert owner.launch(guest)["launch_id"]  # other hosts are untouched
+    with owner.broker.admin() as admin:
+        audit = admin.get("/admin/audit", params={"limit": 1000}).json()
+    assert any(e["action"] == "revoke-host" and other.host_name in e["detail"] for e in audit)
+    assert any(e["actor"] == other.host_name and e["reason"] == "host-revoked" for e in audit)
+
+
 def test_oversized_bodies(owner: Owner) -> None:
     big = {"guest": "g", "pdh": "A" * 70000, "cert_chain": ""}
     with owner.host() as host:

@@ -1,10 +1,12 @@
-"""`sevhook demo`, run exactly as the README's main command runs it (scripts/run demo execs
-`.venv/bin/sevhook demo` from the project root): its output, exit status and time; and, in
-process, that it fails when the tampered launch is not refused and never prints the secret."""
+"""`sevhook demo`, run through the README's main command itself (`scripts/run demo` from the
+project root, which checks the system packages and the virtualenv, then execs `.venv/bin/sevhook
+demo`): its output, exit status and time; and, in process, that it fails when the tampered launch
+is not refused and never prints the secret."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import re
@@ -20,7 +22,10 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(120)
 SEVHOOK = ROOT / ".venv" / "bin" / "sevhook"
+RUN = ROOT / "scripts" / "run"
+VENV_STAMP = ROOT / ".venv" / ".sevhook-installed"
 LIMIT_SECONDS = 5.0
+INSTALL_SECONDS = 600
 
 
 def _step_lines(output: str) -> dict[str, list[str]]:
@@ -33,13 +38,25 @@ def _step_lines(output: str) -> dict[str, list[str]]:
     return steps
 
 
+def _venv_is_current() -> bool:
+    """scripts/run reinstalls the package when pyproject.toml changed since the last install."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return VENV_STAMP.is_file() and VENV_STAMP.read_text().strip() == digest
+
+
+@pytest.mark.timeout(INSTALL_SECONDS + 120)
 def test_demo_as_the_readme_runs_it() -> None:
-    assert SEVHOOK.is_file(), "the README's command is .venv/bin/sevhook: run scripts/run demo once to create it"
+    assert RUN.is_file() and os.access(RUN, os.X_OK), f"{RUN} is the README's main command and must be executable"
+    if not _venv_is_current():  # a first run installs the virtualenv: neither its time nor its load is the demo's
+        warm_up = subprocess.run([str(RUN), "demo"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=INSTALL_SECONDS)
+        assert _venv_is_current(), warm_up.stdout + warm_up.stderr
+    assert SEVHOOK.is_file()
     begin = time.monotonic()
-    result = subprocess.run([str(SEVHOOK), "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(RUN), "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     wall = time.monotonic() - begin
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stderr == ""
+    assert result.stderr == ""  # an installed system and virtualenv: scripts/run says nothing
     out = result.stdout
     assert "\x1b[" not in out  # not a terminal: plain lines, no colour codes
     steps = _step_lines(out)

@@ -219,3 +219,41 @@ def test_check_with_options_between_domain_and_argv(capsys, golden: Path, tmp_pa
 def test_check_of_a_malformed_argv_is_one_clear_error(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, "--check", str(golden / "launch-security-sev.xml"), "--", "qemu", "-machine", "q35,confidential-guest-support=lsec0", "-object", "{bad")
     assert code == 1 and "not valid JSON" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, code, message", [
+    (None, 2, "cannot read domain capabilities"),
+    ("not xml at all", 1, "not XML"),
+    ("<capabilities/>", 1, "not <domainCapabilities>"),
+])
+def test_a_bad_domcaps_file_is_reported_even_when_the_xml_has_the_values(  # type: ignore[no-untyped-def]
+        capsys, golden: Path, tmp_path: Path, content: str | None, code: int, message: str) -> None:
+    caps = tmp_path / "caps.xml"
+    if content is not None:
+        caps.write_text(content)
+    xml = str(golden / "launch-security-sev.xml")  # has cbitpos and reducedPhysBits
+    for args in ([xml, "--domcaps", str(caps)], ["--check", xml, "--domcaps", str(caps), "--", "qemu"]):
+        got, out, err = run(capsys, *args)
+        assert (got, out) == (code, "") and message in err and str(caps) in err, err
+        assert "Traceback" not in err
+    caps.write_text(CAPS)
+    assert run(capsys, xml, "--domcaps", str(caps))[0] == 0
+
+
+def test_domain_id_names_the_running_domain_s_lib_dir(capsys, golden: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    xml = str(golden / "launch-security-sev.xml")
+    code, out, err = run(capsys, xml)
+    assert code == 0 and "/var/lib/libvirt/qemu/domain--1-QEMUGuest1/dh_cert.base64" in out
+    assert "-1 is the id libvirt's tests use for an inactive domain" in err and "--domain-id N" in err
+    code, out, err = run(capsys, xml, "--domain-id", "7")
+    assert code == 0 and '"dh-cert-file":"/var/lib/libvirt/qemu/domain-7-QEMUGuest1/dh_cert.base64"' in out
+    assert '"session-file":"/var/lib/libvirt/qemu/domain-7-QEMUGuest1/session.base64"' in out
+    assert "domain--1-" not in out + err and "inactive domain" not in err
+    running = tmp_path / "running.xml"
+    running.write_text((golden / "launch-security-sev.xml").read_text().replace("<domain type='kvm'>",
+                                                                                  "<domain type='kvm' id='12'>", 1))
+    code, out, err = run(capsys, str(running))
+    assert code == 0 and "/domain-12-QEMUGuest1/" in out and "inactive domain" not in err
+    for extra, message in ((["--domain-id", "0"], "1 or more"), (["--domain-id", "3", "--lib-dir", "/tmp/x"], "not both")):
+        code, _, err = run(capsys, xml, *extra)
+        assert code == 2 and message in err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sevhook.errors import SevhookError, UsageError
-from sevhook.files import write_private_file
+from sevhook.files import UnwritableFileError, write_private_file
 from sevhook.qemu_cmdline.libdir import file_contents, short_name, write_files
 from sevhook.sev.policy import SevPolicy
 from sevhook.xml.models import S390PvLaunchSecurity, SevLaunchSecurity
@@ -50,8 +50,9 @@ def test_rewrite_replaces_atomically_and_keeps_0600(tmp_path: Path) -> None:
 def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
     target = tmp_path / "dir-as-target"
     target.mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(UnwritableFileError) as caught:  # a usage error naming the path, the OSError its cause
         write_private_file(target, "x")
+    assert isinstance(caught.value.__cause__, OSError) and str(target) in caught.value.message
     assert [p.name for p in tmp_path.iterdir()] == ["dir-as-target"]
 
 
