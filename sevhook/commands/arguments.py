@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def number_type(what: str) -> Callable[[str], int]:
@@ -27,6 +30,7 @@ def read_input(path: str | Path, what: str) -> bytes:
     from sevhook.errors import UsageError  # noqa: PLC0415
 
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as stream:
+            return stream.read()
     except OSError as exc:
         raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None

@@ -4,8 +4,6 @@ boot inputs, and which input differs when a real launch disagrees. Registered un
 from __future__ import annotations
 
 import argparse
-import base64
-from pathlib import Path
 
 from sevhook.errors import UsageError
 from sevhook.sev.cpu_types import CPU_TYPES, CpuModel, cpu_model  # a small table without dependencies
@@ -62,7 +60,7 @@ def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> 
         epilog=DIAGNOSE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     diagnose.add_argument("--measurement", metavar="B64", required=True,
                           help="base64 of measurement(32) and mnonce(16), as QEMU/libvirt report it")
-    diagnose.add_argument("--tik", metavar="FILE", type=Path, required=True, help="the session's 16-byte TIK file")
+    diagnose.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
     for name, what in (("--api-major", "platform API major"), ("--api-minor", "platform API minor"),
                        ("--build-id", "platform firmware build id"), ("--policy", "the guest's SEV policy")):
         diagnose.add_argument(name, metavar="N", required=True, help=f"{what} (decimal or 0x-hex)")
@@ -73,9 +71,9 @@ def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> 
 
 
 def _add_boot_inputs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--firmware", metavar="OVMF", type=Path, required=True, help="the OVMF flash image")
-    parser.add_argument("--kernel", metavar="FILE", type=Path, help="kernel for measured direct boot (-kernel)")
-    parser.add_argument("--initrd", metavar="FILE", type=Path, help="initrd (-initrd; needs --kernel)")
+    parser.add_argument("--firmware", metavar="OVMF", required=True, help="the OVMF flash image")
+    parser.add_argument("--kernel", metavar="FILE", help="kernel for measured direct boot (-kernel)")
+    parser.add_argument("--initrd", metavar="FILE", help="initrd (-initrd; needs --kernel)")
     parser.add_argument("--cmdline", metavar="TEXT", help="kernel command line (-append; needs --kernel)")
 
 
@@ -86,9 +84,17 @@ def _add_cpu_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpu-stepping", metavar="S", help="CPU stepping")
 
 
-def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
+def _number(text: str | None, option: str) -> int | None:
+    """A decimal or 0x-hex option value, None when the option is not given (the parser's module is imported
+    only then: plain `--mode sev` runs do without it)."""
+    if text is None:
+        return None
     from sevhook.sev.policy import parse_number  # noqa: PLC0415
 
+    return parse_number(text, option)
+
+
+def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
     explicit = (args.vcpu_family, args.vcpu_model, args.vcpu_stepping)
     if args.vcpu_type is not None:
         if any(value is not None for value in explicit):
@@ -98,18 +104,18 @@ def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
         return None
     if any(value is None for value in explicit):
         raise UsageError("--vcpu-family, --vcpu-model and --vcpu-stepping go together: give all three")
-    family, model, stepping = (parse_number(value, name) for value, name in
+    family, model, stepping = (_number(value, name) for value, name in
                                zip(explicit, ("--vcpu-family", "--vcpu-model", "--vcpu-stepping")))
     return CpuModel(family, model, stepping)
 
 
 def run_measure(args: argparse.Namespace) -> int:
     from sevhook.sev.launch_digest import measure_sev, measure_seves  # noqa: PLC0415
-    from sevhook.sev.policy import parse_number  # noqa: PLC0415
     from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel  # noqa: PLC0415
 
     cpu = _cpu_from_args(args)
-    vcpus = parse_number(args.vcpus, "--vcpus") if args.vcpus is not None else None
+    vcpus = _number(args.vcpus, "--vcpus")
+    guest_features = _number(args.guest_features, "--guest-features")
     builds_vmsas = args.mode == "snp" or (args.mode == "seves" and not args.vmsa)
     if args.vmsa and args.mode == "snp":
         raise UsageError("--vmsa is for sev/seves; SNP VMSAs are built from --vcpus and the CPU type")
@@ -117,7 +123,7 @@ def run_measure(args: argparse.Namespace) -> int:
         if vcpus is None or cpu is None:
             raise UsageError(f"--mode {args.mode} builds one VMSA per vCPU: give --vcpus N and --vcpu-type NAME "
                              "(or --vcpu-family/--vcpu-model/--vcpu-stepping)")
-    elif vcpus is not None or cpu is not None or args.guest_features is not None:
+    elif vcpus is not None or cpu is not None or guest_features is not None:
         raise UsageError("--vcpus, the vCPU type and --guest-features only apply when VMSAs are built "
                          "(--mode seves or snp without --vmsa)")
     host_kernel = HostKernel.parse(args.host_kernel)
@@ -125,10 +131,10 @@ def run_measure(args: argparse.Namespace) -> int:
     if args.mode == "snp":
         from sevhook.sev.snp import measure_snp  # noqa: PLC0415
 
-        features = SNP_ACTIVE if args.guest_features is None else parse_number(args.guest_features, "--guest-features")
+        features = SNP_ACTIVE if guest_features is None else guest_features
         result = measure_snp(args.firmware, vcpus, cpu.signature, *kernel_args, features, host_kernel)
     elif builds_vmsas:
-        features = 0 if args.guest_features is None else parse_number(args.guest_features, "--guest-features")
+        features = 0 if guest_features is None else guest_features
         result = measure_seves(args.firmware, vcpus, cpu.signature, *kernel_args, features, host_kernel)
     else:
         result = measure_sev(args.firmware, *kernel_args, vmsas=args.vmsa)
@@ -136,7 +142,12 @@ def run_measure(args: argparse.Namespace) -> int:
         from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
 
         print("\n".join(OvmfFooter.read(args.firmware).describe() + result.explain()))
-    print(result.digest.hex() if args.output_format == "hex" else base64.b64encode(result.digest).decode())
+    if args.output_format == "hex":
+        print(result.digest.hex())
+    else:
+        import base64  # noqa: PLC0415
+
+        print(base64.b64encode(result.digest).decode())
     return 0
 
 

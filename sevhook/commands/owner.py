@@ -6,17 +6,16 @@ checks LAUNCH_MEASURE, and secret wraps the LAUNCH_SECRET packet."""
 from __future__ import annotations
 
 import argparse
-import hmac
 import importlib
 import sys
-import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sevhook.commands.arguments import number_type, read_input
 from sevhook.errors import FormatError, UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
 if TYPE_CHECKING:
+    import uuid
+
     from sevhook.sev.chain import CertificateChain
     from sevhook.sev.roots import TrustAnchor
 
@@ -97,6 +96,7 @@ def cmd_session(args: argparse.Namespace) -> int:
 def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
     import base64
     import binascii
+    from pathlib import Path
 
     if args.launch_digest:
         text = args.launch_digest.strip()
@@ -131,6 +131,8 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
 
 
 def cmd_verify_measurement(args: argparse.Namespace) -> int:
+    import hmac
+
     from sevhook.sev.measurement import LaunchMeasurement, compute_measurement
     from sevhook.sev.session import read_key_file
 
@@ -163,6 +165,8 @@ def _parse_secret_option(text: str) -> tuple[str, str]:
 
 
 def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
+    import uuid
+
     from sevhook.sev.secret import DISK_PASSPHRASE_GUID
 
     entries: list[tuple[uuid.UUID, bytes]] = []
@@ -199,6 +203,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
     import base64
     import binascii
     import json
+    from pathlib import Path
 
     from sevhook.files import write_private_file
     from sevhook.sev.measurement import LAUNCH_MEASUREMENT_SIZE, MEASUREMENT_SIZE

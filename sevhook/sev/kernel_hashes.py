@@ -10,21 +10,30 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar, Union
 
 from sevhook.errors import FormatError, UsageError
 
-BinaryInput = Union[str, "os.PathLike[str]", bytes]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
+if TYPE_CHECKING:
+    from typing import BinaryIO, TypeVar
+
+    _First = TypeVar("_First")
+    _Second = TypeVar("_Second")
+
+BinaryInput = str | os.PathLike[str] | bytes
 """A path to a file, or the bytes themselves (tests, small inputs)."""
 
 CHUNK_SIZE = 1 << 20
-"""Bytes read per step when hashing a file: big enough for full hashing speed, small enough to stay flat."""
+"""Bytes read per step when hashing a file: big enough for full hashing speed, small enough to stay in the cache."""
+READ_AHEAD_CHUNKS = 2
+"""Chunk buffers of a read-ahead stream: one is hashed while the reader thread fills the other."""
 
 TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
 CMDLINE_GUID = uuid.UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
@@ -37,9 +46,6 @@ TABLE_LENGTH = _HEADER.size + 3 * _ENTRY.size  # 168, the value of the header's 
 TABLE_SIZE = (TABLE_LENGTH + 15) & ~15  # 176, what QEMU writes and the firmware measures
 PAGE_SIZE = 4096
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
-
-_First = TypeVar("_First")
-_Second = TypeVar("_Second")
 
 
 def input_name(source: BinaryInput, what: str) -> str:
@@ -66,34 +72,79 @@ def open_input(source: BinaryInput, what: str) -> Iterator[tuple[BinaryIO, int]]
             size = os.fstat(stream.fileno()).st_size
         except OSError as exc:
             raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+        with suppress(OSError):  # a hint for the kernel's read-ahead from disk; pipes and odd files do without
+            os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         yield stream, size
 
 
-def feed(hash_object: hashlib._Hash, stream: BinaryIO, name: str) -> None:
-    """Hash a stream into `hash_object` in fixed-size chunks (constant memory)."""
-    buffer = bytearray(CHUNK_SIZE)
+def feed(hash_object: hashlib._Hash, stream: BinaryIO, name: str, size: int = CHUNK_SIZE) -> None:
+    """Hash a stream into `hash_object` in chunks (constant memory; `size`, when known, saves a big buffer
+    for a small input)."""
+    buffer = bytearray(max(1, min(size, CHUNK_SIZE)))
     view = memoryview(buffer)
     try:
-        while True:
-            count = stream.readinto(buffer)
-            if not count:
-                return
+        while count := stream.readinto(buffer):
             hash_object.update(view[:count])
     except OSError as exc:
         raise UsageError(f"reading {name} failed: {exc.strerror or exc}") from exc
 
 
-def hash_input(source: BinaryInput, what: str) -> bytes:
-    """SHA-256 of a whole file or byte string, streamed."""
+def feed_read_ahead(hash_object: hashlib._Hash, stream: BinaryIO, name: str) -> None:
+    """Like `feed`, but a reader thread copies the next chunk out of the page cache while this thread hashes
+    the last one (file reads and large hashlib updates both release the GIL), so a large input is hashed at the
+    speed of SHA-256 alone instead of SHA-256 plus the copy. Memory: READ_AHEAD_CHUNKS buffers."""
+    empty: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+    filled: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()
+    for _ in range(READ_AHEAD_CHUNKS):
+        empty.put(bytearray(CHUNK_SIZE))
+
+    def read() -> None:
+        try:
+            while (buffer := empty.get()) is not None:
+                count = stream.readinto(buffer)
+                filled.put((buffer, count))
+                if not count:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, which raises it
+            filled.put(exc)
+
+    reader = threading.Thread(target=read, name="sevhook-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = filled.get()
+            if isinstance(item, OSError):
+                raise UsageError(f"reading {name} failed: {item.strerror or item}") from item
+            if isinstance(item, BaseException):
+                raise item
+            buffer, count = item
+            if not count:
+                return
+            with memoryview(buffer) as view:
+                hash_object.update(view[:count])
+            empty.put(buffer)
+    finally:
+        empty.put(None)  # stops the reader if it still waits for a buffer
+        reader.join()
+
+
+def hash_input(source: BinaryInput, what: str, read_ahead: bool = False) -> bytes:
+    """SHA-256 of a whole file or byte string, streamed (`read_ahead`: see feed_read_ahead; for the largest
+    input, on a thread of its own)."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).digest()
     hash_object = hashlib.sha256()
-    with open_input(source, what) as (stream, _size):
-        feed(hash_object, stream, input_name(source, what))
+    with open_input(source, what) as (stream, size):
+        if read_ahead:
+            feed_read_ahead(hash_object, stream, input_name(source, what))
+        else:
+            feed(hash_object, stream, input_name(source, what), size)
     return hash_object.digest()
 
 
 def run_concurrently(first: Callable[[], _First], second: Callable[[], _Second]) -> tuple[_First, _Second]:
-    """Run two independent hashing jobs at once: hashlib releases the GIL while it hashes a chunk, so a kernel,
-    an initrd and a firmware image are hashed on separate cores. Errors from either job propagate."""
+    """Run `first` on the calling thread and `second` on a worker: hashlib releases the GIL while it hashes a
+    chunk, so the two run on separate cores. Errors from either job propagate."""
     results: list[_Second] = []
     errors: list[BaseException] = []
 
@@ -112,6 +163,21 @@ def run_concurrently(first: Callable[[], _First], second: Callable[[], _Second])
     if errors:
         raise errors[0]
     return result, results[0]
+
+
+def hash_boot_inputs(
+    kernel: BinaryInput, initrd: BinaryInput | None, cmdline: str | bytes | None, first: Callable[[], _First]
+) -> tuple[_First, KernelHashes]:
+    """Run `first` (the firmware's hashing) and hash the boot inputs alongside it, as fast as two cores allow:
+    the largest input (the initrd, else the kernel) streams with read-ahead on a worker thread, since its
+    SHA-256 is the critical path, while the calling thread runs `first` and then hashes the kernel."""
+    command_line = hashlib.sha256(cmdline_bytes(cmdline)).digest()
+    if initrd is None:
+        result, kernel_digest = run_concurrently(first, lambda: hash_input(kernel, "kernel", read_ahead=True))
+        return result, KernelHashes(command_line, EMPTY_SHA256, kernel_digest)
+    (result, kernel_digest), initrd_digest = run_concurrently(
+        lambda: (first(), hash_input(kernel, "kernel")), lambda: hash_input(initrd, "initrd", read_ahead=True))
+    return result, KernelHashes(command_line, initrd_digest, kernel_digest)
 
 
 def cmdline_bytes(cmdline: str | bytes | None) -> bytes:
@@ -142,12 +208,7 @@ class KernelHashes:
         cls, kernel: BinaryInput, initrd: BinaryInput | None = None, cmdline: str | bytes | None = None
     ) -> KernelHashes:
         """Hash the boot inputs as QEMU does (no initrd hashes as the empty string)."""
-        command_line = hashlib.sha256(cmdline_bytes(cmdline)).digest()
-        if initrd is None:
-            return cls(command_line, EMPTY_SHA256, hash_input(kernel, "kernel"))
-        kernel_digest, initrd_digest = run_concurrently(
-            lambda: hash_input(kernel, "kernel"), lambda: hash_input(initrd, "initrd"))
-        return cls(command_line, initrd_digest, kernel_digest)
+        return hash_boot_inputs(kernel, initrd, cmdline, lambda: None)[1]
 
     def to_bytes(self) -> bytes:
         """The 176-byte table."""

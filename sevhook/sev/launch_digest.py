@@ -17,9 +17,9 @@ from sevhook.sev.kernel_hashes import (
     BinaryInput,
     KernelHashes,
     feed,
+    hash_boot_inputs,
     input_name,
     open_input,
-    run_concurrently,
 )
 from sevhook.sev.ovmf import FirmwareCapabilityError, OvmfFooter
 from sevhook.sev.vmsa import VMSA_SIZE, HostKernel, Vmsa, vcpu_vmsas
@@ -55,8 +55,8 @@ class LaunchDigest:
 def hash_firmware(firmware: BinaryInput) -> hashlib._Hash:
     """SHA-256 state after the flash image: the prefix every SEV/SEV-ES digest of this firmware shares."""
     running = hashlib.sha256()
-    with open_input(firmware, "firmware") as (stream, _size):
-        feed(running, stream, input_name(firmware, "firmware"))
+    with open_input(firmware, "firmware") as (stream, size):
+        feed(running, stream, input_name(firmware, "firmware"), size)
     return running
 
 
@@ -88,7 +88,7 @@ def hash_launch_inputs(
     if kernel is None:
         return hash_firmware(firmware), None
     require_kernel_area(footer)
-    return run_concurrently(lambda: hash_firmware(firmware), lambda: KernelHashes.from_inputs(kernel, initrd, cmdline))
+    return hash_boot_inputs(kernel, initrd, cmdline, lambda: hash_firmware(firmware))
 
 
 def table_component(hashes: KernelHashes) -> Component:

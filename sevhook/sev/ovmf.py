@@ -12,10 +12,13 @@ import enum
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from sevhook.errors import FormatError, SevhookError
 from sevhook.sev.kernel_hashes import BinaryInput, input_name, open_input
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 HASH_TABLE_GUID = uuid.UUID("7255371f-3a3b-4b04-927b-1da6efa8d454")

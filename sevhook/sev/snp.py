@@ -12,7 +12,7 @@ import hashlib
 import struct
 
 from sevhook.errors import FormatError
-from sevhook.sev.kernel_hashes import PAGE_SIZE, BinaryInput, KernelHashes, input_name, open_input, run_concurrently
+from sevhook.sev.kernel_hashes import PAGE_SIZE, BinaryInput, KernelHashes, hash_boot_inputs, input_name, open_input
 from sevhook.sev.launch_digest import Component, LaunchDigest, check_boot_inputs, vmsa_pages
 from sevhook.sev.ovmf import FirmwareCapabilityError, OvmfFooter, SnpMetadataSection, SnpSectionType
 from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel, vcpu_vmsas
@@ -124,9 +124,11 @@ def measure_snp(
             )
         footer.require_hash_table()  # the table's offset within its page
     digest = SnpDigest()
-    _, hashes = run_concurrently(
-        lambda: digest.add_firmware(firmware, footer.gpa),
-        lambda: KernelHashes.from_inputs(kernel, initrd, cmdline) if kernel is not None else None)
+    hashes: KernelHashes | None = None
+    if kernel is None:
+        digest.add_firmware(firmware, footer.gpa)
+    else:
+        _, hashes = hash_boot_inputs(kernel, initrd, cmdline, lambda: digest.add_firmware(firmware, footer.gpa))
     components = [Component("firmware", footer.firmware_size, digest.value, f"{footer.name}; chain after its pages")]
     for section in sections:
         _add_section(digest, footer, section, hashes)
