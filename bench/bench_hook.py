@@ -100,7 +100,7 @@ def main(runs: int = 15) -> list[tuple[str, float, float, str, str]]:
     with tempfile.TemporaryDirectory(prefix="bench-hook-") as directory:
         work = Path(directory)
         hook = install(work / "hooks")
-        rows = no_sev_rows(hook, runs) + attestation_rows(hook, max(3, runs // 2), work)
+        rows = no_sev_rows(hook, runs) + attestation_rows(hook, max(5, runs // 2), work)
     print(f"{'measurement':52} {'median ms':>10} {'min ms':>8}  {'ratio':16} target")
     for name, median, minimum, ratio, target in rows:
         print(f"{name:52} {median:10.1f} {minimum:8.1f}  {ratio:16} {target}")
@@ -109,7 +109,7 @@ def main(runs: int = 15) -> list[tuple[str, float, float, str, str]]:
 
 def figures(quick: bool = False) -> list[Figure]:
     """Medians, each against the bare interpreter start-up measured in the same run (the floor of any hook
-    process); --quick: 5 runs instead of 15."""
+    process); --quick: 5 runs instead of 15 (attestations: 5 instead of 7)."""
     rows = {name.strip(): median for name, median, *_ in main(5 if quick else 15)}
     bare = ("python3 -c pass", rows["python3 -c pass (baseline)"])
     no_sev, attested = rows["hook, domain without SEV"], rows["started: attested launch, exec to exit"]

@@ -4,12 +4,20 @@ It fails closed: every refusal is a BrokerRefused carrying the broker's stable r
 every transport problem (after bounded retries with backoff) is a BrokerUnavailable. A request is
 only retried when it cannot have been acted on twice: connection failures (nothing was sent),
 5xx answers (the broker rolls its transaction back) and 429 (not processed). The secret packet is
-never logged and is kept out of reprs."""
+never logged and is kept out of reprs.
+
+It is built on the standard library's http.client and ssl (the certificate is checked against the
+given CA file or the system's trust store, host name included), which load in a few milliseconds:
+the libvirt hook imports this module within a guest's attestation time. Proxy variables in the
+environment are not used: the bearer token goes to the broker's URL and nowhere else."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import random
+import select
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -17,17 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from sevhook.errors import SevhookError, UsageError
 
 if TYPE_CHECKING:
+    import socket
+
     from sevhook.xml.models import BrokerRef
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 MAX_RETRY_AFTER = 5.0
+MAX_ANSWER_BYTES = 1 << 20  # the broker's answers are a few kilobytes; more is not a broker talking
 
 
 class BrokerRefused(SevhookError):
@@ -80,18 +89,25 @@ def _check_token(token: str, where: str) -> None:
         raise UsageError(f"{where}: the broker token must be one line of visible ASCII characters")
 
 
-def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error under an httpx connection error, if that is what it was (not worth retrying)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+class _Answer:
+    """One HTTP answer as read off the wire: status, headers, and the JSON body if it was one."""
+
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        try:
+            self.json: object = json.loads(body) if body else None
+        except ValueError:  # UnicodeDecodeError too
+            self.json = None
+
+
+class _SendFailed(Exception):
+    """The request may have reached the broker, but its answer could not be read."""
 
 
 class BrokerClient:
-    """A small synchronous client; one instance may be reused for many calls (keeps connections)."""
+    """A small synchronous client; one instance may be reused for many calls and keeps its
+    connection open between them."""
 
     def __init__(
         self,
@@ -104,9 +120,7 @@ class BrokerClient:
         token_file: str | Path | None = None,
         backoff: float = 0.2,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UsageError(f"broker URL {url!r}: use http://HOST:PORT or https://HOST:PORT")
+        scheme, host, port, prefix = _split_url(url)
         if token is None and token_file is not None:
             token = read_token_file(token_file)
         elif token is not None:
@@ -114,22 +128,29 @@ class BrokerClient:
             _check_token(token, "broker token")
         if retries < 0 or timeout <= 0:
             raise UsageError("broker client: retries must be >= 0 and timeout > 0")
-        verify: ssl.SSLContext | bool = True
+        tls: ssl.SSLContext | None = None
         if ca_file is not None:
             ca_path = Path(ca_file)
             try:
-                verify = ssl.create_default_context(cafile=str(ca_path))
+                tls = ssl.create_default_context(cafile=str(ca_path))
             except FileNotFoundError:
                 raise UsageError(f"{ca_path}: broker CA file not found") from None
             except (ssl.SSLError, OSError) as exc:
                 raise UsageError(f"{ca_path}: not a PEM CA certificate file ({exc.__class__.__name__})") from None
-        headers = {"Accept": "application/json"}
+        elif scheme == "https":
+            tls = ssl.create_default_context()  # the system's trust store; verifies the host name too
+        self._headers = {"Accept": "application/json", "User-Agent": "sevhook"}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            self._headers["Authorization"] = f"Bearer {token}"
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout), verify=verify)
+        self.timeout = timeout
+        self._host = host
+        self._port = port
+        self._prefix = prefix
+        self._tls = tls if scheme == "https" else None
+        self._connection: http.client.HTTPConnection | None = None
 
     @classmethod
     def from_ref(cls, ref: BrokerRef, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> BrokerClient:
@@ -137,7 +158,9 @@ class BrokerClient:
         return cls(ref.url, ca_file=ref.ca_file, token_file=ref.token_file, timeout=timeout, retries=retries)
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -184,70 +207,134 @@ class BrokerClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None, *, resend_after_send_error: bool
               ) -> dict[str, Any]:
+        payload = None if body is None else json.dumps(body).encode("utf-8")
         last_problem = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
             try:
-                response = self._http.request(method, path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                tls = _tls_failure(exc)
-                if tls is not None:
-                    raise BrokerUnavailable(f"TLS with the broker at {self.url} failed: {tls.__class__.__name__}: "
-                                            f"{getattr(tls, 'reason', None) or tls}; check the broker CA file") from None
-                last_problem = f"cannot connect ({exc.__class__.__name__})"
-            except httpx.TransportError as exc:
-                last_problem = f"{exc.__class__.__name__} while talking to the broker"
-                if not resend_after_send_error:
-                    break
+                connection = self._connect()
+            except ssl.SSLError as exc:  # a certificate the CA file does not vouch for: retrying cannot help
+                why = getattr(exc, "verify_message", None) or exc.reason or exc
+                raise BrokerUnavailable(f"TLS with the broker at {self.url} failed: {exc.__class__.__name__}: "
+                                        f"{why}; check the broker CA file") from None
+            except OSError as exc:  # nothing was sent: always safe to try again
+                last_problem = f"cannot connect ({self._describe(exc)})"
             else:
-                if response.status_code == 200:
-                    return _json_object(response)
-                if response.status_code == 429:
-                    last_problem = "rate limited (429)"
-                    _sleep_retry_after(response, attempt < self.retries)
-                elif response.status_code >= 500:
-                    last_problem = f"server error {response.status_code}"
+                try:
+                    answer = self._exchange(connection, method, path, payload)
+                except _SendFailed as exc:
+                    self.close()
+                    last_problem = f"{exc} while talking to the broker"
+                    if not resend_after_send_error:
+                        break
                 else:
-                    raise _refusal(response)
+                    if answer.status == 200:
+                        return _json_object(answer)
+                    if answer.status == 429:
+                        last_problem = "rate limited (429)"
+                        _sleep_retry_after(answer, attempt < self.retries)
+                    elif answer.status >= 500:
+                        last_problem = f"server error {answer.status}"
+                    else:
+                        raise _refusal(answer)
             log.warning("broker %s %s: %s (attempt %d of %d)", method, path, last_problem, attempt + 1,
                         self.retries + 1)
         raise BrokerUnavailable(f"the key broker at {self.url} is unavailable: {last_problem}; "
                                 "check that it runs and that the URL is right")
 
+    def _connect(self) -> http.client.HTTPConnection:
+        """The kept connection if the broker has not closed it meanwhile, else a new one (TCP, and
+        the TLS handshake with certificate and host name checks), so that a request is only ever
+        sent on a connection that was open when it was sent."""
+        if self._connection is not None:
+            sock = self._connection.sock
+            if sock is not None and not _readable(sock):
+                return self._connection  # idle and quiet: still open
+            self.close()  # readable while idle means closed by the broker (or junk): never reuse it
+        if self._tls is not None:
+            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=self._tls)
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        try:
+            connection.connect()
+        except OSError:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
 
-def _sleep_retry_after(response: httpx.Response, will_retry: bool) -> None:
+    def _exchange(self, connection: http.client.HTTPConnection, method: str, path: str,
+                  payload: bytes | None) -> _Answer:
+        headers = dict(self._headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, self._prefix + path, body=payload, headers=headers)
+            response = connection.getresponse()
+            body = response.read(MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _SendFailed(self._describe(exc)) from None
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _SendFailed(f"an answer of more than {MAX_ANSWER_BYTES} bytes")
+        if response.length:  # the connection ended before the Content-Length it announced
+            raise _SendFailed("IncompleteRead")
+        if response.will_close:
+            self.close()
+        return _Answer(response.status, response.headers, body)
+
+    def _describe(self, exc: BaseException) -> str:
+        """What went wrong on the wire, for an administrator (the OS's words, never a payload)."""
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self.timeout:g} s"
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        return f"{exc.__class__.__name__}: {reason}" if reason else exc.__class__.__name__
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether the socket has something to read (or its end of file) right now."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _split_url(url: str) -> tuple[str, str, int | None, str]:
+    """(scheme, host, port or None for the scheme's default, path prefix) of the broker's URL."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise UsageError(f"broker URL {url!r}: use http://HOST:PORT or https://HOST:PORT")
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def _sleep_retry_after(answer: _Answer, will_retry: bool) -> None:
     if not will_retry:
         return
     try:
-        delay = float(response.headers.get("Retry-After", "0"))
+        delay = float(answer.headers.get("Retry-After", "0"))
     except ValueError:
         delay = 0.0
     time.sleep(min(max(delay, 0.0), MAX_RETRY_AFTER))
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        value = response.json()
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise BrokerUnavailable(f"the broker answered {response.status_code} without a JSON object")
-    return value
+def _json_object(answer: _Answer) -> dict[str, Any]:
+    if not isinstance(answer.json, dict):
+        raise BrokerUnavailable(f"the broker answered {answer.status} without a JSON object")
+    return answer.json
 
 
-def _refusal(response: httpx.Response) -> BrokerRefused:
-    try:
-        value = response.json()
-    except ValueError:
-        value = None
-    reason = f"http-{response.status_code}"
-    message = f"HTTP {response.status_code}"
-    if isinstance(value, dict):
-        if isinstance(value.get("reason"), str):
-            reason = value["reason"]
-        if isinstance(value.get("error"), str):
-            message = value["error"]
+def _refusal(answer: _Answer) -> BrokerRefused:
+    reason = f"http-{answer.status}"
+    message = f"HTTP {answer.status}"
+    if isinstance(answer.json, dict):
+        if isinstance(answer.json.get("reason"), str):
+            reason = answer.json["reason"]
+        if isinstance(answer.json.get("error"), str):
+            message = answer.json["error"]
     return BrokerRefused(reason, message)
 
 

@@ -29,12 +29,7 @@ BrokerFactory = Callable[["BrokerRef", float], "BrokerClient"]
 def open_broker(ref: BrokerRef, timeout: float) -> BrokerClient:
     """A broker client bounded by what is left of the attestation's time (no retries: the
     measurement may be sent once only, and the budget is the administrator's)."""
-    import sys  # noqa: PLC0415
-
-    # httpx imports its command-line tool (click, rich, pygments: about half of httpx's import time)
-    # whenever those are installed; it falls back to a stub on ImportError. The hook never uses it.
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-    from sevhook.broker.client import BrokerClient  # noqa: PLC0415  (httpx: only when attesting)
+    from sevhook.broker.client import BrokerClient  # noqa: PLC0415  (only when attesting)
 
     return BrokerClient(ref.url, ca_file=ref.ca_file, token_file=ref.token_file, timeout=timeout, retries=0)
 

@@ -2,7 +2,7 @@
 
 The script is a few lines of Python run with `-I -S`: no site module, no .pth processing, no
 environment. It puts sevhook's own directory and the interpreter's site-packages on sys.path itself
-and calls sevhook.hook.fast, which exits after a byte search for guests sevhook does not manage.
+and runs sevhook.hook.fast, which exits after a byte search for guests sevhook does not manage.
 That keeps the hook's cost close to a bare interpreter start for every other guest on the host."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def render_script(python: str | None = None, log_target: str | None = None) -> s
     ]
     if log_target:
         lines += ["import os", f"os.environ[{LOG_ENV!r}] = {log_target!r}"]
-    lines += ["from sevhook.hook.fast import main", "sys.exit(main())", ""]
+    lines += ["from sevhook.hook.fast import run_process", "run_process()", ""]
     return "\n".join(lines)
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import SevhookError
-from sevhook.hook import plan, runtime
+from sevhook.hook import plan
 from sevhook.hook.plan import Action, Deadline, HookFailure, ManagedGuest
 from sevhook.hook.steplog import StepLog
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 USAGE = "usage: sevhook hook run NAME OP SUBOP EXTRA < domain.xml (as libvirtd calls it)"
 
@@ -27,11 +30,12 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
     if action is Action.NOTHING:
         return 0
     log = StepLog.open(name, operation)
-    _quiet_library_logging()
     try:
         with log.step("load"):
-            guest, errors = _load(name, domain_xml)
+            guest, errors = _load(name, domain_xml, decode_certificates=action is Action.VALIDATE)
         if guest is not None and guest.attestation.socket is None:
+            from sevhook.hook import runtime  # noqa: PLC0415  (runtime files: not needed to attest)
+
             with log.step("owner"):
                 owned = runtime.start_marker_state(guest.name) is runtime.MarkerState.LIVE
             action = plan.start_mode_action(action, owned)
@@ -56,19 +60,23 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
 
 
 def _quiet_library_logging() -> None:
-    """Libraries' warnings (e.g. the broker client's retries) would add lines to the one stderr line
+    """Libraries' warnings (qemu.qmp's, the broker client's) would add lines to the one stderr line
     libvirt shows; the step log already records what happened."""
     import logging  # noqa: PLC0415
 
     logging.getLogger().addHandler(logging.NullHandler())
 
 
-def _load(name: str, domain_xml: bytes) -> tuple[ManagedGuest | None, list[str]]:
-    """The managed guest (None if sevhook has nothing to do) and the XML's validation errors."""
+def _load(name: str, domain_xml: bytes, *, decode_certificates: bool) -> tuple[ManagedGuest | None, list[str]]:
+    """The managed guest (None if sevhook has nothing to do) and the XML's validation errors.
+    Decoding <dhCert>'s certificate costs the import of cryptography: `prepare` does it, before QEMU
+    starts; later operations check the same document without it (at `started` the firmware has
+    accepted the certificate already)."""
     from sevhook.xml import load_domain  # noqa: PLC0415
 
     try:
-        document = load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)")
+        document = load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)",
+                               decode_certificates=decode_certificates)
     except SevhookError as exc:
         raise HookFailure("load", exc.message) from None
     errors = [str(problem) for problem in document.errors]
@@ -79,6 +87,14 @@ def _load(name: str, domain_xml: bytes) -> tuple[ManagedGuest | None, list[str]]
 
 
 def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLog) -> None:
+    if action is Action.ATTEST:
+        if errors:  # `prepare` refused this document already; whatever happened since, never attest it
+            with log.step("validate"):
+                raise HookFailure("validate", "\n".join(errors))
+        _attest(guest, log)
+        return
+    from sevhook.hook import runtime  # noqa: PLC0415  (the runtime files of the other operations)
+
     if action is Action.VALIDATE:
         with log.step("validate"):
             problems = errors + plan.readiness_problems(guest)
@@ -87,8 +103,6 @@ def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLo
     elif action is Action.PREPARE_RUNTIME:
         with log.step("runtime-dir"):
             runtime.prepare_monitor_directory(guest.socket)
-    elif action is Action.ATTEST:
-        _attest(guest, log)
     elif action is Action.CLEAN_UP:
         with log.step("clean-up"):
             runtime.remove_socket(guest.socket, "clean-up")
@@ -109,6 +123,7 @@ def _attest(guest: ManagedGuest, log: StepLog) -> None:
     from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
     from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
 
+    _quiet_library_logging()
     deadline = Deadline(guest.attestation.timeout)
     with log.step("monitor"):
         try:

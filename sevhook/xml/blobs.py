@@ -39,14 +39,18 @@ def decode_base64(text: str) -> bytes:
         raise FormatError(f"it does not decode ({exc})") from None
 
 
-def check_godh_certificate(data: bytes) -> str | None:
+def check_godh_certificate(data: bytes, *, decode: bool = True) -> str | None:
     """None when `data` is a guest owner's Diffie-Hellman certificate as LAUNCH_START needs it
-    (2084-byte SEV certificate, usage PDH, ECDH key on P-384); otherwise what is wrong."""
+    (2084-byte SEV certificate, usage PDH, ECDH key on P-384); otherwise what is wrong. With
+    decode=False only its size and version are checked, without importing cryptography: for callers
+    that know the firmware has already accepted the certificate."""
     if len(data) != SEV_CERT_SIZE:
         return f"decodes to {len(data)} bytes, a SEV certificate is exactly {SEV_CERT_SIZE}"
     version = int.from_bytes(data[:4], "little")
     if version != 1:
         return f"has version {version}; SEV certificates are version 1"
+    if not decode:
+        return None
     from sevhook.sev.certs import SevCertificate  # lazy: pulls in cryptography
 
     try:

@@ -144,7 +144,8 @@ def _attestation(root: etree._Element, collector: _Collector) -> tuple[Attestati
     return model, chosen
 
 
-def _analyse(tree: etree._ElementTree, filename: str, require_sev: bool) -> DomainDocument:
+def _analyse(tree: etree._ElementTree, filename: str, require_sev: bool,
+             decode_certificates: bool) -> DomainDocument:
     root = tree.getroot()
     collector = _Collector(filename)
     os_info, os_element, kernel_element, arch = _os_info(root)
@@ -162,7 +163,8 @@ def _analyse(tree: etree._ElementTree, filename: str, require_sev: bool) -> Doma
             ERROR, extra, f"a second <launchSecurity> (the first is on line {ls_elements[0].sourceline}): keep one"
         )
     if ls_element is not None and _schema_problems(collector, ls_element, "launchsecurity"):
-        ctx = DomainContext(os=os_info, os_element=os_element, kernel_element=kernel_element, arch=arch)
+        ctx = DomainContext(os=os_info, os_element=os_element, kernel_element=kernel_element, arch=arch,
+                            decode_certificates=decode_certificates)
         launch_security = launch_security_rules.build(ls_element, ctx, collector.report)
     if ls_element is None and require_sev:
         collector.report(
@@ -190,13 +192,18 @@ def _analyse(tree: etree._ElementTree, filename: str, require_sev: bool) -> Doma
     return DomainDocument(filename=filename, domain=domain, problems=tuple(problems))
 
 
-def load_domain(source: Source, filename: str | None = None, *, require_sev: bool = False) -> DomainDocument:
+def load_domain(source: Source, filename: str | None = None, *, require_sev: bool = False,
+                decode_certificates: bool = True) -> DomainDocument:
     """Read and check one domain XML document (a path, the XML as str, or bytes).
+
+    decode_certificates=False skips decoding <dhCert>'s certificate (usage, algorithm, key on P-384),
+    which imports cryptography, for callers that know the firmware has already accepted it (the hook
+    once QEMU is past LAUNCH_START); its base64, size and version are still checked.
 
     Raises UsageError when a path cannot be read and DomainXmlError when the document is not domain
     XML at all; everything else is a Problem in the returned document."""
     data, name = read_source(source, filename)
-    return _analyse(parse_document(data, name), name, require_sev)
+    return _analyse(parse_document(data, name), name, require_sev, decode_certificates)
 
 
 def validate_file(path: Source, *, require_sev: bool = False) -> list[Problem]:

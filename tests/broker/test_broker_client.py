@@ -173,6 +173,81 @@ def test_server_errors_are_retried_with_backoff(failures: int, retries: int, suc
         server.server_close()
 
 
+class _HangsUp(http.server.BaseHTTPRequestHandler):
+    """Reads each request, then closes the connection without answering (a broker that crashed)."""
+
+    seen: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).seen.append(self.path)
+        self.close_connection = True
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+class _ClosesIdle(_Flaky):
+    """Answers like _Flaky (no failures) but closes every connection after its answer, without
+    saying so in a Connection header: the client must not send the next request on it."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive unless told otherwise
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        super().do_POST()
+        self.close_connection = True
+
+
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_attestation_is_not_resent_after_its_answer_was_lost() -> None:
+    _HangsUp.seen = []
+    server = _serve(_HangsUp)
+    try:
+        with BrokerClient(f"http://127.0.0.1:{server.server_address[1]}", token="t", retries=3,
+                          backoff=0.01) as client:
+            with pytest.raises(BrokerUnavailable, match="while talking to the broker"):
+                client.attest("L", "M", 0, 24, 1, 1)
+            assert len(_HangsUp.seen) == 1  # the launch may be spent: never sent twice
+            with pytest.raises(BrokerUnavailable, match="while talking to the broker"):
+                client.create_launch("g", "AA==", "AA==")
+            assert len(_HangsUp.seen) == 1 + 4  # a launch request is safe to repeat
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _CountsClosures(http.server.ThreadingHTTPServer):
+    """Signals each connection it has closed, so a test can act once the close is on the wire."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.closed = threading.Semaphore(0)
+
+    def shutdown_request(self, request: object) -> None:
+        super().shutdown_request(request)  # type: ignore[arg-type]
+        self.closed.release()
+
+
+def test_a_connection_the_broker_closed_is_not_reused() -> None:
+    _ClosesIdle.failures, _ClosesIdle.seen = 0, []
+    server = _CountsClosures(_ClosesIdle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with BrokerClient(f"http://127.0.0.1:{server.server_address[1]}", token="t", retries=0) as client:
+            for _ in range(3):  # no retries: each attestation must go out on a connection that is open
+                assert client.attest("L", "M", 0, 24, 1, 1) == SecretGrant("SEVADER", "U0VDUkVU")
+                assert server.closed.acquire(timeout=10)
+        assert len(_ClosesIdle.seen) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_client_errors_are_not_retried(owner: Owner) -> None:
     with BrokerClient(owner.broker.url, token=owner.host_token, retries=3, backoff=5.0) as client:
         with pytest.raises(BrokerRefused) as refused:

@@ -3,6 +3,7 @@ output before importing anything heavy; the operations that need no QEMU behave 
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 
@@ -91,3 +92,24 @@ def test_unreadable_metadata_fails_closed(run_hook):
 def test_not_xml_fails_closed(run_hook):
     result = run_hook("g", "prepare", "<launchSecurity http://sevhook.org/xmlns/libvirt/1.0")
     assert result.returncode == 1 and "load" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prepare_checks_the_owner_certificate_in_full(run_hook, session_blobs):
+    godh, session = session_blobs
+    certificate = bytearray(base64.b64decode(godh))
+    certificate[8:12] = (0x1002).to_bytes(4, "little")  # usage PEK: right size and version, wrong certificate
+    xml = domain_xml("g", socket="/run/sevhook/g.qmp", godh_b64=base64.b64encode(certificate).decode(),
+                     session_b64=session)
+    result = run_hook("g", "prepare", xml)
+    assert result.returncode == 1
+    assert result.stderr.startswith("sevhook: g: validate: ") and "key usage 0x1002" in result.stderr
+
+
+def test_started_refuses_a_document_that_does_not_validate(run_hook, session_blobs):
+    """Without the full certificate check (the firmware has accepted <dhCert> by then), `started` still
+    refuses what `prepare` would have refused, before it touches the guest's monitor."""
+    godh, _ = session_blobs
+    xml = domain_xml("g", socket="/nonexistent/g.qmp", godh_b64=godh, session_b64=base64.b64encode(bytes(64)).decode())
+    result = run_hook("g", "started", xml)
+    assert result.returncode == 1
+    assert result.stderr.startswith("sevhook: g: validate: ") and "<session> decodes to 64 bytes" in result.stderr

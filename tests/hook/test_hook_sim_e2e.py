@@ -60,6 +60,23 @@ def test_attested_start_delivers_the_secret_and_runs(world, run_hook, guests, sh
     assert PASSPHRASE not in log and base64.b64encode(PASSPHRASE.encode()).decode()[:12] not in log
 
 
+def test_an_attestation_imports_neither_cryptography_nor_httpx(world, hook_script, guests, short_dir, hook_log):
+    """The attestation's time budget: <dhCert> was checked in full at `prepare`, and the broker client
+    is the standard library's (-X importtime lists every module the run imported)."""
+    socket_path = short_dir / "lean.qmp"
+    prepared = world.prepare("lean", socket_path)
+    guests.append(world.start_standalone(prepared))
+    python, flags = hook_script.read_text().splitlines()[0][2:].split()
+    result = subprocess.run([python, flags, "-X", "importtime", str(hook_script), "lean", "started", "begin", "-"],
+                            input=prepared.read_bytes(), capture_output=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "SEVHOOK_HOOK_LOG": str(hook_log)})
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert _status(socket_path) == "running"
+    imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
+    assert {"sevhook.monitor.qmp", "sevhook.broker.client"} <= imported
+    assert not [name for name in imported if name.split(".")[0] in ("cryptography", "httpx", "httpcore")]
+
+
 def test_changed_firmware_is_refused_and_gets_no_secret(world, run_hook, guests, short_dir):
     socket_path = short_dir / "fw.qmp"
     prepared = world.prepare("fwchanged", socket_path)
