@@ -111,7 +111,7 @@ def claim_for_the_hook(name: str) -> Iterator[None]:
 
 
 def open_broker(ref: BrokerRef, timeout: float, retries: int) -> BrokerPort:
-    from sevhook.broker.client import BrokerClient  # noqa: PLC0415  (httpx: only when asked)
+    from sevhook.broker.client import BrokerClient  # noqa: PLC0415  (only when asked)
 
     return BrokerClient(ref.url, ca_file=ref.ca_file, token_file=ref.token_file, timeout=timeout, retries=retries)
 
