@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 
 from sevhook.errors import UsageError
-from sevhook.files import write_private_file
+from sevhook.files import UnwritableFileError, write_private_file
 from sevhook.hook.steplog import LOG_ENV
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
@@ -66,7 +66,9 @@ def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, log_target: str | None = None) 
     try:
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_private_file(target, render_script(log_target=log_target), mode=0o755)
-    except OSError as exc:
+    except UnwritableFileError as exc:
+        raise UsageError(f"cannot write {target}: {exc.reason}; run as root or pass --hooks-dir") from None
+    except OSError as exc:  # the directory
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; run as root or pass --hooks-dir") from None
     return target
 

@@ -152,7 +152,7 @@ def host_platform(uri: str | None) -> tuple[str, str]:
     from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
     from sevhook.virt import open_connection  # noqa: PLC0415
 
-    connection = open_connection(uri, readonly=True)
+    connection = open_connection(uri)  # virNodeGetSEVInfo is refused on a read-only connection
     try:
         capabilities = host_capabilities(connection)
     finally:
@@ -205,9 +205,9 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    from sevhook.files import write_private_file  # noqa: PLC0415
+    from sevhook.files import UnwritableFileError, write_private_file  # noqa: PLC0415
 
     try:
         write_private_file(path, data, mode=0o644)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write the prepared domain ({exc.strerror or exc})") from None
+    except UnwritableFileError as exc:
+        raise UsageError(f"{path}: cannot write the prepared domain ({exc.reason})") from None

@@ -164,14 +164,15 @@ def start_marker(domain_name: str, directory: Path = RUNTIME_DIR) -> Iterator[Pa
     happens, if it is still this process's."""
     path = start_marker_path(domain_name, directory)
     marker = StartMarker.of_this_process()
-    try:
-        from sevhook.files import write_private_file  # noqa: PLC0415 - only sevhook start writes markers
+    from sevhook.files import UnwritableFileError, write_private_file  # noqa: PLC0415 - only sevhook start
 
+    try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private_file(path, marker.to_bytes())
-    except OSError as exc:
-        raise SevhookError(f"cannot write {path} ({exc.strerror or exc}), the marker that tells sevhook's libvirt "
-                           "hook this start is attested by sevhook start: run sevhook start as root") from None
+    except (OSError, UnwritableFileError) as exc:
+        reason = exc.reason if isinstance(exc, UnwritableFileError) else exc.strerror or exc
+        raise SevhookError(f"cannot write {path} ({reason}), the marker that tells sevhook's libvirt hook this "
+                           "start is attested by sevhook start: run sevhook start as root") from None
     try:
         yield path
     finally:

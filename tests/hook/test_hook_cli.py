@@ -129,3 +129,18 @@ def test_prepare_domain_errors_are_one_clear_line(world, tmp_path, change, words
     assert result.returncode == status, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.xml").exists()
+
+
+@pytest.mark.libvirt
+def test_prepare_domain_reads_the_platform_from_libvirt(libvirt_uri, tmp_path):
+    """-c asks libvirt's getSEVInfo (which needs a read-write connection); this host's QEMU has no
+    SEV, so libvirt's own refusal must come through as one clear line, and nothing is written."""
+    out = tmp_path / "prepared.xml"
+    result = cli("prepare-domain", "-", "--broker", "http://127.0.0.1:9", "--guest", GUEST_ID,
+                 "-c", libvirt_uri, "-o", str(out), stdin=domain_xml("plain-sev", socket=None))
+    assert result.returncode == 1
+    assert "getSEVInfo" in result.stderr and "QEMU does not support SEV" in result.stderr
+    assert "read only" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
