@@ -172,6 +172,9 @@ def test_failures_leave_the_domain_shut_off_with_the_hooks_message(world, conn, 
     expected = {"fw": "attest: the key broker refused", "down": "attest: ", "slow": "attest: ",
                 "nomon": "monitor: cannot connect", "unpaused": "paused-check: the guest was started running"}
     assert line.startswith(f"sevhook: {name}: {expected[case]}"), line
+    details = {"down": "cannot connect", "slow": "3 s budget ran out"}
+    if case in details:
+        assert details[case] in line, line
     assert _is_gone_or_off(conn, name)
     assert world.secrets(name) == []
     if case == "slow":
