@@ -11,26 +11,44 @@ if TYPE_CHECKING:
 
 
 def number_type(what: str) -> Callable[[str], int]:
-    """An argparse type: decimal or 0x-hex, with a usage error naming the option."""
+    """An argparse type: a non-negative decimal or 0x-hex number, so a bad one is a usage error (exit 2) from
+    argparse, which names the option, like any other bad option value."""
 
     def convert(text: str) -> int:
         from sevhook.errors import SevhookError  # noqa: PLC0415
         from sevhook.sev.policy import parse_number  # noqa: PLC0415
 
         try:
-            return parse_number(text, what)
-        except SevhookError as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
+            value = parse_number(text, what)
+        except SevhookError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (use decimal or 0x-hex)") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is negative; {what} takes 0 or more")
+        return value
 
     return convert
 
 
-def read_input(path: str | Path, what: str) -> bytes:
-    """A whole input file; an unreadable one is a usage error naming the option and the path."""
+MAX_INPUT_BYTES = 1 << 20
+"""The most read_input accepts: certificates, chains, keys and secrets are a few KiB, so anything larger
+(or endless, like /dev/zero) is the wrong file, refused instead of read into memory forever."""
+
+
+def read_input(path: str | Path, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """A whole (small) input file; an unreadable or oversized one is a usage error naming the option and the
+    path. Pipes such as `<(command)` work: at most `limit` + 1 bytes are read from anything."""
     from sevhook.errors import UsageError  # noqa: PLC0415
 
     try:
         with open(path, "rb") as stream:
-            return stream.read()
+            data = stream.read(limit + 1)
     except OSError as exc:
         raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path}: larger than the {_size_text(limit)} limit for this input; "
+                         "check that it is the right file")
+    return data
+
+
+def _size_text(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 and not size % (1 << 20) else f"{size} bytes"

@@ -4,9 +4,15 @@ boot inputs, and which input differs when a real launch disagrees. Registered un
 from __future__ import annotations
 
 import argparse
+import sys
 
+from sevhook.commands.arguments import number_type
 from sevhook.errors import UsageError
 from sevhook.sev.cpu_types import CPU_TYPES, CpuModel, cpu_model  # a small table without dependencies
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
+if TYPE_CHECKING:
+    from sevhook.sev.launch_digest import LaunchDigest
 
 MEASURE_EPILOG = """examples:
   sevhook owner measure --firmware OVMF.amdsev.fd
@@ -16,8 +22,12 @@ MEASURE_EPILOG = """examples:
       --vcpu-stepping 1 --host-kernel old
   sevhook owner measure --mode sev --firmware OVMF.fd --vmsa vmsa0.bin --vmsa vmsa1.bin
   sevhook owner measure --mode snp --firmware OVMF.amdsev.fd --vcpus 4 --vcpu-type EPYC-Genoa --output-format base64
+  sevhook owner measure --firmware OVMF.amdsev.fd --json --explain
 The digest is printed alone on the last line (SHA-256 for sev/seves, SHA-384 for snp); --explain first prints the
-hash of each measured component (firmware, kernel-hashes table, each VMSA) so two runs can be compared line by line."""
+hash of each measured component (firmware, kernel-hashes table, each VMSA) so two runs can be compared line by line.
+--json prints one object instead: digest, algorithm, mode, warnings (and with --explain, firmware and components).
+A firmware without an OVMF footer table is measured (as QEMU would) with a warning on stderr.
+exit status: 0 digest printed, 1 the inputs cannot be measured, 2 usage error"""
 
 DIAGNOSE_EPILOG = """examples:
   sevhook owner diagnose-mismatch --measurement "$(virsh domlaunchsecinfo guest | awk '/measurement/{print $3}')" \\
@@ -27,7 +37,8 @@ DIAGNOSE_EPILOG = """examples:
       --policy 0x1 --firmware OVMF.fd
 Tries vCPU counts 1..--max-vcpus, every known EPYC CPU identity (plus --vcpu-type/--vcpu-family... if given),
 kernel hashes on and off, host kernel old and 6.10, guest features 0 and 0x20 and both measurement forms.
-exit status: 0 when a combination reproduces the measurement, 1 when none does."""
+--json prints {"match", "tried", "searched", "matches": [...], "warnings"} instead of the text report.
+exit status: 0 when a combination reproduces the measurement, 1 when none does, 2 usage error."""
 
 
 def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +52,8 @@ def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> 
                          help="guest type (default sev; sev with --vmsa measures given VMSA pages)")
     _add_boot_inputs(measure)
     _add_cpu_options(measure)
-    measure.add_argument("--vcpus", metavar="N", help="number of vCPUs (seves, snp)")
-    measure.add_argument("--guest-features", metavar="N",
+    measure.add_argument("--vcpus", metavar="N", type=number_type("--vcpus"), help="number of vCPUs (seves, snp)")
+    measure.add_argument("--guest-features", metavar="N", type=number_type("--guest-features"),
                          help="SEV features in each VMSA (default 0 for seves, 0x1 for snp)")
     measure.add_argument("--host-kernel", choices=("old", "6.10"), default="6.10",
                          help="host kernel VMSA variant: 6.10 and later set MXCSR/FCW (default), 'old' leaves them 0")
@@ -51,6 +62,8 @@ def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> 
     measure.add_argument("--output-format", choices=("hex", "base64"), default="hex",
                          help="digest format (default hex)")
     measure.add_argument("--explain", action="store_true", help="print each measured component's hash first")
+    measure.add_argument("--json", action="store_true",
+                         help="print one JSON object (digest, algorithm, mode, warnings; components with --explain)")
     measure.set_defaults(func=run_measure)
 
     diagnose = owner_subparsers.add_parser(
@@ -63,10 +76,13 @@ def register_owner_subcommands(owner_subparsers: argparse._SubParsersAction) -> 
     diagnose.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
     for name, what in (("--api-major", "platform API major"), ("--api-minor", "platform API minor"),
                        ("--build-id", "platform firmware build id"), ("--policy", "the guest's SEV policy")):
-        diagnose.add_argument(name, metavar="N", required=True, help=f"{what} (decimal or 0x-hex)")
+        diagnose.add_argument(name, metavar="N", required=True, type=number_type(name),
+                              help=f"{what} (decimal or 0x-hex)")
     _add_boot_inputs(diagnose)
     _add_cpu_options(diagnose)
-    diagnose.add_argument("--max-vcpus", metavar="N", default="64", help="largest vCPU count to try (default 64)")
+    diagnose.add_argument("--max-vcpus", metavar="N", type=number_type("--max-vcpus"), default=64,
+                          help="largest vCPU count to try (default 64)")
+    diagnose.add_argument("--json", action="store_true", help="print the matches and the search summary as JSON")
     diagnose.set_defaults(func=run_diagnose)
 
 
@@ -79,19 +95,15 @@ def _add_boot_inputs(parser: argparse.ArgumentParser) -> None:
 
 def _add_cpu_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpu-type", metavar="NAME", help=f"QEMU CPU model, one of: {', '.join(CPU_TYPES)}")
-    parser.add_argument("--vcpu-family", metavar="F", help="CPU family (with --vcpu-model/--vcpu-stepping)")
-    parser.add_argument("--vcpu-model", metavar="M", help="CPU model number")
-    parser.add_argument("--vcpu-stepping", metavar="S", help="CPU stepping")
+    parser.add_argument("--vcpu-family", metavar="F", type=number_type("--vcpu-family"),
+                        help="CPU family (with --vcpu-model/--vcpu-stepping)")
+    parser.add_argument("--vcpu-model", metavar="M", type=number_type("--vcpu-model"), help="CPU model number")
+    parser.add_argument("--vcpu-stepping", metavar="S", type=number_type("--vcpu-stepping"), help="CPU stepping")
 
 
-def _number(text: str | None, option: str) -> int | None:
-    """A decimal or 0x-hex option value, None when the option is not given (the parser's module is imported
-    only then: plain `--mode sev` runs do without it)."""
-    if text is None:
-        return None
-    from sevhook.sev.policy import parse_number  # noqa: PLC0415
-
-    return parse_number(text, option)
+def _warn(messages: tuple[str, ...]) -> None:
+    for message in messages:
+        print(f"sevhook: warning: {message}", file=sys.stderr)
 
 
 def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
@@ -104,9 +116,7 @@ def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
         return None
     if any(value is None for value in explicit):
         raise UsageError("--vcpu-family, --vcpu-model and --vcpu-stepping go together: give all three")
-    family, model, stepping = (_number(value, name) for value, name in
-                               zip(explicit, ("--vcpu-family", "--vcpu-model", "--vcpu-stepping")))
-    return CpuModel(family, model, stepping)
+    return CpuModel(*explicit)
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -114,8 +124,7 @@ def run_measure(args: argparse.Namespace) -> int:
     from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel  # noqa: PLC0415
 
     cpu = _cpu_from_args(args)
-    vcpus = _number(args.vcpus, "--vcpus")
-    guest_features = _number(args.guest_features, "--guest-features")
+    vcpus, guest_features = args.vcpus, args.guest_features
     builds_vmsas = args.mode == "snp" or (args.mode == "seves" and not args.vmsa)
     if args.vmsa and args.mode == "snp":
         raise UsageError("--vmsa is for sev/seves; SNP VMSAs are built from --vcpus and the CPU type")
@@ -138,6 +147,12 @@ def run_measure(args: argparse.Namespace) -> int:
         result = measure_seves(args.firmware, vcpus, cpu.signature, *kernel_args, features, host_kernel)
     else:
         result = measure_sev(args.firmware, *kernel_args, vmsas=args.vmsa)
+    _warn(result.warnings)
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(_measure_json(args, result), indent=2))
+        return 0
     if args.explain:
         from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
 
@@ -151,11 +166,27 @@ def run_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_json(args: argparse.Namespace, result: LaunchDigest) -> dict[str, object]:
+    """`measure --json`: the digest in the chosen format, the mode, and with --explain what was measured."""
+    import base64  # noqa: PLC0415
+
+    data = result.to_json()
+    components = data.pop("components")
+    data["mode"] = args.mode
+    if args.output_format == "base64":
+        data["digest"] = base64.b64encode(result.digest).decode()
+    data["format"] = args.output_format
+    if args.explain:
+        from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
+
+        data["firmware"] = OvmfFooter.read(args.firmware).describe()
+        data["components"] = components
+    return data
+
+
 def run_diagnose(args: argparse.Namespace) -> int:
     from sevhook.sev.diagnose import diagnose_mismatch  # noqa: PLC0415
     from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
-    from sevhook.sev.policy import parse_number  # noqa: PLC0415
-
     from sevhook.sev.session import read_key_file  # noqa: PLC0415
 
     measurement = LaunchMeasurement.parse(args.measurement, "--measurement")
@@ -163,11 +194,16 @@ def run_diagnose(args: argparse.Namespace) -> int:
     cpu = _cpu_from_args(args)
     diagnosis = diagnose_mismatch(
         measurement, tik,
-        parse_number(args.api_major, "--api-major"), parse_number(args.api_minor, "--api-minor"),
-        parse_number(args.build_id, "--build-id"), parse_number(args.policy, "--policy"),
+        args.api_major, args.api_minor, args.build_id, args.policy,
         args.firmware, args.kernel, args.initrd, args.cmdline,
-        max_vcpus=parse_number(args.max_vcpus, "--max-vcpus"),
+        max_vcpus=args.max_vcpus,
         extra_cpus=(cpu,) if cpu is not None else (),
     )
-    print("\n".join(diagnosis.report()))
+    _warn(diagnosis.warnings)
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(diagnosis.to_json(), indent=2))
+    else:
+        print("\n".join(diagnosis.report()))
     return 0 if diagnosis.matches else 1

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from sevhook.commands.arguments import number_type, read_input
-from sevhook.errors import FormatError, UsageError
+from sevhook.errors import FormatError, UsageError, VerificationError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ def cmd_verify_chain(args: argparse.Namespace) -> int:
 
     chain = _load_chain(args.chain, args.pdh, args.ark, args.ask)
     report = verify_chain(chain, _trust_anchors(args.trust_anchor))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if report.ok else 1
     for link in report.links:
         print(f"{'ok' if link.ok else 'FAIL':<5} {link.name}: {link.why}")
     if report.ok:
@@ -73,10 +77,12 @@ def cmd_session(args: argparse.Namespace) -> int:
     policy = SevPolicy(args.policy)
     pdh_bytes = maybe_base64(read_input(args.pdh, "PDH file"))
     pdh = SevCertificate.parse(pdh_bytes, f"PDH file {args.pdh}")
+    root: str | None = None  # the chain's root, when verified
     if args.chain:
         chain = _load_chain(args.chain, args.pdh, args.ark, args.ask)
-        report = chain.verify(_trust_anchors(args.trust_anchor))
-        print(f"chain valid: PDH certified by {report.root}")
+        root = chain.verify(_trust_anchors(args.trust_anchor)).root
+        if not args.json:
+            print(f"chain valid: PDH certified by {root}")
     elif args.insecure_skip_chain:
         _warn("the PDH's certificate chain was NOT verified (--insecure-skip-chain): a host could have "
               "substituted its own key and will be able to read the TEK/TIK")
@@ -87,6 +93,10 @@ def cmd_session(args: argparse.Namespace) -> int:
         )
     session = create_session(pdh, policy.value)
     paths = session.write_files(args.out_dir, args.name)
+    if args.json:
+        print(json.dumps({"policy": policy.value, "policy_description": policy.describe(), "chain_root": root,
+                          "files": {kind: str(path) for kind, path in paths.items()}}, indent=2))
+        return 0
     print(f"policy {policy.describe()}")
     for path in paths.values():
         print(f"wrote {path}")
@@ -118,8 +128,8 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
         raise
     for option, paths in (("firmware", [args.firmware]), ("kernel", [args.kernel]), ("initrd", [args.initrd]),
                           ("vmsa", args.vmsa or [])):
-        for path in paths:
-            if path and not Path(path).is_file():
+        for path in paths:  # devices, pipes and directories are refused when the file is opened
+            if path and not Path(path).exists():
                 raise UsageError(f"--{option} {path}: no such file")
     return sev_launch_digest(
         Path(args.firmware),
@@ -130,31 +140,75 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
     )
 
 
+MISMATCH_ADVICE = (
+    "check that the TIK is this launch's, that api/build/policy are the platform's (query-sev) and the guest's, "
+    "and that firmware, kernel, initrd, cmdline and VMSAs are exactly what QEMU loaded "
+    "(`sevhook owner diagnose-mismatch` helps)"
+)
+
+
+def _expected_measurement(args: argparse.Namespace, tik: bytes, mnonce: bytes) -> tuple[bytes, bytes]:
+    """(launch digest, measurement the platform should report) from the options describing the launch."""
+    from sevhook.sev.measurement import compute_measurement
+
+    digest = _launch_digest_from_args(args)
+    return digest, compute_measurement(tik, args.api_major, args.api_minor, args.build_id, args.policy, digest, mnonce)
+
+
 def cmd_verify_measurement(args: argparse.Namespace) -> int:
     import hmac
 
-    from sevhook.sev.measurement import LaunchMeasurement, compute_measurement
+    from sevhook.sev.measurement import LaunchMeasurement
     from sevhook.sev.session import read_key_file
 
     reported = LaunchMeasurement.parse(args.measurement, "--measurement")
     tik = read_key_file(args.tik, "TIK")
-    digest = _launch_digest_from_args(args)
-    expected = compute_measurement(
-        tik, args.api_major, args.api_minor, args.build_id, args.policy, digest, reported.mnonce
-    )
-    print(f"launch digest:        {digest.hex()}")
-    print(f"expected measurement: {expected.hex()}")
-    print(f"reported measurement: {reported.measurement.hex()}")
-    if hmac.compare_digest(expected, reported.measurement):
-        print("measurement matches")
+    digest, expected = _expected_measurement(args, tik, reported.mnonce)
+    match = hmac.compare_digest(expected, reported.measurement)
+    if args.json:
+        print(json.dumps({"launch_digest": digest.hex(), "expected": expected.hex(),
+                          "actual": reported.measurement.hex(), "match": match}, indent=2))
+    else:
+        print(f"launch digest:        {digest.hex()}")
+        print(f"expected measurement: {expected.hex()}")
+        print(f"reported measurement: {reported.measurement.hex()}")
+    if match:
+        if not args.json:
+            print("measurement matches")
         return 0
-    print(
-        "measurement MISMATCH: check that the TIK is this launch's, that api/build/policy are the platform's "
-        "(query-sev) and the guest's, and that firmware, kernel, initrd, cmdline and VMSAs are exactly what "
-        "QEMU loaded (`sevhook owner diagnose-mismatch` helps)",
-        file=sys.stderr,
-    )
+    print(f"measurement MISMATCH: {MISMATCH_ADVICE}", file=sys.stderr)
     return 1
+
+
+CHECK_OPTIONS = ("launch_digest", "firmware", "kernel", "initrd", "cmdline", "vmsa", "build_id", "policy")
+
+
+def _check_measurement_for_secret(args: argparse.Namespace, measurement: bytes, tik: bytes) -> None:
+    """Refuse to wrap secrets for a launch whose measurement is not the expected one, when the launch is
+    described; otherwise say plainly that nothing was checked (the caller then vouches for the measurement)."""
+    import hmac
+
+    from sevhook.sev.measurement import LAUNCH_MEASUREMENT_SIZE, MEASUREMENT_SIZE
+
+    if all(getattr(args, name) is None for name in CHECK_OPTIONS):
+        _warn("the measurement was NOT checked: pass --launch-digest HEX (or --firmware FILE ...) with "
+              "--api-major/--api-minor/--build-id/--policy to refuse a launch that is not the expected one, "
+              "or run `sevhook owner verify-measurement` first")
+        return
+    missing = [option for option, value in (("--api-major", args.api_major), ("--api-minor", args.api_minor),
+                                            ("--build-id", args.build_id), ("--policy", args.policy))
+               if value is None]
+    if not (args.launch_digest or args.firmware):
+        missing.append("--launch-digest or --firmware")
+    if missing:
+        raise UsageError(f"checking the measurement before wrapping also needs {', '.join(missing)}")
+    if len(measurement) != LAUNCH_MEASUREMENT_SIZE:
+        raise UsageError(f"--measurement: checking it needs all {LAUNCH_MEASUREMENT_SIZE} bytes "
+                         "(measurement and mnonce), as QEMU/libvirt report them")
+    _, expected = _expected_measurement(args, tik, measurement[MEASUREMENT_SIZE:])
+    if not hmac.compare_digest(expected, measurement[:MEASUREMENT_SIZE]):
+        raise VerificationError(f"measurement MISMATCH, so no secret was wrapped and nothing written: {MISMATCH_ADVICE}")
+    print("measurement matches the expected launch", file=sys.stderr)
 
 
 def _parse_secret_option(text: str) -> tuple[str, str]:
@@ -202,7 +256,6 @@ def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
 def cmd_secret(args: argparse.Namespace) -> int:
     import base64
     import binascii
-    import json
     from pathlib import Path
 
     from sevhook.files import write_private_file
@@ -229,6 +282,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
             raise UsageError(f"--iv: {len(iv)} bytes, expected 16")
     tek = read_key_file(args.tek, "TEK")
     tik = read_key_file(args.tik, "TIK")
+    _check_measurement_for_secret(args, measurement, tik)
     table = SecretTable(tuple(_secret_entries(args))).build()
     if len(table) > SECRET_AREA_SIZE:
         raise FormatError(f"secret table is {len(table)} bytes; OVMF's secret area holds {SECRET_AREA_SIZE}")
@@ -270,6 +324,22 @@ def _add_chain_sources(parser: argparse.ArgumentParser) -> None:
                         help="trust this non-AMD ARK (file name = its name); repeatable")
 
 
+def _add_json(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--json", action="store_true", help=help_text)
+
+
+def _add_launch_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
+    """What the expected launch digest comes from: the digest itself, or the firmware and boot inputs."""
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--launch-digest", metavar="HEX", help="expected SHA-256 launch digest")
+    source.add_argument("--firmware", metavar="FILE", help="OVMF image to compute the launch digest from")
+    parser.add_argument("--kernel", metavar="FILE", help="kernel for measured direct boot")
+    parser.add_argument("--initrd", metavar="FILE", help="initrd for measured direct boot")
+    parser.add_argument("--cmdline", metavar="S", help="kernel command line for measured direct boot")
+    parser.add_argument("--vmsa", metavar="FILE", action="append",
+                        help="SEV-ES VMSA page (4096 bytes); repeat per vCPU")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     owner = subparsers.add_parser(
         "owner",
@@ -286,11 +356,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "examples:\n  sevhook owner verify-chain full_chain.bin            # sevctl export --full\n"
                 "  sevhook owner verify-chain cert_chain.b64 --pdh pdh.b64 --ark ask_ark_milan.cert\n"
                 "  sevhook owner verify-chain sim_chain.bin --trust-anchor sim_ark.cert\n"
+                "  sevhook owner verify-chain full_chain.bin --json   # {\"ok\", \"root\", \"links\": [{name, ok, why}]}\n"
                 "exit status: 0 valid, 1 invalid, 2 usage error")
     p.add_argument("chain", metavar="CHAIN",
                    help="PDH|PEK|OCA|CEK[|ASK|ARK] or PEK|OCA|CEK (raw or base64)")
     p.add_argument("--pdh", metavar="FILE", help="PDH certificate (raw or base64), for PEK|OCA|CEK chains")
     _add_chain_sources(p)
+    _add_json(p, "print {ok, root, links: [{name, ok, why}]} instead of text")
     p.set_defaults(func=cmd_verify_chain)
 
     p = _parser(owner_subparsers, "session", "make LAUNCH_START files (GODH, session blob, TEK, TIK) for a platform",
@@ -298,7 +370,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "  sevhook owner session --pdh pdh.b64 --chain cert_chain.b64 --ark ask_ark_milan.cert \\\n"
                 "      --policy 0x05 --out-dir keys\n"
                 "writes NAME_godh.b64 and NAME_session.b64 (for QEMU dh-cert-file/session-file or libvirt\n"
-                "<dhCert>/<session>) and NAME_tek.bin, NAME_tik.bin (keep them secret), all mode 0600")
+                "<dhCert>/<session>) and NAME_tek.bin, NAME_tik.bin (keep them secret), all mode 0600;\n"
+                "--json prints {policy, policy_description, chain_root, files: {kind: path}} (never the keys)")
     p.add_argument("--pdh", metavar="FILE", required=True, help="the platform's PDH certificate (raw or base64)")
     p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy, decimal or 0x-hex")
     p.add_argument("--out-dir", metavar="DIR", required=True, help="existing directory for the four files")
@@ -307,6 +380,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_chain_sources(p)
     p.add_argument("--insecure-skip-chain", action="store_true",
                    help="make a session without verifying the PDH (tests only)")
+    _add_json(p, "print the policy and the files written as JSON")
     p.set_defaults(func=cmd_session)
 
     p = _parser(owner_subparsers, "verify-measurement", "check a LAUNCH_MEASURE result against expected inputs",
@@ -316,6 +390,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "      --cmdline 'console=ttyS0'\n"
                 "  sevhook owner verify-measurement --measurement B64 --tik tik.bin --api-major 0 --api-minor 24 \\\n"
                 "      --build-id 15 --policy 0 --launch-digest e3b0c442...\n"
+                "--json prints {launch_digest, expected, actual, match} (hex) instead of text\n"
                 "exit status: 0 match, 1 mismatch, 2 usage error")
     p.add_argument("--measurement", metavar="B64", required=True, help="base64 of measurement||mnonce (48 bytes)")
     p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
@@ -323,25 +398,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", required=True, help="platform API minor")
     p.add_argument("--build-id", type=number_type("--build-id"), metavar="N", required=True, help="platform build id")
     p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--launch-digest", metavar="HEX", help="expected SHA-256 launch digest")
-    source.add_argument("--firmware", metavar="FILE", help="OVMF image to compute the launch digest from")
-    p.add_argument("--kernel", metavar="FILE", help="kernel for measured direct boot")
-    p.add_argument("--initrd", metavar="FILE", help="initrd for measured direct boot")
-    p.add_argument("--cmdline", metavar="S", help="kernel command line for measured direct boot")
-    p.add_argument("--vmsa", metavar="FILE", action="append", help="SEV-ES VMSA page (4096 bytes); repeat per vCPU")
+    _add_launch_inputs(p, required=True)
+    _add_json(p, "print {launch_digest, expected, actual, match} instead of text")
     p.set_defaults(func=cmd_verify_measurement)
 
-    p = _parser(owner_subparsers, "secret", "wrap secrets for LAUNCH_SECRET after checking the measurement",
+    p = _parser(owner_subparsers, "secret",
+                "wrap secrets for LAUNCH_SECRET, checking the measurement first when the expected launch is given",
                 "examples:\n  sevhook owner secret --tek keys/vm1_tek.bin --tik keys/vm1_tik.bin --measurement B64 \\\n"
+                "      --api-major 1 --api-minor 40 --build-id 40 --policy 0x3 --firmware OVMF.amdsev.fd \\\n"
                 "      --disk-passphrase luks.txt --out-dir keys\n"
                 "  sevhook owner secret --tek tek.bin --tik tik.bin --measurement B64 \\\n"
                 "      --secret 736869e5-84f0-4973-92ec-06879ce3da0b:pass_with_nul.bin\n"
                 "prints {\"header\": base64, \"secret\": base64} for QMP sev-inject-launch-secret or\n"
-                "virDomainSetLaunchSecurityState; --out-dir also writes secret_header/secret_payload .bin and .b64")
+                "virDomainSetLaunchSecurityState; --out-dir also writes secret_header/secret_payload .bin and .b64.\n"
+                "With --launch-digest or --firmware (and --api-major/--api-minor/--build-id/--policy) the measurement\n"
+                "is checked as verify-measurement does, and a mismatch exits 1 with nothing printed or written.\n"
+                "Without them the measurement is NOT checked (a warning says so): verify it first.\n"
+                "exit status: 0 wrapped, 1 measurement mismatch or bad input, 2 usage error")
     p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
     p.add_argument("--tek", metavar="FILE", required=True, help="the session's 16-byte TEK file")
-    p.add_argument("--measurement", metavar="B64", required=True, help="the verified launch measurement (base64)")
+    p.add_argument("--measurement", metavar="B64", required=True,
+                   help="the launch measurement (base64; all 48 bytes when it is to be checked)")
     p.add_argument("--secret", metavar="GUID:FILE", action="append", help="an entry: the file's bytes as they are")
     p.add_argument("--disk-passphrase", metavar="FILE",
                    help="grub/LUKS passphrase (GUID 736869e5-...): one trailing newline dropped, NUL added")
@@ -349,6 +426,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", help="platform API major (with --api-minor; < 0.17 "
                    "selects the older MAC)")
     p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", help="platform API minor")
+    p.add_argument("--build-id", type=number_type("--build-id"), metavar="N",
+                   help="platform build id (to check the measurement)")
+    p.add_argument("--policy", type=number_type("--policy"), metavar="N", help="guest policy (to check the measurement)")
+    _add_launch_inputs(p, required=False)
     p.add_argument("--out-dir", metavar="DIR", help="also write header and payload files here (0600)")
     p.set_defaults(func=cmd_secret)
 

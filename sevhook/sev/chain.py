@@ -172,6 +172,11 @@ class ChainReport:
     def failures(self) -> tuple[ChainLink, ...]:
         return tuple(link for link in self.links if not link.ok)
 
+    def to_json(self) -> dict[str, object]:
+        """The verdict and every link as JSON-ready data, for `owner verify-chain --json`."""
+        return {"ok": self.ok, "root": self.root or None,
+                "links": [{"name": link.name, "ok": link.ok, "why": link.why} for link in self.links]}
+
 
 def _check(name: str, check: Callable[[], str]) -> ChainLink:
     try:

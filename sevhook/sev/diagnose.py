@@ -40,6 +40,19 @@ class Candidate:
     host_kernel: HostKernel | None = None
     sev_features: int | None = None
 
+    def to_json(self) -> dict[str, object]:
+        """The combination's fields as JSON-ready data (None for the SEV-ES fields of a plain SEV launch)."""
+        return {
+            "kernel_hashes": self.kernel_hashes,
+            "pre_017_form": self.pre_017_form,
+            "vcpus": self.vcpus,
+            "cpu": None if self.cpu is None else {"family": self.cpu.family, "model": self.cpu.model,
+                                                  "stepping": self.cpu.stepping, "signature": self.cpu.signature},
+            "cpu_names": list(self.cpu_names),
+            "host_kernel": None if self.host_kernel is None else self.host_kernel.value,
+            "sev_features": self.sev_features,
+        }
+
     def describe(self) -> str:
         parts = ["kernel hashes " + ("on" if self.kernel_hashes else "off")]
         if self.vcpus is not None and self.cpu is not None and self.host_kernel is not None:
@@ -61,6 +74,21 @@ class Diagnosis:
     matches: tuple[tuple[Candidate, bytes], ...]
     tried: int
     searched: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    """Doubts about the inputs (e.g. a firmware without an OVMF footer), printed on stderr by the CLI."""
+
+    def to_json(self) -> dict[str, object]:
+        """The matches and a summary of the search, for `owner diagnose-mismatch --json`."""
+        return {
+            "match": bool(self.matches),
+            "tried": self.tried,
+            "searched": list(self.searched),
+            "matches": [
+                {"description": candidate.describe(), "launch_digest": digest.hex(), **candidate.to_json()}
+                for candidate, digest in self.matches
+            ],
+            "warnings": list(self.warnings),
+        }
 
     def report(self) -> list[str]:
         lines = [f"tried {self.tried} combinations: " + "; ".join(self.searched)]
@@ -145,7 +173,7 @@ def diagnose_mismatch(
         searched.append("SEV without VMSAs (the policy has no ES bit)")
         for table, state in prefixes:
             check(state.digest(), Candidate(kernel_hashes=table, pre_017_form=False))
-        return Diagnosis(tuple(matches), tried, tuple(searched))
+        return Diagnosis(tuple(matches), tried, tuple(searched), tuple(footer.warnings()))
 
     models = distinct_models()
     for extra in extra_cpus:
@@ -168,5 +196,5 @@ def diagnose_mismatch(
                         check(running.copy().digest(), Candidate(
                             kernel_hashes=table, pre_017_form=False, vcpus=vcpus, cpu=cpu, cpu_names=tuple(names),
                             host_kernel=host_kernel, sev_features=features))
-    return Diagnosis(tuple(matches), tried, tuple(searched))
+    return Diagnosis(tuple(matches), tried, tuple(searched), tuple(footer.warnings()))
 

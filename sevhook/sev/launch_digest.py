@@ -42,6 +42,19 @@ class LaunchDigest:
     digest: bytes
     algorithm: str
     components: tuple[Component, ...]
+    warnings: tuple[str, ...] = ()
+    """Doubts about the inputs that do not stop the measurement (e.g. a firmware without an OVMF footer)."""
+
+    def to_json(self) -> dict[str, object]:
+        """The digest and its components as JSON-ready data, for `owner measure --json`."""
+        return {
+            "digest": self.digest.hex(),
+            "algorithm": self.algorithm,
+            "components": [
+                {"name": c.name, "size": c.size, "digest": c.digest.hex(), "detail": c.detail} for c in self.components
+            ],
+            "warnings": list(self.warnings),
+        }
 
     def explain(self) -> list[str]:
         lines = []
@@ -106,7 +119,7 @@ def _finish(
     for name, page, detail in pages:
         running.update(page)
         components.append(Component(name, len(page), hashlib.sha256(page).digest(), detail))
-    return LaunchDigest(running.digest(), "sha256", tuple(components))
+    return LaunchDigest(running.digest(), "sha256", tuple(components), tuple(footer.warnings()))
 
 
 def read_vmsa_page(source: BinaryInput) -> bytes:

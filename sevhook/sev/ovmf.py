@@ -88,6 +88,9 @@ class OvmfFooter:
         metadata wherever it is)."""
         name = input_name(firmware, "firmware")
         with open_input(firmware, "firmware") as (stream, size):
+            if size == 0:
+                raise FormatError(f"{name} is empty: give the OVMF flash image QEMU loads "
+                                  "(e.g. /usr/share/OVMF/OVMF.amdsev.fd, libvirt's <loader>)")
             tail_start = max(0, size - _TAIL_SIZE)
             tail = _read_at(stream, tail_start, size - tail_start, name)
             entries = _parse_table(tail, name)
@@ -120,6 +123,15 @@ class OvmfFooter:
         if data is None:
             return None
         return _u32(data, 0, self.name, "SEV-ES reset block") or None
+
+    def warnings(self) -> list[str]:
+        """What a launch digest of this image should come with: an image without the footer table (SeaBIOS,
+        a random file, a non-SEV OVMF) is still measured by QEMU, but is almost certainly not what was meant."""
+        if self.entries:
+            return []
+        return [f"{self.name} has no OVMF footer GUID table, so it is not an SEV-capable OVMF build (no launch "
+                "secret area, kernel hashes or SEV-ES): QEMU would measure it as given, but check that it is the "
+                "firmware the guest boots"]
 
     def require_hash_table(self) -> GuestRegion:
         region = self.hash_table

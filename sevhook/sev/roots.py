@@ -13,6 +13,9 @@ from pathlib import Path
 from sevhook.errors import FormatError, UsageError
 from sevhook.sev.certs import AmdCertificate, Usage, parse_ca_bundle
 
+MAX_ANCHOR_BYTES = 64 * 1024
+"""An ASK||ARK bundle is about 2 KiB: a bigger trust-anchor file is the wrong file (or endless), not read whole."""
+
 
 @dataclass(frozen=True)
 class PinnedRoot:
@@ -75,9 +78,13 @@ class TrustAnchor:
         """Read an ARK file, or an ASK||ARK bundle (the ARK is taken); named after the file by default."""
         path = Path(path)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as stream:
+                data = stream.read(MAX_ANCHOR_BYTES + 1)
         except OSError as exc:
             raise UsageError(f"trust anchor {path}: cannot read it ({exc.strerror})") from None
+        if len(data) > MAX_ANCHOR_BYTES:
+            raise UsageError(f"trust anchor {path}: larger than {MAX_ANCHOR_BYTES} bytes, too large for an ARK "
+                             "or ASK||ARK bundle; check that it is the right file")
         try:
             ark = AmdCertificate.parse(data, f"trust anchor {path}")
         except FormatError as single_error:

@@ -100,15 +100,21 @@ def build_session_blob(
     )
 
 
+_KEY_FILE_READ_LIMIT = 4096
+
+
 def read_key_file(path: Path | str, what: str) -> bytes:
-    """Read a raw 16-byte TEK/TIK file (as sevctl writes NAME_tek.bin / NAME_tik.bin)."""
+    """Read a raw 16-byte TEK/TIK file (as sevctl writes NAME_tek.bin / NAME_tik.bin); at most a page is read,
+    enough to name a wrong file's size, so an endless one (/dev/zero) cannot hang the read."""
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as stream:
+            data = stream.read(_KEY_FILE_READ_LIMIT + 1)
     except OSError as exc:
         raise UsageError(f"{what} file {path}: cannot read it ({exc.strerror})") from None
     if len(data) != KEY_SIZE:
+        size = f"{len(data)} bytes" if len(data) <= _KEY_FILE_READ_LIMIT else f"more than {_KEY_FILE_READ_LIMIT} bytes"
         raise FormatError(
-            f"{what} file {path}: {len(data)} bytes, expected a raw {KEY_SIZE}-byte key "
+            f"{what} file {path}: {size}, expected a raw {KEY_SIZE}-byte key "
             "(sevctl's NAME_tek.bin / NAME_tik.bin; sev-tool's tmp_tk.bin holds TEK then TIK: split it)"
         )
     return data

@@ -71,7 +71,6 @@ def test_snp_defaults_guest_features_to_snp_active(capsys: pytest.CaptureFixture
       "--vcpu-family", "23"), 2, "not both"),
     (("--mode", "seves", "--firmware", str(TRIMMED), "--vcpus", "2", "--vcpu-family", "23"), 2, "give all three"),
     (("--mode", "seves", "--firmware", str(TRIMMED), "--vcpus", "0", "--vcpu-type", "EPYC"), 2, "vCPU count"),
-    (("--mode", "seves", "--firmware", str(TRIMMED), "--vcpus", "two", "--vcpu-type", "EPYC"), 1, "--vcpus"),
     (("--firmware", str(TRIMMED), "--vcpus", "2"), 2, "only apply when VMSAs are built"),
     (("--mode", "snp", "--firmware", str(AMDSEV), "--vmsa", str(TRIMMED)), 2, "--vmsa is for sev/seves"),
     (("--firmware", str(TRIMMED), "--vmsa", str(VECTORS / "sevctl" / "secret_tik1.bin")), 2, "exactly 4096 bytes"),
@@ -85,6 +84,15 @@ def test_bad_input_gives_one_clear_message(capsys: pytest.CaptureFixture[str], a
     result, out, err = run(capsys, *args)
     assert result == code
     assert message in err and "Traceback" not in err and out == ""
+
+
+def test_bad_number_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A number option that is not a number is refused by argparse (exit 2), like every other bad option value."""
+    with pytest.raises(SystemExit) as exited:
+        main(["owner", "measure", "--mode", "seves", "--firmware", str(TRIMMED), "--vcpus", "two",
+              "--vcpu-type", "EPYC"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--vcpus" in err and "'two' is not a number" in err
 
 
 def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sevhook.errors import FormatError, SevhookError, UsageError
+from sevhook.sev.diagnose import diagnose_mismatch
 from sevhook.sev.kernel_hashes import KernelHashes
-from sevhook.sev.launch_digest import sev_launch_digest, seves_launch_digest
+from sevhook.sev.launch_digest import measure_sev, sev_launch_digest, seves_launch_digest
+from sevhook.sev.measurement import LaunchMeasurement
 from sevhook.sev.ovmf import (
     FOOTER_GUID,
     HASH_TABLE_GUID,
@@ -157,6 +159,19 @@ def test_vmsa_parse_rejects_foreign_pages() -> None:
         Vmsa.parse(bytes(page))
     with pytest.raises(FormatError, match="4096 bytes"):
         Vmsa.parse(bytes(100))
+
+
+def test_empty_firmware_is_refused_and_a_footerless_one_warned_about(tmp_path: Path) -> None:
+    (tmp_path / "empty.fd").write_bytes(b"")
+    for empty in (b"", tmp_path / "empty.fd"):
+        with pytest.raises(FormatError, match="is empty"):
+            sev_launch_digest(empty)
+    plain = measure_sev(bytes(range(256)) * 16)
+    assert len(plain.warnings) == 1 and "not an SEV-capable OVMF build" in plain.warnings[0]
+    assert plain.to_json()["warnings"] == list(plain.warnings)
+    assert measure_sev(build_image([(SECRET_AREA_GUID, struct.pack("<II", 0x80C000, 0xC00))])).warnings == ()
+    diagnosis = diagnose_mismatch(LaunchMeasurement(bytes(32), bytes(16)), bytes(16), 1, 40, 40, 0, bytes(4096))
+    assert not diagnosis.matches and diagnosis.warnings and diagnosis.to_json()["warnings"] == list(diagnosis.warnings)
 
 
 _GUIDS = st.sampled_from([HASH_TABLE_GUID, SECRET_AREA_GUID, RESET_BLOCK_GUID, SNP_METADATA_GUID, FOOTER_GUID])
