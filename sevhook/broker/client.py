@@ -238,7 +238,7 @@ class BrokerClient:
                         last_problem = f"server error {answer.status}"
                     else:
                         raise _refusal(answer)
-            log.warning("broker %s %s: %s (attempt %d of %d)", method, path, last_problem, attempt + 1,
+            log.info("broker %s %s: %s (attempt %d of %d)", method, path, last_problem, attempt + 1,
                         self.retries + 1)
         raise BrokerUnavailable(f"the key broker at {self.url} is unavailable: {last_problem}; "
                                 "check that it runs and that the URL is right")

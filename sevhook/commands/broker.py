@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sevhook.commands.arguments import read_input
+from sevhook.commands.arguments import number_type, read_input
 
 EPILOG = """examples:
   sevhook broker init --data-dir /var/lib/sevhook-broker
@@ -110,10 +110,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     guest.add_argument("--kernel", type=Path, help="direct-boot kernel measured with --firmware")
     guest.add_argument("--initrd", type=Path, help="direct-boot initrd measured with --firmware")
     guest.add_argument("--cmdline", help="direct-boot kernel command line measured with --firmware")
-    guest.add_argument("--policy", action="append", default=[], metavar="N",
+    guest.add_argument("--policy", action="append", default=[], metavar="N", type=number_type("--policy"),
                        help="an allowed SEV policy, decimal or 0x-hex (repeatable; the first is the default)")
     guest.add_argument("--min-api", default="0.0", metavar="X.Y", help="minimum platform SEV API version")
-    guest.add_argument("--min-build", default="0", metavar="N", help="minimum platform firmware build id")
+    guest.add_argument("--min-build", default=0, metavar="N", type=number_type("--min-build"),
+                       help="minimum platform firmware build id")
     guest.add_argument("--secret", action="append", default=[], metavar="GUID:FILE",
                        help="release FILE's bytes under GUID in the guest's secret table (repeatable)")
     guest.add_argument("--disk-passphrase", type=Path, metavar="FILE",
@@ -274,9 +275,12 @@ def _digests(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
         digests.append(digest)
         labels.append("given")
     if args.firmware:
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
+        from sevhook.sev.launch_digest import measure_sev  # noqa: PLC0415
 
-        digests.append(sev_launch_digest(args.firmware, args.kernel, args.initrd, args.cmdline))
+        measured = measure_sev(args.firmware, args.kernel, args.initrd, args.cmdline)
+        for warning in measured.warnings:
+            print(f"sevhook: warning: {warning}", file=sys.stderr)
+        digests.append(measured.digest)
         labels.append(f"computed from {args.firmware.name}" + (f" + {args.kernel.name}" if args.kernel else ""))
     elif args.kernel or args.initrd or args.cmdline is not None:
         raise UsageError("--kernel, --initrd and --cmdline are measured together with --firmware; give it too")
@@ -297,16 +301,16 @@ def _version(text: str, what: str) -> tuple[int, int]:
 
 def run_add_guest(args: argparse.Namespace) -> int:
     from sevhook.broker.service import GuestSpec  # noqa: PLC0415
-    from sevhook.sev.policy import SevPolicy, parse_number  # noqa: PLC0415
+    from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
 
-    policies = [parse_number(p, "--policy") for p in args.policy] or [0x1]
+    policies = args.policy or [0x1]
     digests, labels = _digests(args)
     spec = GuestSpec(
         guest_id=args.guest_id,
         digests=tuple(digests),
         policies=tuple(policies),
         min_api=_version(args.min_api, "--min-api"),
-        min_build=parse_number(args.min_build, "--min-build"),
+        min_build=args.min_build,
         secrets=tuple(_secrets(args)),
         reusable=args.reusable,
         digest_labels=tuple(labels),

@@ -130,8 +130,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     encode = (lambda data: base64.b64encode(data) + b"\n") if args.base64 else (lambda data: data)
     if args.out_dir:
         out_dir = Path(args.out_dir)
-        if not out_dir.is_dir():
-            raise UsageError(f"--out-dir {out_dir}: not an existing directory")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out-dir {out_dir}: cannot create the directory ({exc.strerror or exc})") from None
         for layout, name in EXPORT_FILES.items():
             path = out_dir / (name + (".b64" if args.base64 else ""))
             write_private_file(path, encode(layouts[layout]), mode=0o644)

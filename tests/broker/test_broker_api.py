@@ -8,7 +8,7 @@ import stat
 
 from sqlalchemy import create_engine, select
 
-from conftest import API, DIGEST_A, DIGEST_B, SECRET_GUID, FirmwareLaunch, Owner
+from tests.broker.conftest import API, DIGEST_A, DIGEST_B, SECRET_GUID, FirmwareLaunch, Owner
 from sevhook.broker import db
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import API, SEVHOOK, BrokerProcess, FirmwareLaunch, PlatformKeys, ROOT
+from tests.broker.conftest import API, SEVHOOK, BrokerProcess, FirmwareLaunch, PlatformKeys, ROOT
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID
 
 OVMF_X64_DIGEST = "b4c021e085fb83ceffe6571a3d357b4a98773c83c474e47f76c876708fe316da"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, free_port, register
+from tests.broker.conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, free_port, register
 from sevhook.broker.client import BrokerClient, BrokerRefused, BrokerUnavailable, SecretGrant
 from sevhook.errors import UsageError
 

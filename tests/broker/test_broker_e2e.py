@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SEVHOOK, BrokerProcess
+from tests.broker.conftest import ROOT, SEVHOOK, BrokerProcess
 from sevhook.broker.client import BrokerClient, BrokerRefused
 from sevhook.sev.launch_digest import sev_launch_digest
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SecretTable

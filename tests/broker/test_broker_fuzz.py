@@ -13,7 +13,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from conftest import BrokerProcess, Owner, PlatformKeys, register
+from tests.broker.conftest import BrokerProcess, Owner, PlatformKeys, register
 
 
 @pytest.fixture(scope="module")

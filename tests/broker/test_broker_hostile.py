@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import API, DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, register
+from tests.broker.conftest import API, DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, register
 
 
 def refused(response: httpx.Response, status: int, reason: str) -> None:

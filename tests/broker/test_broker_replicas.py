@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, register
+from tests.broker.conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, register
 
 pytestmark = pytest.mark.postgres
 
