@@ -33,6 +33,29 @@ from sevhook.sim.qmp_protocol import (
 READ_SIZE = 65536
 
 
+MAX_UNIX_PATH = 107
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """Bind and listen under a temporary name, then rename into place: a client that sees the path
+    can connect at once (a bound socket that is not yet listening refuses connections)."""
+    temporary = os.path.join(os.path.dirname(path) or ".", f".sim{os.getpid()}.sock")
+    staged = len(os.fsencode(temporary)) <= MAX_UNIX_PATH
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temporary if staged else path)
+        sock.listen(1)
+        if staged:
+            os.replace(temporary, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise UsageError(f"Failed to bind socket to {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 def listening_socket(spec: MonitorSpec) -> socket.socket:
     """Bind (or adopt) the monitor's listening socket, as QEMU does before it serves it."""
     if spec.fd is not None:
@@ -50,12 +73,7 @@ def listening_socket(spec: MonitorSpec) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
                 os.unlink(spec.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(spec.path)
-        except OSError as exc:
-            sock.close()
-            raise UsageError(f"Failed to bind socket to {spec.path}: {exc.strerror}") from None
+        return _unix_listener(spec.path)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
