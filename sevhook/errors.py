@@ -27,5 +27,15 @@ class FormatError(SevhookError):
     """A wire structure (certificate, session blob, header, table) is malformed."""
 
 
+class StepError(SevhookError):
+    """A named step of a launch flow failed; the message is '<step>: <reason>', so a user reads
+    where the launch stopped and why in one line."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
 class VerificationError(SevhookError):
     """A signature, MAC, chain or measurement check failed."""

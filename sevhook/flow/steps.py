@@ -10,20 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from sevhook.errors import SevhookError
+from sevhook.errors import SevhookError, StepError
 
 OK = "ok"
 FAILED = "failed"
 INFO = "info"
 
 
-class StepFailed(SevhookError):
-    """A step of a flow failed; the message is '<step>: <reason>'."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
+class StepFailed(StepError):
+    """A step of `sevhook start` or the demo failed."""
 
 
 @dataclass(frozen=True)

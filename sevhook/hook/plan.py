@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from sevhook.errors import SevhookError
+from sevhook.errors import StepError
 from sevhook.monitor.types import LAUNCH_SECRET, SevInfo, VmStatus
 from sevhook.xml.models import Attestation, Domain, SevLaunchSecurity
 
@@ -67,13 +67,8 @@ def start_mode_refusal(name: str) -> HookFailure:
                        "so the hook can attest it")
 
 
-class HookFailure(SevhookError):
-    """A step of the hook failed; the message is '<step>: <reason>' and goes to virsh's error."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
+class HookFailure(StepError):
+    """A step of the hook failed; the message goes to virsh's error."""
 
 
 @dataclass(frozen=True)
