@@ -30,9 +30,10 @@ def commandline_xml(argv: list[str]) -> str:
 
 def args_from_commandline(xml: str | bytes) -> list[str]:
     """The argv a `<qemu:commandline>` block passes (in a domain or on its own), in order."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    from sevhook.xml.parsing import safe_parser  # noqa: PLC0415
+
     try:
-        root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, parser)
+        root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, safe_parser())
     except etree.XMLSyntaxError as exc:
         raise FormatError(f"line {exc.lineno}: not XML ({exc.msg})") from None
     blocks = [root] if root.tag == _QEMU + "commandline" else root.findall(_QEMU + "commandline")

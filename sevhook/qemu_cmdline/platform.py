@@ -74,9 +74,10 @@ class DomainCapabilitiesFile:
 
 
 def parse_domain_capabilities(data: bytes, where: str) -> PlatformInfo:
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+    from sevhook.xml.parsing import safe_parser  # noqa: PLC0415
+
     try:
-        root = etree.fromstring(data, parser)
+        root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
         raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); save it with `virsh domcapabilities > FILE`") from None
     if root.tag != "domainCapabilities":

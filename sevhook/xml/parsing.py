@@ -30,8 +30,10 @@ _DOCTYPE_MESSAGE = (
 )
 
 
-def _parser() -> etree.XMLParser:
-    # A fresh parser per document: lxml parsers are not thread-safe and keep per-parse state.
+def safe_parser() -> etree.XMLParser:
+    """The one lxml parser configuration for XML sevhook did not write (domain XML, domain
+    capabilities, passthrough blocks): no entities, DTDs or network, no huge trees. A fresh parser
+    per document, because lxml parsers are not thread-safe and keep per-parse state."""
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
@@ -89,7 +91,7 @@ def parse_document(data: bytes, filename: str) -> etree._ElementTree:
         raise _refuse(filename, 1, "the document is empty: pass a domain XML file (virsh dumpxml NAME)")
     if _DOCTYPE_IN_PROLOG.match(data.removeprefix(b"\xef\xbb\xbf")[:PROLOG_SCAN_BYTES]):
         raise _refuse(filename, _doctype_line(data) or 1, _DOCTYPE_MESSAGE)
-    parser = _parser()
+    parser = safe_parser()
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from lxml import etree
 
 from sevhook._paths import SCHEMA_DIR
+from sevhook.xml.parsing import safe_parser
 
 if TYPE_CHECKING:
     import xmlschema
@@ -26,8 +27,7 @@ def schema_path(name: SchemaName, kind: Literal["rng", "xsd"]) -> Path:
 @cache
 def relaxng(name: SchemaName) -> etree.RelaxNG:
     """The compiled RELAX NG schema, parsed once (module-level cache)."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
-    return etree.RelaxNG(etree.parse(str(schema_path(name, "rng")), parser))
+    return etree.RelaxNG(etree.parse(str(schema_path(name, "rng")), safe_parser()))
 
 
 @cache
