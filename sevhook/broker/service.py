@@ -8,7 +8,6 @@ replicas on one database cannot both release it; any refused attestation also sp
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -27,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sevhook.broker import db
 from sevhook.broker.vault import Vault, new_token, token_digest
+from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, SevhookError, UsageError
 from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage, parse_ca_bundle
 from sevhook.sev.chain import CertificateChain, verify_chain
@@ -151,9 +151,9 @@ class _ChainCache:
 
 def _b64(text: str, what: str) -> bytes:
     try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise Refusal("bad-request", f"{what}: not valid base64", status=400) from None
+        return decode_base64(text)
+    except FormatError as exc:
+        raise Refusal("bad-request", f"{what}: not valid base64 ({exc.message})", status=400) from None
 
 
 def _debug_allowed(policy: int) -> bool:

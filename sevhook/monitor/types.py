@@ -3,12 +3,12 @@ and the interface both monitor back ends (QMP socket, libvirt) implement."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sevhook.encoding import decode_base64 as strict_base64
+from sevhook.errors import FormatError
 from sevhook.monitor.errors import MonitorProtocolError
 
 if TYPE_CHECKING:
@@ -47,9 +47,9 @@ def decode_base64(text: object, what: str, command: str) -> bytes:
     if not isinstance(text, str):
         raise MonitorProtocolError(f"{command}: {what} is not a base64 string", command=command)
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise MonitorProtocolError(f"{command}: {what} is not valid base64", command=command) from None
+        return strict_base64(text)
+    except FormatError as exc:
+        raise MonitorProtocolError(f"{command}: {what} is not valid base64 ({exc.message})", command=command) from None
 
 
 @dataclass(frozen=True)

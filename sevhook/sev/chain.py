@@ -8,6 +8,7 @@ import binascii
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, SevhookError, VerificationError
 from sevhook.sev.certs import SEV_CERT_SIZE, AmdCertificate, SevCertificate, Usage, parse_ca_bundle
 from sevhook.sev.roots import NAPLES_ROOT, TrustAnchor, pinned_root, root_for_key_id
@@ -32,12 +33,12 @@ def _amd_cert(data: bytes, usage: Usage, what: str) -> AmdCertificate:
 
 
 def _decode_b64(text: str | bytes, what: str) -> bytes:
-    if isinstance(text, str):
-        text = text.encode("ascii", "replace")
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
     try:
-        return base64.b64decode(b"".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise FormatError(f"{what}: not valid base64") from None
+        return decode_base64(text)
+    except FormatError as exc:
+        raise FormatError(f"{what}: not valid base64 ({exc.message})") from None
 
 
 def maybe_base64(data: bytes) -> bytes:

@@ -6,37 +6,16 @@ blob must be exact base64 (whitespace between characters allowed, as when the XM
 
 from __future__ import annotations
 
-import binascii
-import re
-
+from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError
+
+__all__ = ["decode_base64", "check_godh_certificate", "SEV_CERT_SIZE", "SESSION_SIZE"]
 
 SEV_CERT_SIZE = 2084
 SESSION_SIZE = 128
 USAGE_PDH = 0x1003
 ECDH_ALGORITHMS = {0x0003: "ECDH_SHA256", 0x0103: "ECDH_SHA384"}
 CURVE_P384 = 2
-
-_WHITESPACE = re.compile(r"[ \t\r\n]+")
-_ALPHABET = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-
-
-def decode_base64(text: str) -> bytes:
-    """Decode exact base64; FormatError says what is wrong with it (never which secret bytes)."""
-    compact = _WHITESPACE.sub("", text)
-    if not compact:
-        raise FormatError("it is empty")
-    bad = re.search(r"[^A-Za-z0-9+/=]", compact)
-    if bad:
-        raise FormatError(f"character '{bad.group()}' at position {bad.start() + 1} is not base64")
-    if not _ALPHABET.fullmatch(compact):
-        raise FormatError("'=' padding appears before the end")
-    if len(compact) % 4:
-        raise FormatError(f"its length, {len(compact)} characters, is not a multiple of 4 (truncated or mis-padded)")
-    try:
-        return binascii.a2b_base64(compact, strict_mode=True)
-    except binascii.Error as exc:
-        raise FormatError(f"it does not decode ({exc})") from None
 
 
 def check_godh_certificate(data: bytes, *, decode: bool = True) -> str | None:
