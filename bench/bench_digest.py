@@ -25,7 +25,7 @@ from pathlib import Path
 from common import Figure, figure
 
 ROOT = Path(__file__).resolve().parent.parent
-AMDSEV_FOOTER = ROOT.parent / "shared" / "vectors" / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"
+AMDSEV_FOOTER = ROOT / "tests" / "data" / "vectors" / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"
 MIB = 1 << 20
 SIZES = {"firmware": 4 * MIB, "kernel": 12 * MIB, "initrd": 200 * MIB}
 TOTAL = sum(SIZES.values())

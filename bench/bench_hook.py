@@ -31,7 +31,7 @@ from tests.hook.sim_world import SimWorld, stop  # noqa: E402
 PLAIN_DOMAIN = b"<domain type='kvm'><name>plain</name><memory unit='MiB'>512</memory><vcpu>1</vcpu></domain>\n"
 NO_SEV_RATIO_TARGET = 2.0
 ATTESTATION_TARGET_MS = 150.0
-FIRMWARE = ROOT.parent / "shared" / "vectors" / "sevctl" / "OVMF.amdsev.trimmed.fd"
+FIRMWARE = ROOT / "tests" / "data" / "vectors" / "sevctl" / "OVMF.amdsev.trimmed.fd"
 
 
 def _time_ms(command: list[str], stdin: bytes, env: dict[str, str] | None = None) -> float:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared is, and the services scripts/run test started."""
+"""Shared test fixtures: where the reference data is (tests/data), and the services scripts/run test started."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+DATA = ROOT / "tests" / "data"  # public reference data, with sources and licences: tests/data/README.md
 FIXTURES = ROOT / "fixtures"
 SERVICES_ENV = ROOT / ".run" / "services.env"
 
@@ -27,8 +27,9 @@ def _services() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    assert SHARED.is_dir(), f"{SHARED} is missing: tests read ../shared/ beside the project root"
-    return SHARED
+    """The folder holding vectors/ and libvirt-golden/ (named after where the data came from)."""
+    assert DATA.is_dir(), f"{DATA} is missing: the reference data is part of the repository"
+    return DATA
 
 
 @pytest.fixture(scope="session")

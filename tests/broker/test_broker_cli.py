@@ -1,5 +1,5 @@
 """`sevhook broker` admin commands on a data directory, then the server they configured; and the
-broker's chain check on AMD's real Naples chain from ../shared/vectors."""
+broker's chain check on AMD's real Naples chain from tests/data/vectors."""
 
 from __future__ import annotations
 

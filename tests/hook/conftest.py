@@ -20,7 +20,7 @@ HookRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture(scope="session")
 def session_blobs(shared: Path) -> tuple[str, str]:
-    """GODH and session for a launch on the Naples platform in ../shared/vectors (policy 1)."""
+    """GODH and session for a launch on the Naples platform in tests/data/vectors (policy 1)."""
     pdh = SevCertificate.parse((shared / "vectors" / "chains" / "naples" / "pdh.cert").read_bytes())
     session = create_session(pdh, 1)
     return session.godh_b64, session.session_b64

@@ -1,5 +1,5 @@
 """The typed QMP answers: both query-sev shapes (before and after QEMU 9.1), capabilities, the
-launch measurement (a known answer from ../shared/vectors), and fuzzing: any JSON-like answer
+launch measurement (a known answer from tests/data/vectors), and fuzzing: any JSON-like answer
 parses or raises MonitorProtocolError, nothing else."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 
 from sevhook.cli import main
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
 TRIMMED = VECTORS / "sevctl" / "OVMF.amdsev.trimmed.fd"
 OVMFX64 = VECTORS / "sev-snp-measure" / "ovmf_OvmfX64_suffix.bin"
 AMDSEV = VECTORS / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"

@@ -16,7 +16,7 @@ from sevhook.sev.launch_digest import sev_launch_digest, seves_launch_digest
 from sevhook.sev.measurement import LaunchMeasurement, compute_measurement
 from sevhook.sev.vmsa import DEBUG_SWAP, HostKernel
 
-FIRMWARE = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "sevctl" / "OVMF.amdsev.trimmed.fd"
+FIRMWARE = Path(__file__).resolve().parents[1] / "data" / "vectors" / "sevctl" / "OVMF.amdsev.trimmed.fd"
 KERNEL = b"\x7fELF fake kernel" * 64
 INITRD = b"initrd" * 100
 CMDLINE = "console=ttyS0 root=/dev/vda"

@@ -22,7 +22,7 @@ from sevhook.sev.launch_digest import sev_launch_digest, seves_launch_digest
 from sevhook.sev.snp import snp_launch_digest
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT.parent / "shared" / "vectors" / "sev-snp-measure"
+FIXTURES = ROOT / "tests" / "data" / "vectors" / "sev-snp-measure"
 FIRMWARES = ("ovmf_AmdSev_suffix.bin", "ovmf_OvmfX64_suffix.bin")
 MODES = {"sev": SevMode.SEV, "seves": SevMode.SEV_ES, "snp": SevMode.SEV_SNP}
 

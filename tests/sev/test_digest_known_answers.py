@@ -1,5 +1,5 @@
 """Known answers for the launch digests: sevctl's measurement and VMSA vectors and sev-snp-measure's OVMF
-footers (../shared/vectors), checked through the crypto helper's measurement formula."""
+footers (tests/data/vectors), checked through the crypto helper's measurement formula."""
 
 from __future__ import annotations
 

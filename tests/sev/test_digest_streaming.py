@@ -21,7 +21,7 @@ from sevhook.sev.kernel_hashes import CHUNK_SIZE, KernelHashes, feed, feed_read_
 from sevhook.sev.launch_digest import sev_launch_digest
 
 ROOT = Path(__file__).resolve().parents[2]
-FIRMWARE = ROOT.parent / "shared" / "vectors" / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"
+FIRMWARE = ROOT / "tests" / "data" / "vectors" / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"
 INITRD_SIZE = 200 << 20
 LIMIT = 64 << 20
 
