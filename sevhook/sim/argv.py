@@ -16,6 +16,8 @@ from sevhook.errors import UsageError
 if TYPE_CHECKING:
     from sevhook.qemu_cmdline.objects import ParsedObject, QemuObject
 
+PROG = "qemu-system-x86_64"
+
 # QEMU options that take no argument (qemu-options.hx); every other option takes exactly one.
 FLAG_OPTIONS = frozenset(
     {

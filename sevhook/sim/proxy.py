@@ -20,10 +20,10 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sevhook.errors import UsageError
 from sevhook.sim.argv import (
+    PROG,
     SIM_FLAGS,
     SIM_OPTIONS,
     MonitorSpec,
@@ -32,6 +32,7 @@ from sevhook.sim.argv import (
     split_keyval_parts,
     split_options,
 )
+from sevhook.sim.lifecycle import Daemon, run_launched
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.qemu_sev import LaunchFailed, SevLaunch, SevMonitor, qemu_version_tuple
 from sevhook.sim.qmp_protocol import (
@@ -45,11 +46,6 @@ from sevhook.sim.qmp_protocol import (
     reply,
 )
 from sevhook.sim.qmp_server import Connection, MonitorListener
-
-if TYPE_CHECKING:
-    from sevhook.sim.qemu_main import Daemon
-
-PROG = "qemu-system-x86_64"
 REAL_QEMU_ENV = "SEVHOOK_SIM_QEMU"
 DEFAULT_REAL_QEMU = "/usr/bin/qemu-system-x86_64"
 UPSTREAM_TIMEOUT = 60.0
@@ -397,8 +393,6 @@ def _runtime_dir() -> str | None:
 
 def run_wrapped(inv: QemuInvocation) -> int:
     """The wrapper's life: launch (SEV), fork if -daemonize, start QEMU, serve until it exits."""
-    from sevhook.sim.qemu_main import run_launched
-
     binary = real_qemu_binary(inv)
     if inv.wants_help:
         stripped = rewrite_argv(inv, {})
