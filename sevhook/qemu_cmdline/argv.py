@@ -15,30 +15,12 @@ from typing import Literal
 from sevhook.errors import FormatError
 from sevhook.qemu_cmdline import json_syntax, keyval
 from sevhook.qemu_cmdline.objects import FileLookup, ObjectReading, ParsedObject, QemuObject, object_to_model
+from sevhook.qemu_cmdline.options import iter_options
 from sevhook.qemu_cmdline.translate import CGS_PROPERTY, MEMORY_ENCRYPTION_PROPERTY
 from sevhook.xml.models import LaunchSecurity
 
-# QEMU options that take no argument (qemu-options.hx entries without HAS_ARG, old and new).
-FLAG_OPTIONS = frozenset(
-    {
-        "h", "help", "?", "version", "S", "s", "snapshot", "nodefaults", "no-user-config", "nodefconfig",
-        "no-shutdown", "no-reboot", "no-acpi", "no-hpet", "no-fd-bootchk", "win2k-hack", "rtc-td-hack",
-        "enable-kvm", "no-kvm", "no-kvm-irqchip", "no-kvm-pit", "no-kvm-pit-reinjection", "enable-hax",
-        "enable-fips", "mem-prealloc", "audio-help", "usb", "nographic", "curses", "sdl", "portrait",
-        "full-screen", "no-frame", "alt-grab", "ctrl-grab", "no-quit", "show-cursor", "singlestep",
-        "preconfig", "xen-attach", "xen-domid-restrict", "daemonize", "only-migratable", "async-teardown",
-        "enable-sync-profile", "semihosting", "old-param", "perfmap", "jitdump",
-    }
-)
 MACHINE_OPTIONS = frozenset({"machine", "M"})
 OBJECT_OPTIONS = frozenset({"object"})
-
-
-def option_name(token: str) -> str | None:
-    """`-object` / `--object` -> 'object'; None for a non-option (a disk image, the program)."""
-    if len(token) < 2 or not token.startswith("-"):
-        return None
-    return token[2:] if token.startswith("--") else token[1:]
 
 
 def _last_libvirt_command(text: str) -> str:
@@ -93,22 +75,16 @@ class CommandLine:
 def scan(argv: list[str]) -> CommandLine:
     """Walk the argv once, collecting every -machine and -object argument."""
     program = argv[0] if argv and not argv[0].startswith("-") else None
-    index = 1 if program is not None else 0
     machines: list[OptionArg] = []
     objects: list[OptionArg] = []
-    while index < len(argv):
-        name = option_name(argv[index])
-        if name is None or name in FLAG_OPTIONS:
-            index += 1  # a positional disk image or a flag
-            continue
-        if index + 1 >= len(argv):
-            raise FormatError(f"argv[{index}]: option {argv[index]} needs an argument")
-        arg = OptionArg(index + 1, argv[index], argv[index + 1])
-        if name in MACHINE_OPTIONS:
+    for option in iter_options(argv, start=1 if program is not None else 0):
+        if option.value is None or not option.name:
+            continue  # a flag or a positional disk image
+        arg = OptionArg(option.index, option.token, option.value)
+        if option.name in MACHINE_OPTIONS:
             machines.append(arg)
-        elif name in OBJECT_OPTIONS:
+        elif option.name in OBJECT_OPTIONS:
             objects.append(arg)
-        index += 2
     return CommandLine(program, tuple(machines), tuple(objects))
 
 

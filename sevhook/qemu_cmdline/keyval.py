@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sevhook.errors import FormatError
 from sevhook.qemu_cmdline.objects import LAUNCH_SECURITY_TYPES, ParsedObject, PropValue, QemuObject, validate_props
+from sevhook.qemu_cmdline.options import split_keyval_parts, unescape
 
 
 def escape(value: str) -> str:
@@ -29,49 +30,34 @@ def format_object(obj: QemuObject, hex_keys: frozenset[str] = frozenset()) -> st
 
 
 def split(text: str, implied_key: str | None, what: str) -> list[tuple[str, str]]:
-    """`a,b=c,d=e,,f` -> [(implied_key, 'a'), ('b', 'c'), ('d', 'e,f')], as QEMU's keyval parser."""
+    """`a,b=c,d=e,,f` -> [(implied_key, 'a'), ('b', 'c'), ('d', 'e,f')], as QEMU's keyval parser;
+    a trailing comma ends the list."""
+    parts = split_keyval_parts(text)
+    if parts[-1] == "" and (len(parts) > 1 or implied_key is None):
+        parts.pop()
     pairs: list[tuple[str, str]] = []
-    position = 0
-    length = len(text)
-    if implied_key is not None:
-        key_end = _key_end(text, 0)
-        if key_end == length or text[key_end] == ",":
-            value, position = _value(text, 0)
-            pairs.append((implied_key, value))
-    while position < length:
-        key_end = _key_end(text, position)
-        key = text[position:key_end]
-        if not key:
-            raise FormatError(f"{what}: empty parameter name at offset {position} in {text!r}")
-        if key_end == length or text[key_end] != "=":
-            raise FormatError(f"{what}: expected '=' after parameter '{key}' in {text!r}")
-        value, position = _value(text, key_end + 1)
-        pairs.append((key, value))
+    offset = 0
+    for position, part in enumerate(parts):
+        key_end = _key_end(part)
+        if position == 0 and implied_key is not None and (key_end == len(part) or part[key_end] == ","):
+            pairs.append((implied_key, unescape(part)))
+        else:
+            key = part[:key_end]
+            if not key:
+                raise FormatError(f"{what}: empty parameter name at offset {offset} in {text!r}")
+            if key_end == len(part) or part[key_end] != "=":
+                raise FormatError(f"{what}: expected '=' after parameter '{key}' in {text!r}")
+            pairs.append((key, unescape(part[key_end + 1 :])))
+        offset += len(part) + 1
     return pairs
 
 
-def _key_end(text: str, start: int) -> int:
+def _key_end(part: str) -> int:
     """Keys run to the first '=' or ','."""
-    end = start
-    while end < len(text) and text[end] not in "=,":
+    end = 0
+    while end < len(part) and part[end] not in "=,":
         end += 1
     return end
-
-
-def _value(text: str, start: int) -> tuple[str, int]:
-    """A value runs to the first single comma; returns it unescaped and where the next key starts."""
-    chars: list[str] = []
-    index = start
-    while index < len(text):
-        if text[index] == ",":
-            if text[index + 1 : index + 2] == ",":
-                chars.append(",")
-                index += 2
-                continue
-            return "".join(chars), index + 1
-        chars.append(text[index])
-        index += 1
-    return "".join(chars), index
 
 
 def parse_object(text: str, what: str = "-object") -> ParsedObject | None:

@@ -1,7 +1,8 @@
 """Reading a real qemu-system-x86_64 command line: what a SEV launch needs from it (the sev-guest object,
 read by sevhook.qemu_cmdline in JSON or key=value syntax; firmware, direct-boot inputs, vCPUs, -S, every
 QMP monitor) and rewriting it for the real QEMU when the stand-in wraps one. Every other option is kept
-and ignored; an -object QEMU would refuse is refused."""
+and ignored; an -object QEMU would refuse is refused. Which options take an argument, and how key=value
+lists split, come from sevhook.qemu_cmdline.options, shared with `sevhook cmdline --check`."""
 
 from __future__ import annotations
 
@@ -12,23 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sevhook.errors import UsageError
+from sevhook.qemu_cmdline.options import MissingArgument, Option, iter_options, split_keyval_parts, unescape
 
 if TYPE_CHECKING:
     from sevhook.qemu_cmdline.objects import ParsedObject, QemuObject
 
 PROG = "qemu-system-x86_64"
 
-# QEMU options that take no argument (qemu-options.hx); every other option takes exactly one.
-FLAG_OPTIONS = frozenset(
-    {
-        "S", "nodefaults", "no-user-config", "nographic", "daemonize", "no-shutdown", "no-reboot", "no-acpi",
-        "no-hpet", "enable-kvm", "snapshot", "s", "full-screen", "version", "help", "h", "no-fd-bootchk",
-        "win2k-hack", "enable-fips", "only-migratable", "preconfig", "nodefconfig", "no-quit", "alt-grab",
-        "ctrl-grab", "no-frame", "curses", "enable-sync-profile", "semihosting", "usb", "mem-prealloc",
-        "audio-help", "portrait", "singlestep", "xen-attach", "xen-domid-restrict", "rtc-td-hack", "no-kvm",
-        "show-cursor", "sdl", "perfmap", "watchdog-action-help",
-    }
-)
 SIM_FLAGS = frozenset({"sim-standalone"})
 SIM_OPTIONS = frozenset({"sim-qemu-version", "sim-state-dir", "sim-qemu-binary"})
 # Options whose argument is kept exactly as given, and the QemuInvocation field that keeps it.
@@ -42,26 +33,6 @@ MIB = 1 << 20
 _SIZE_SUFFIX = {"": MIB, "b": 1, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
 
 
-def split_keyval_parts(text: str) -> list[str]:
-    """Split on the commas that are not doubled (QEMU's `,,` escape), each part's text kept verbatim."""
-    parts: list[str] = []
-    current = ""
-    index = 0
-    while index < len(text):
-        if text[index] == ",":
-            if text[index + 1 : index + 2] == ",":
-                current += ",,"
-                index += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += text[index]
-        index += 1
-    parts.append(current)
-    return parts
-
-
 def parse_keyval(text: str, implied_key: str | None = None, what: str = "option") -> dict[str, str]:
     """QEMU's `key=value,...` syntax: `,,` is a literal comma, a bare first word is the implied key,
     other bare words are booleans (`server` = on, `nowait` = wait off)."""
@@ -69,7 +40,7 @@ def parse_keyval(text: str, implied_key: str | None = None, what: str = "option"
     for position, part in enumerate(split_keyval_parts(text)):
         if not part:
             continue
-        part = part.replace(",,", ",")
+        part = unescape(part)
         key, sep, value = part.partition("=")
         if not sep:
             if position == 0 and implied_key:
@@ -210,33 +181,12 @@ class QemuInvocation:
         return self.machine_type == "none"
 
 
-def split_options(argv: list[str]) -> list[tuple[int, str, str | None]]:
-    """(index of the value or the flag, option name, value) for each option, in order; a bare word
-    (a disk image) has the name ""."""
-    items: list[tuple[int, str, str | None]] = []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        if not arg.startswith("-") or arg == "-":
-            # QEMU treats a bare word as the disk image (like -hda); kept with an empty option name
-            items.append((index, "", arg))
-            index += 1
-            continue
-        name = arg.lstrip("-")
-        if "=" in name and arg.startswith("--"):
-            name, _, value = name.partition("=")
-            items.append((index, name, value))
-            index += 1
-            continue
-        if name in FLAG_OPTIONS or name in SIM_FLAGS:
-            items.append((index, name, None))
-            index += 1
-            continue
-        if index + 1 >= len(argv):
-            raise UsageError(f"{arg}: requires an argument (qemu-system-x86_64: {arg}: requires an argument)")
-        items.append((index + 1, name, argv[index + 1]))
-        index += 2
-    return items
+def split_options(argv: list[str]) -> list[Option]:
+    """Every option of a stand-in command line (without the program name), its --sim-* ones included."""
+    try:
+        return list(iter_options(argv, extra_flags=SIM_FLAGS, extra_options=SIM_OPTIONS))
+    except MissingArgument as exc:
+        raise UsageError(f"{exc.token}: requires an argument ({PROG}: {exc.token}: requires an argument)") from exc
 
 
 def _monitor_from_chardev_spec(text: str, index: int) -> MonitorSpec | None:
@@ -271,7 +221,8 @@ def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
     pflash_drives: list[tuple[int, str]] = []
     machine: dict[str, str] = {}
     smp: dict[str, str] = {}
-    for index, name, value in split_options(argv):
+    for option in split_options(argv):
+        index, name, value = option.index, option.name, option.value
         if name in ("version", "help", "h"):
             inv.wants_help = True
         elif name == "sim-standalone":

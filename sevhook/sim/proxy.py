@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 
 from sevhook.errors import UsageError
+from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import (
     PROG,
     SIM_FLAGS,
@@ -29,7 +30,6 @@ from sevhook.sim.argv import (
     MonitorSpec,
     QemuInvocation,
     inherited_fds,
-    split_keyval_parts,
     split_options,
 )
 from sevhook.sim.lifecycle import Daemon, run_launched
@@ -84,7 +84,8 @@ def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str]) -> list[str
     out: list[str] = []
     saw_accel = False
     wants_kvm = False
-    for index, name, value in split_options(argv):
+    for option in split_options(argv):
+        index, name, value = option.index, option.name, option.value
         if name in SIM_FLAGS or name in SIM_OPTIONS or name in ("daemonize", "pidfile"):
             continue
         if name == "enable-kvm":
