@@ -11,6 +11,7 @@ import json
 import sys
 
 from sevhook.commands.arguments import number_type, read_input
+from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, UsageError, VerificationError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
@@ -104,15 +105,13 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 
 def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
-    import base64
-    import binascii
     from pathlib import Path
 
     if args.launch_digest:
         text = args.launch_digest.strip()
         try:
-            digest = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
-        except (ValueError, binascii.Error):
+            digest = bytes.fromhex(text) if len(text) == 64 else decode_base64(text)
+        except (ValueError, FormatError):
             digest = b""
         if len(digest) != 32:
             raise UsageError("--launch-digest: give the 32-byte SHA-256 launch digest as 64 hex digits (or base64)")
@@ -255,7 +254,6 @@ def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
 
 def cmd_secret(args: argparse.Namespace) -> int:
     import base64
-    import binascii
     from pathlib import Path
 
     from sevhook.files import write_private_file
@@ -266,18 +264,18 @@ def cmd_secret(args: argparse.Namespace) -> int:
     if (args.api_major is None) != (args.api_minor is None):
         raise UsageError("give both --api-major and --api-minor, or neither (API >= 0.17 form)")
     try:
-        measurement = base64.b64decode(args.measurement.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise UsageError("--measurement: not valid base64") from None
+        measurement = decode_base64(args.measurement)
+    except FormatError as exc:
+        raise UsageError(f"--measurement: not valid base64: {exc.message}") from exc
     if len(measurement) not in (MEASUREMENT_SIZE, LAUNCH_MEASUREMENT_SIZE):
         raise UsageError(f"--measurement: {len(measurement)} bytes; give the 48-byte launch measurement "
                          "(or its 32-byte measurement part) as base64")
     iv = None
     if args.iv:
         try:
-            iv = base64.b64decode(args.iv.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise UsageError("--iv: not valid base64") from None
+            iv = decode_base64(args.iv)
+        except FormatError as exc:
+            raise UsageError(f"--iv: not valid base64: {exc.message}") from exc
         if len(iv) != 16:
             raise UsageError(f"--iv: {len(iv)} bytes, expected 16")
     tek = read_key_file(args.tek, "TEK")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sevhook.commands.arguments import number_type
+from sevhook.encoding import decode_base64
 
 PLATFORM_EPILOG = """examples:
   sevhook sim platform init --state-dir /tmp/sim --api-major 1 --api-minor 55 --build-id 21
@@ -192,7 +193,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             for entry in secret["table"]:
                 line = f"    {entry['guid']}: {entry['length']} bytes"
                 if args.show_values:
-                    line += f", value {_printable(base64.b64decode(entry['value_b64']))}"
+                    line += f", value {_printable(decode_base64(entry['value_b64']))}"
                 print(line)
     return 0
 

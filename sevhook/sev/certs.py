@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from sevhook.errors import FormatError, VerificationError
+from sevhook.sev.sizes import SEV_CERT_SIZE
 
 
 class Usage(enum.IntEnum):
@@ -60,7 +61,6 @@ class Curve(enum.IntEnum):
 _CURVES: dict[Curve, ec.EllipticCurve] = {Curve.P256: ec.SECP256R1(), Curve.P384: ec.SECP384R1()}
 _CURVE_IDS = {"secp256r1": Curve.P256, "secp384r1": Curve.P384}
 
-SEV_CERT_SIZE = 0x824
 SEV_CERT_VERSION = 1
 SIGNED_END = 0x414  # version .. end of the public-key union: the region every signature covers
 PUBKEY_SIZE = 0x404

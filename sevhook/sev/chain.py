@@ -3,18 +3,16 @@ any of the layouts tools produce, and verified link by link so a failure names t
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, SevhookError, VerificationError
-from sevhook.sev.certs import SEV_CERT_SIZE, AmdCertificate, SevCertificate, Usage, parse_ca_bundle
+from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage, parse_ca_bundle
 from sevhook.sev.roots import NAPLES_ROOT, TrustAnchor, pinned_root, root_for_key_id
+from sevhook.sev.sizes import CERT_CHAIN_SIZE, SEV_CERT_SIZE
 
 SEV_CHAIN_ORDER = (Usage.PDH, Usage.PEK, Usage.OCA, Usage.CEK)
-CERT_CHAIN_SIZE = 3 * SEV_CERT_SIZE  # PEK||OCA||CEK, QMP "cert-chain"
 EXPORT_SIZE = 4 * SEV_CERT_SIZE  # PDH||PEK||OCA||CEK, `sevctl export`
 
 
@@ -48,8 +46,8 @@ def maybe_base64(data: bytes) -> bytes:
     if not text or len(text) % 4:
         return data
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(text.decode("latin-1"))
+    except FormatError:
         return data
 
 

@@ -4,11 +4,11 @@ digest and a firmware nonce. QEMU and libvirt report base64(measurement(32) || m
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import struct
 from dataclasses import dataclass
 
+from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError
 
 MEASUREMENT_SIZE = 32
@@ -66,11 +66,11 @@ class LaunchMeasurement:
     def parse(cls, data: bytes | str, what: str = "launch measurement") -> LaunchMeasurement:
         """Accept the 48 raw bytes or their base64 text (as QEMU/libvirt print it)."""
         if isinstance(data, str) or len(data) != LAUNCH_MEASUREMENT_SIZE:
-            text = data.strip() if isinstance(data, str) else bytes(data).strip()
+            text = data if isinstance(data, str) else bytes(data).decode("latin-1")
             try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise FormatError(f"{what}: not valid base64 (expected base64 of 48 bytes)") from None
+                data = decode_base64(text) if text.strip() else b""  # empty: the length message below
+            except FormatError as exc:
+                raise FormatError(f"{what}: not valid base64: {exc.message} (expected base64 of 48 bytes)") from exc
         if len(data) != LAUNCH_MEASUREMENT_SIZE:
             raise FormatError(
                 f"{what}: {len(data)} bytes, expected {LAUNCH_MEASUREMENT_SIZE} (measurement 32 + mnonce 16)"

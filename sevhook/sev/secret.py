@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from sevhook.errors import FormatError, VerificationError
 from sevhook.sev.measurement import MEASUREMENT_SIZE, uses_versioned_form
 from sevhook.sev.session import aes_ctr
+from sevhook.sev.sizes import PACKET_HEADER_SIZE as HEADER_SIZE
 
 SECRET_TABLE_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
-HEADER_SIZE = 52
 IV_SIZE = 16
 MAC_SIZE = 32
 KEY_SIZE = 16

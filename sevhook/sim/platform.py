@@ -21,12 +21,11 @@ from sevhook.errors import SevhookError, UsageError
 from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
 from sevhook.sev.policy import SevPolicy
 from sevhook.sev.session import SessionRejected, open_session
+from sevhook.sev.sizes import CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevhook.sim.firmware_errors import FirmwareError, SevStatus
 from sevhook.sim.guest import GuestContext, GuestRecorder
 from sevhook.sim.state import StateDir
 
-SEV_CERT_SIZE = 0x824
-CERT_CHAIN_SIZE = 3 * SEV_CERT_SIZE
 PLATFORM_ID_SIZE = 64
 CONFIG_FILE = "platform.json"
 CERT_FILES = {"ark": "ark.cert", "ask": "ask.cert", "cek": "cek.cert", "oca": "oca.cert", "pek": "pek.cert",

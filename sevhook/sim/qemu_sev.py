@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sevhook.errors import SevhookError, UsageError
+from sevhook.encoding import decode_base64
+from sevhook.errors import FormatError, SevhookError, UsageError
 from sevhook.sev.cpu_types import cpu_model
 from sevhook.sev.kernel_hashes import kernel_hashes_table
 from sevhook.sev.ovmf import SECRET_AREA_GUID, OvmfFooter
@@ -52,9 +53,9 @@ def _read_base64_file(path: str, what: str) -> bytes:
     except OSError as exc:
         raise LaunchFailed([f"sev_read_file_base64: Failed to read {path} ({exc.strerror})"]) from None
     try:
-        return base64.b64decode(b"".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise LaunchFailed([f"sev_launch_start: {what} file {path} is not valid base64"]) from None
+        return decode_base64(text.decode("latin-1"))
+    except FormatError as exc:
+        raise LaunchFailed([f"sev_launch_start: {what} file {path} is not valid base64"]) from exc
 
 
 def _read_file(path: str, what: str) -> bytes:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError
+from sevhook.sev.sizes import SEV_CERT_SIZE
 
 __all__ = ["decode_base64", "check_godh_certificate", "SEV_CERT_SIZE", "SESSION_SIZE"]
 
-SEV_CERT_SIZE = 2084
 SESSION_SIZE = 128
 USAGE_PDH = 0x1003
 ECDH_ALGORITHMS = {0x0003: "ECDH_SHA256", 0x0103: "ECDH_SHA384"}
