@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from sevhook import __version__
 from sevhook.commands import COMMANDS
+from sevhook.console import DEBUG_ENV, debug_requested, report_error
 from sevhook.errors import SevhookError
 
 
@@ -30,6 +31,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sevhook {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on an error, also print what caused it: each cause's type, message and where it was raised "
+        f"(no traceback, no values); or set {DEBUG_ENV}=1",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
     for name in modules:
@@ -52,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SevhookError as exc:
-        print(f"sevhook: error: {exc.message}", file=sys.stderr)
+        report_error(exc, debug_requested(args))
         return exc.exit_code
     except KeyboardInterrupt:
         print("sevhook: interrupted", file=sys.stderr)

@@ -3,9 +3,16 @@ otherwise, so that logs and pipes stay greppable."""
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from sevhook.errors import SevhookError, cause_chain, raised_at, type_name
+
+if TYPE_CHECKING:
+    import argparse
+
+DEBUG_ENV = "SEVHOOK_DEBUG"
 STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan", "step": "bold"}
 
 
@@ -44,3 +51,23 @@ class Console:
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.stream)
         self.stream.flush()
+
+
+def debug_requested(args: argparse.Namespace) -> bool:
+    """`sevhook --debug` or SEVHOOK_DEBUG set to anything but empty or 0."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report_error(error: SevhookError, debug: bool, stream: TextIO | None = None) -> None:
+    """The one-line error every command ends with; with debug, what caused it underneath: the error's
+    own type and place, then each cause, innermost last (messages only, never a traceback)."""
+    out = stream or sys.stderr
+    print(f"sevhook: error: {error.message}", file=out)
+    if not debug:
+        return
+    print(f"sevhook: debug: raised as {type_name(error)} ({raised_at(error)})", file=out)
+    causes = cause_chain(error)
+    for line in causes:
+        print(f"sevhook: debug: caused by {line}", file=out)
+    if not causes:
+        print("sevhook: debug: no underlying cause was recorded", file=out)

@@ -27,4 +27,4 @@ def decode_base64(text: str) -> bytes:
     try:
         return binascii.a2b_base64(compact, strict_mode=True)
     except binascii.Error as exc:
-        raise FormatError(f"it does not decode ({exc})") from None
+        raise FormatError(f"it does not decode ({exc})") from exc

@@ -204,7 +204,7 @@ def _run_check(args: argparse.Namespace) -> int:
         try:
             argv = argv_from_text(args.args_file.read_text(encoding="utf-8", errors="replace"))
         except OSError as exc:
-            raise UsageError(f"cannot read --args-file {args.args_file}: {exc.strerror}") from None
+            raise UsageError(f"cannot read --args-file {args.args_file}: {exc.strerror}") from exc
     source = _platform_source(args)
     loaded = _load(args)
     found = read_launch_security(argv, DiskFiles())

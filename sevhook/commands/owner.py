@@ -123,7 +123,7 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
     except ImportError as exc:
         if exc.name and exc.name.startswith("sevhook.sev"):
             raise UsageError("computing the launch digest from its inputs is not available in this build; "
-                             "pass --launch-digest HEX") from None
+                             "pass --launch-digest HEX") from exc
         raise
     for option, paths in (("firmware", [args.firmware]), ("kernel", [args.kernel]), ("initrd", [args.initrd]),
                           ("vmsa", args.vmsa or [])):
@@ -227,8 +227,8 @@ def _secret_entries(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
         guid_text, path = _parse_secret_option(option)
         try:
             guid = uuid.UUID(guid_text)
-        except ValueError:
-            raise UsageError(f"--secret {option!r}: {guid_text!r} is not a GUID") from None
+        except ValueError as exc:
+            raise UsageError(f"--secret {option!r}: {guid_text!r} is not a GUID") from exc
         data = read_input(path, "secret file")
         if guid == DISK_PASSPHRASE_GUID and not data.endswith(b"\0"):
             _warn(f"disk-passphrase entry from {path} is not NUL-terminated; grub will reject it "

@@ -134,7 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"--out-dir {out_dir}: cannot create the directory ({exc.strerror or exc})") from None
+            raise UsageError(f"--out-dir {out_dir}: cannot create the directory ({exc.strerror or exc})") from exc
         for layout, name in EXPORT_FILES.items():
             path = out_dir / (name + (".b64" if args.base64 else ""))
             write_private_file(path, encode(layouts[layout]), mode=0o644)

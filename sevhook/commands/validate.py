@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from sevhook.console import debug_requested, report_error
     from sevhook.errors import UsageError
     from sevhook.xml import validate_file
     from sevhook.xml.parsing import MAX_DOCUMENT_BYTES
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 problems = validate_file(name, require_sev=args.require_sev)
         except UsageError as exc:
-            print(f"sevhook: error: {exc.message}", file=sys.stderr)
+            report_error(exc, debug_requested(args))
             results.append(
                 {"file": name, "valid": False, "problems": [{"level": ERROR, "line": None, "message": exc.message}]}
             )

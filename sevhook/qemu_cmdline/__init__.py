@@ -37,7 +37,17 @@ _PUBLIC = {
     "translate": "translate",
     "translate_launch_security": "translate",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "ArgvLaunchSecurity",
+    "CheckResult",
+    "CmdlineOptions",
+    "QemuVersion",
+    "Translation",
+    "compare",
+    "read_launch_security",
+    "translate",
+    "translate_launch_security",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -48,7 +48,7 @@ def argv_from_text(text: str) -> list[str]:
     try:
         words = shlex.split(text.replace("\\\n", ""), posix=True)
     except ValueError as exc:
-        raise FormatError(f"command line text cannot be split like a shell would: {exc}") from None
+        raise FormatError(f"command line text cannot be split like a shell would: {exc}") from exc
     while words and "=" in words[0] and not words[0].startswith("-") and words[0].split("=", 1)[0].isidentifier():
         words.pop(0)
     return words

@@ -43,11 +43,11 @@ def loads_members(text: str, what: str) -> list[tuple[str, Any]]:
     try:
         value = json.loads(text, object_pairs_hook=_pairs_no_duplicates, parse_constant=_reject_constant)
     except FormatError as exc:
-        raise FormatError(f"{what}: {exc.message}") from None
-    except RecursionError:
-        raise FormatError(f"{what}: JSON nested too deeply") from None
+        raise FormatError(f"{what}: {exc.message}") from exc
+    except RecursionError as exc:
+        raise FormatError(f"{what}: JSON nested too deeply") from exc
     except ValueError as exc:
-        raise FormatError(f"{what}: not valid JSON ({exc})") from None
+        raise FormatError(f"{what}: not valid JSON ({exc})") from exc
     if not isinstance(value, _Members):
         raise FormatError(f"{what}: expected a JSON object")
     return value

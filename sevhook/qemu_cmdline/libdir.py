@@ -56,8 +56,8 @@ def write_files(files: Mapping[str, str]) -> list[str]:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             write_private_file(path, text)
         except OSError as exc:
-            raise SevhookError(f"cannot write {path}: {exc.strerror}; choose a writable --lib-dir DIR") from None
+            raise SevhookError(f"cannot write {path}: {exc.strerror}; choose a writable --lib-dir DIR") from exc
         except UnwritableFileError as exc:
-            raise SevhookError(f"cannot write {path}: {exc.reason}; choose a writable --lib-dir DIR") from None
+            raise SevhookError(f"cannot write {path}: {exc.reason}; choose a writable --lib-dir DIR") from exc
         written.append(path)
     return written

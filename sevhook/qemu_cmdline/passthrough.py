@@ -35,6 +35,6 @@ def args_from_commandline(xml: str | bytes) -> list[str]:
     try:
         root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise FormatError(f"line {exc.lineno}: not XML ({exc.msg})") from None
+        raise FormatError(f"line {exc.lineno}: not XML ({exc.msg})") from exc
     blocks = [root] if root.tag == _QEMU + "commandline" else root.findall(_QEMU + "commandline")
     return [arg.get("value", "") for block in blocks for arg in block.findall(_QEMU + "arg")]

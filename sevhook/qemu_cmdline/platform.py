@@ -69,7 +69,7 @@ class DomainCapabilitiesFile:
         try:
             data = self.path.read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read domain capabilities {self.path}: {exc.strerror}") from None
+            raise UsageError(f"cannot read domain capabilities {self.path}: {exc.strerror}") from exc
         return parse_domain_capabilities(data, str(self.path))
 
 
@@ -79,7 +79,7 @@ def parse_domain_capabilities(data: bytes, where: str) -> PlatformInfo:
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); save it with `virsh domcapabilities > FILE`") from None
+        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); save it with `virsh domcapabilities > FILE`") from exc
     if root.tag != "domainCapabilities":
         raise SevhookError(f"{where}: root element is <{root.tag}>, not <domainCapabilities> (`virsh domcapabilities`)")
     sev = root.find("features/sev")
@@ -112,8 +112,8 @@ class QmpSocket:
         reply = asyncio.run(self._query())
         try:
             return PlatformInfo(int(reply["cbitpos"]), int(reply["reduced-phys-bits"]), self.describe())
-        except (KeyError, TypeError, ValueError):
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks cbitpos/reduced-phys-bits") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks cbitpos/reduced-phys-bits") from exc
 
     async def _query(self) -> dict[str, Any]:
         from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
@@ -123,15 +123,15 @@ class QmpSocket:
             await asyncio.wait_for(client.connect(self.path), self.timeout)
             reply = await asyncio.wait_for(client.execute("query-sev-capabilities"), self.timeout)
         except ExecuteError as exc:
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities failed: {exc.error.error.desc}") from None
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities failed: {exc.error.error.desc}") from exc
         except ConnectError as exc:
             raise SevhookError(
                 f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp unix:{self.path},server=on,wait=off?"
-            ) from None
-        except asyncio.TimeoutError:
-            raise SevhookError(f"{self.describe()}: no answer within {self.timeout:g} s") from None
+            ) from exc
+        except asyncio.TimeoutError as exc:
+            raise SevhookError(f"{self.describe()}: no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
-            raise SevhookError(f"{self.describe()}: the monitor failed: {exc}") from None
+            raise SevhookError(f"{self.describe()}: the monitor failed: {exc}") from exc
         finally:
             await client.disconnect()
         if not isinstance(reply, dict):
@@ -151,8 +151,8 @@ class LibvirtConnection:
     def load(self) -> PlatformInfo:
         try:
             import libvirt
-        except ImportError:
-            raise UsageError("-c URI needs libvirt-python: install sevhook[libvirt]") from None
+        except ImportError as exc:
+            raise UsageError("-c URI needs libvirt-python: install sevhook[libvirt]") from exc
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)  # errors are raised, not printed
         try:
             conn = libvirt.open(self.uri)
@@ -161,11 +161,11 @@ class LibvirtConnection:
             finally:
                 conn.close()
         except libvirt.libvirtError as exc:
-            raise SevhookError(f"{self.describe()}: getSEVInfo failed: {exc.get_error_message()}") from None
+            raise SevhookError(f"{self.describe()}: getSEVInfo failed: {exc.get_error_message()}") from exc
         try:
             return PlatformInfo(int(info["cbitpos"]), int(info["reduced-phys-bits"]), self.describe())
-        except (KeyError, TypeError, ValueError):
-            raise SevhookError(f"{self.describe()}: getSEVInfo gave no cbitpos/reduced-phys-bits") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SevhookError(f"{self.describe()}: getSEVInfo gave no cbitpos/reduced-phys-bits") from exc
 
 
 def _ignore_libvirt_error(_context: object, _error: object) -> None:

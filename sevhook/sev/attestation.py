@@ -49,7 +49,7 @@ class AttestationReport:
             return _LAYOUT.pack(self.mnonce, self.launch_digest, self.policy, self.sig_usage, self.sig_algo,
                                 self.reserved, self.signature)
         except struct.error as exc:
-            raise FormatError(f"attestation report: a field is out of range ({exc})") from None
+            raise FormatError(f"attestation report: a field is out of range ({exc})") from exc
 
     def _checked_fields(self) -> None:
         if len(self.mnonce) != 16 or len(self.launch_digest) != 32 or len(self.signature) != SIG_SIZE:
@@ -80,7 +80,7 @@ class AttestationReport:
         s = int.from_bytes(self.signature[EC_COORD_SIZE:], "little")
         try:
             key.verify(encode_dss_signature(r, s), self.to_bytes()[:SIGNED_SIZE], ec.ECDSA(hashes.SHA256()))
-        except (InvalidSignature, ValueError):
+        except (InvalidSignature, ValueError) as exc:
             raise VerificationError(
                 "attestation report: the PEK signature does not verify (altered report or another platform)"
-            ) from None
+            ) from exc

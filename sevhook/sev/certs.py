@@ -75,16 +75,16 @@ SIGNING_ALGORITHMS = frozenset(
 def _le(value: int, size: int, what: str) -> bytes:
     try:
         return value.to_bytes(size, "little")
-    except OverflowError:
-        raise FormatError(f"{what} does not fit in {size} bytes") from None
+    except OverflowError as exc:
+        raise FormatError(f"{what} does not fit in {size} bytes") from exc
 
 
 def _enum(kind: type[enum.IntEnum], value: int, what: str) -> enum.IntEnum:
     try:
         return kind(value)
-    except ValueError:
+    except ValueError as exc:
         names = ", ".join(f"{m.name}={m.value:#x}" for m in kind)
-        raise FormatError(f"{what} {value:#x} is not a known value ({names})") from None
+        raise FormatError(f"{what} {value:#x} is not a known value ({names})") from exc
 
 
 def signing_algorithm_for(private_or_public_key: object) -> Algorithm:
@@ -247,16 +247,16 @@ class SevCertificate:
             y = int.from_bytes(self.pubkey[4 + EC_COORD_SIZE : 4 + 2 * EC_COORD_SIZE], "little")
             try:
                 return ec.EllipticCurvePublicNumbers(x, y, _CURVES[Curve(curve_id)]).public_key()
-            except ValueError:
-                raise FormatError(f"{name} certificate: the public key is not a point on its curve") from None
+            except ValueError as exc:
+                raise FormatError(f"{name} certificate: the public key is not a point on its curve") from exc
         if family == "rsa":
             bits = struct.unpack_from("<I", self.pubkey, 0)[0]
             exponent = int.from_bytes(self.pubkey[4:516], "little")
             modulus = int.from_bytes(self.pubkey[516:1028], "little")
             try:
                 key = rsa.RSAPublicNumbers(exponent, modulus).public_key()
-            except ValueError:
-                raise FormatError(f"{name} certificate: invalid RSA public key") from None
+            except ValueError as exc:
+                raise FormatError(f"{name} certificate: invalid RSA public key") from exc
             if key.key_size != bits:
                 raise FormatError(f"{name} certificate: modulus_size says {bits} bits, the modulus has {key.key_size}")
             return key
@@ -415,8 +415,8 @@ class AmdCertificate:
             return rsa.RSAPublicNumbers(
                 int.from_bytes(self.pub_exp, "little"), int.from_bytes(self.modulus, "little")
             ).public_key()
-        except ValueError:
-            raise FormatError(f"{self.usage.name} certificate {self.key_id.hex()}: invalid RSA public key") from None
+        except ValueError as exc:
+            raise FormatError(f"{self.usage.name} certificate {self.key_id.hex()}: invalid RSA public key") from exc
 
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public_key

@@ -36,7 +36,7 @@ def _decode_b64(text: str | bytes, what: str) -> bytes:
     try:
         return decode_base64(text)
     except FormatError as exc:
-        raise FormatError(f"{what}: not valid base64 ({exc.message})") from None
+        raise FormatError(f"{what}: not valid base64 ({exc.message})") from exc
 
 
 def maybe_base64(data: bytes) -> bytes:
@@ -229,7 +229,7 @@ def _cek_by_ask(cek: SevCertificate, ask: AmdCertificate) -> str:
         raise VerificationError(
             f"{exc.message}. The CEK from PDH_CERT_EXPORT/QMP is not AMD-signed: fetch the signed CEK from "
             "AMD's key server (e.g. `sevctl export --full`) and check that the ASK/ARK match the CPU generation"
-        ) from None
+        ) from exc
     return f"CEK signed by ASK {ask.key_id.hex()} (RSA-PSS)"
 
 

@@ -39,11 +39,11 @@ def measurement_message(
             head = _HEADER.pack(MEASURE_CONTEXT, api_major, api_minor, build_id, policy)
         else:
             head = _POLICY.pack(policy)
-    except struct.error:
+    except struct.error as exc:
         raise FormatError(
             f"api {api_major}.{api_minor}, build {build_id} or policy {policy:#x} out of range "
             "(api and build are bytes, the policy is 32 bits)"
-        ) from None
+        ) from exc
     return head + launch_digest + mnonce
 
 

@@ -147,5 +147,5 @@ def parse_number(text: str, what: str = "number") -> int:
     """Parse a CLI number given as decimal or 0x-hex, with a message naming the field."""
     try:
         return int(text.strip(), 0)
-    except ValueError:
-        raise FormatError(f"{what}: {text!r} is not a number (use decimal or 0x-hex)") from None
+    except ValueError as exc:
+        raise FormatError(f"{what}: {text!r} is not a number (use decimal or 0x-hex)") from exc

@@ -81,7 +81,7 @@ class TrustAnchor:
             with path.open("rb") as stream:
                 data = stream.read(MAX_ANCHOR_BYTES + 1)
         except OSError as exc:
-            raise UsageError(f"trust anchor {path}: cannot read it ({exc.strerror})") from None
+            raise UsageError(f"trust anchor {path}: cannot read it ({exc.strerror})") from exc
         if len(data) > MAX_ANCHOR_BYTES:
             raise UsageError(f"trust anchor {path}: larger than {MAX_ANCHOR_BYTES} bytes, too large for an ARK "
                              "or ASK||ARK bundle; check that it is the right file")
@@ -90,8 +90,8 @@ class TrustAnchor:
         except FormatError as single_error:
             try:
                 ark = parse_ca_bundle(data, f"trust anchor {path}")[1]
-            except FormatError:
-                raise single_error from None
+            except FormatError as exc:
+                raise single_error from exc
         if ark.usage != Usage.ARK:
             raise FormatError(f"trust anchor {path}: holds an {ark.usage.name}, expected an ARK (root) certificate")
         if not ark.is_signed:

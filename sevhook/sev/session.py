@@ -110,7 +110,7 @@ def read_key_file(path: Path | str, what: str) -> bytes:
         with Path(path).open("rb") as stream:
             data = stream.read(_KEY_FILE_READ_LIMIT + 1)
     except OSError as exc:
-        raise UsageError(f"{what} file {path}: cannot read it ({exc.strerror})") from None
+        raise UsageError(f"{what} file {path}: cannot read it ({exc.strerror})") from exc
     if len(data) != KEY_SIZE:
         size = f"{len(data)} bytes" if len(data) <= _KEY_FILE_READ_LIMIT else f"more than {_KEY_FILE_READ_LIMIT} bytes"
         raise FormatError(
@@ -193,17 +193,17 @@ def open_session(
         godh = SevCertificate.parse(godh_cert, "GODH certificate")
         godh_key = godh.public_key()
     except FormatError as exc:
-        raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, f"invalid GODH certificate: {exc.message}") from None
+        raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, f"invalid GODH certificate: {exc.message}") from exc
     if not isinstance(godh_key, ec.EllipticCurvePublicKey) or godh_key.curve.name != pdh_private_key.curve.name:
         raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, "the GODH key is not on the PDH's curve (P-384)")
     try:
         blob = SessionBlob.parse(session)
     except FormatError as exc:
-        raise SessionRejected(SEV_RET_INVALID_LEN, exc.message) from None
+        raise SessionRejected(SEV_RET_INVALID_LEN, exc.message) from exc
     try:
         policy_bytes = _check_policy(policy)
     except FormatError as exc:
-        raise SessionRejected(SEV_RET_INVALID_PARAM, exc.message) from None
+        raise SessionRejected(SEV_RET_INVALID_PARAM, exc.message) from exc
     shared = pdh_private_key.exchange(ec.ECDH(), godh_key)
     kek, kik = derive_kek_kik(shared, blob.nonce)
     if not hmac.compare_digest(hmac.digest(kik, blob.wrap_tk, "sha256"), blob.wrap_mac):

@@ -81,10 +81,10 @@ def _add_section(
         raise FormatError(f"{footer.name}: SNP section {section.describe()} is not page-aligned")
     try:
         kind = SnpSectionType(section.kind)
-    except ValueError:
+    except ValueError as exc:
         raise FormatError(
             f"{footer.name}: SNP metadata section type {section.kind:#x} is unknown; this OVMF is newer than sevhook"
-        ) from None
+        ) from exc
     if kind in (SnpSectionType.SNP_SEC_MEM, SnpSectionType.SVSM_CAA):
         digest.add_empty_pages(PageType.ZERO, section.gpa, section.size)
     elif kind is SnpSectionType.SNP_SECRETS:

@@ -72,8 +72,8 @@ def parse_int(value: object, what: str) -> int:
         return value
     try:
         return int(str(value), 0)
-    except ValueError:
-        raise UsageError(f"{what}: {value!r} is not a number") from None
+    except ValueError as exc:
+        raise UsageError(f"{what}: {value!r} is not a number") from exc
 
 
 def _blockdev_properties(text: str) -> dict[str, object]:
@@ -82,7 +82,7 @@ def _blockdev_properties(text: str) -> dict[str, object]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"-blockdev {text[:60]!r}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UsageError(f"-blockdev {text[:60]!r}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(value, dict):
             raise UsageError("-blockdev: the JSON argument must be an object")
         return value

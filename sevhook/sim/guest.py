@@ -188,7 +188,7 @@ class GuestContext:
                                       guest_length=guest_len)
         except VerificationError as exc:
             status = SevStatus.INVALID_PARAM if "COMPRESSED" in exc.message else SevStatus.BAD_MEASUREMENT
-            raise FirmwareError(command, status, exc.message) from None
+            raise FirmwareError(command, status, exc.message) from exc
         self.memory[guest_paddr] = plaintext
         self.recorder.record["secrets"].append(_describe_secret(plaintext, guest_paddr))
         self.recorder.update()

@@ -199,9 +199,9 @@ class SoftwarePlatform:
     def _private_key(self, name: str) -> object:
         try:
             return serialization.load_pem_private_key(self.state.read_bytes(KEY_FILES[name]), None)
-        except ValueError:
+        except ValueError as exc:
             raise SevhookError(f"{self.state.file(KEY_FILES[name])}: unreadable private key; "
-                               "re-create the platform with `sevhook sim platform init --force`") from None
+                               "re-create the platform with `sevhook sim platform init --force`") from exc
 
     @cached_property
     def pdh_private_key(self) -> ec.EllipticCurvePrivateKey:
@@ -284,7 +284,7 @@ class SoftwarePlatform:
             try:
                 tek, tik = open_session(self.pdh_private_key, godh_cert, session, policy)
             except SessionRejected as exc:
-                raise FirmwareError("LAUNCH_START", exc.fw_error, exc.message) from None
+                raise FirmwareError("LAUNCH_START", exc.fw_error, exc.message) from exc
             owner_session = True
         handle = self.allocate_handle()
         recorder = GuestRecorder(self.state, label or f"guest-{handle}", handle)

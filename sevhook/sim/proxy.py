@@ -237,8 +237,8 @@ class ProxySession:
         try:
             self.up_writer.write(data)
             await self.up_writer.drain()
-        except (ConnectionError, RuntimeError):
-            raise UpstreamGone() from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise UpstreamGone() from exc
 
     async def _answer_locally(self, value: dict) -> None:
         async with self.idle:
@@ -325,9 +325,9 @@ class QemuWrapper:
                 raise UpstreamGone()
             try:
                 return await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if loop.time() > deadline:
-                    raise UpstreamGone() from None
+                    raise UpstreamGone() from exc
                 await asyncio.sleep(0.01)
 
     async def _session(self, spec: MonitorSpec, connection: Connection) -> None:

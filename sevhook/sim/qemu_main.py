@@ -9,7 +9,6 @@ mimic in standalone mode), --sim-state-dir DIR (else $SEVHOOK_SIM_DIR, else /var
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import Sequence

@@ -41,8 +41,8 @@ def qemu_version_tuple(text: str | None, default: tuple[int, int, int] = (7, 2, 
         return default
     try:
         parts = [int(part) for part in text.strip().split(".")]
-    except ValueError:
-        raise UsageError(f"--sim-qemu-version {text!r}: expected MAJOR.MINOR[.MICRO], e.g. 7.2.22 or 9.1.0") from None
+    except ValueError as exc:
+        raise UsageError(f"--sim-qemu-version {text!r}: expected MAJOR.MINOR[.MICRO], e.g. 7.2.22 or 9.1.0") from exc
     parts = (parts + [0, 0, 0])[:3]
     return parts[0], parts[1], parts[2]
 
@@ -51,7 +51,7 @@ def _read_base64_file(path: str, what: str) -> bytes:
     try:
         text = Path(path).read_bytes()
     except OSError as exc:
-        raise LaunchFailed([f"sev_read_file_base64: Failed to read {path} ({exc.strerror})"]) from None
+        raise LaunchFailed([f"sev_read_file_base64: Failed to read {path} ({exc.strerror})"]) from exc
     try:
         return decode_base64(text.decode("latin-1"))
     except FormatError as exc:
@@ -62,7 +62,7 @@ def _read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise LaunchFailed([f"could not load {what} '{path}': {exc.strerror}"]) from None
+        raise LaunchFailed([f"could not load {what} '{path}': {exc.strerror}"]) from exc
 
 
 @dataclass
@@ -90,7 +90,7 @@ class SevLaunch:
                 f"sev_launch_start: LAUNCH_START ret=-1 fw_error={exc.fw_error} '{exc.text}'",
                 "sev_kvm_init: failed to create encryption context",
                 f"(sevhook-sim: {exc.detail})",
-            ]) from None
+            ]) from exc
         launch = cls(inv, sev, guest, ram_bytes=inv.ram_bytes)
         try:
             launch._update()
@@ -130,7 +130,7 @@ class SevLaunch:
         try:
             table = kernel_hashes_table(inv.kernel, inv.initrd, inv.append)  # type: ignore[arg-type]
         except SevhookError as exc:
-            raise LaunchFailed([f"SEV: cannot hash the kernel, initrd or command line: {exc.message}"]) from None
+            raise LaunchFailed([f"SEV: cannot hash the kernel, initrd or command line: {exc.message}"]) from exc
         self._fw_command(lambda: self.guest.launch_update_data(table, "kernel-hashes"), "LAUNCH_UPDATE_DATA",
                          "sev_launch_update_data")
 
@@ -152,7 +152,7 @@ class SevLaunch:
         try:
             call()
         except FirmwareError as exc:
-            raise LaunchFailed([f"{function}: {command} ret=-1 fw_error={exc.fw_error} '{exc.text}'"]) from None
+            raise LaunchFailed([f"{function}: {command} ret=-1 fw_error={exc.fw_error} '{exc.text}'"]) from exc
 
     def finish(self) -> None:
         """LAUNCH_FINISH, when the guest first runs (QEMU's vm state change handler)."""
@@ -161,7 +161,7 @@ class SevLaunch:
                 self.guest.launch_finish()
             except FirmwareError as exc:
                 raise LaunchFailed([f"sev_launch_finish: LAUNCH_FINISH ret=-1 fw_error={exc.fw_error} "
-                                    f"'{exc.text}'"]) from None
+                                    f"'{exc.text}'"]) from exc
         self.finished = True
 
 
@@ -234,7 +234,7 @@ class SevMonitor:
             guest.launch_secret(header, data, gpa, len(data))
         except FirmwareError as exc:
             raise QmpError(GENERIC_ERROR, f"SEV: failed to inject secret ret=-1 fw_error={exc.fw_error} "
-                                          f"'{exc.text}'") from None
+                                          f"'{exc.text}'") from exc
         return {}
 
     def query_sev_attestation_report(self, mnonce: str) -> dict:
@@ -248,7 +248,7 @@ class SevMonitor:
             report = launch.guest.attestation(nonce)
         except FirmwareError as exc:
             raise QmpError(GENERIC_ERROR, f"SEV: Failed to query the attestation report length ret=-1 "
-                                          f"fw_err={exc.fw_error} ({exc.text})") from None
+                                          f"fw_err={exc.fw_error} ({exc.text})") from exc
         return {"data": base64.b64encode(report).decode()}
 
 

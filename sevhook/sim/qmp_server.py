@@ -51,7 +51,7 @@ def _unix_listener(path: str) -> socket.socket:
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise UsageError(f"Failed to bind socket to {path}: {exc.strerror}") from None
+        raise UsageError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
     sock.setblocking(False)
     return sock
 
@@ -63,7 +63,7 @@ def listening_socket(spec: MonitorSpec) -> socket.socket:
             sock = socket.socket(fileno=spec.fd)
         except OSError as exc:
             raise UsageError(f"monitor fd={spec.fd}: not an open socket ({exc.strerror}); "
-                             "the fd must be inherited from the caller") from None
+                             "the fd must be inherited from the caller") from exc
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
             sock.detach()
             raise UsageError(f"monitor fd={spec.fd}: the socket is not listening")
@@ -81,7 +81,7 @@ def listening_socket(spec: MonitorSpec) -> socket.socket:
             sock.bind((spec.host or "127.0.0.1", spec.port or 0))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"Failed to bind socket to {spec.host}:{spec.port}: {exc.strerror}") from None
+            raise UsageError(f"Failed to bind socket to {spec.host}:{spec.port}: {exc.strerror}") from exc
     sock.listen(1)
     sock.setblocking(False)
     return sock

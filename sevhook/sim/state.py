@@ -46,7 +46,7 @@ class StateDir:
             info = self.path.stat()
         except OSError as exc:
             raise UsageError(f"state directory {self.path}: {exc.strerror}; pick another with --state-dir "
-                             f"or ${STATE_DIR_ENV}") from None
+                             f"or ${STATE_DIR_ENV}") from exc
         if not stat.S_ISDIR(info.st_mode):
             raise UsageError(f"state directory {self.path} is not a directory")
         if info.st_mode & 0o077:
@@ -64,13 +64,13 @@ class StateDir:
     def read_bytes(self, name: str) -> bytes:
         try:
             return self.file(name).read_bytes()
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise SevhookError(
                 f"{self.file(name)} is missing: the simulated platform in {self.path} is not initialised "
                 "(run `sevhook sim platform init`)"
-            ) from None
+            ) from exc
         except OSError as exc:
-            raise SevhookError(f"{self.file(name)}: {exc.strerror}") from None
+            raise SevhookError(f"{self.file(name)}: {exc.strerror}") from exc
 
     def write_private(self, name: str, data: bytes) -> Path:
         """Atomic write, mode 0600."""
@@ -81,7 +81,7 @@ class StateDir:
         try:
             value = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SevhookError(f"{self.file(name)}: not valid JSON ({exc}); delete it and re-initialise") from None
+            raise SevhookError(f"{self.file(name)}: not valid JSON ({exc}); delete it and re-initialise") from exc
         if not isinstance(value, dict):
             raise SevhookError(f"{self.file(name)}: expected a JSON object")
         return value

@@ -64,14 +64,14 @@ def read_source(source: Source, filename: str | None = None) -> tuple[bytes, str
             raise _refuse(name, 1, _too_large(size))
         with path.open("rb") as handle:
             data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{name}: no such file: check the path") from None
-    except IsADirectoryError:
-        raise UsageError(f"{name}: is a directory, not a domain XML file") from None
-    except PermissionError:
-        raise UsageError(f"{name}: permission denied: run as a user who may read it") from None
+    except FileNotFoundError as exc:
+        raise UsageError(f"{name}: no such file: check the path") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{name}: is a directory, not a domain XML file") from exc
+    except PermissionError as exc:
+        raise UsageError(f"{name}: permission denied: run as a user who may read it") from exc
     except OSError as exc:
-        raise UsageError(f"{name}: cannot read: {exc.strerror or exc}") from None
+        raise UsageError(f"{name}: cannot read: {exc.strerror or exc}") from exc
     return data, name
 
 
@@ -97,14 +97,14 @@ def parse_document(data: bytes, filename: str) -> etree._ElementTree:
     except etree.XMLSyntaxError as exc:
         doctype_line = _doctype_line(data)
         if doctype_line:  # entity trouble behind a DOCTYPE the prolog scan did not reach
-            raise _refuse(filename, doctype_line, _DOCTYPE_MESSAGE) from None
+            raise _refuse(filename, doctype_line, _DOCTYPE_MESSAGE) from exc
         line = exc.lineno or 1
         reason = (exc.msg or "malformed XML").split(", line ")[0].strip()
         if "depth" in reason.lower() or "nested" in reason.lower():
             reason = "elements are nested too deeply (libxml2 allows 256 levels); a domain XML never is"
-        raise _refuse(filename, line, f"not well-formed XML: {reason}: fix the XML syntax") from None
+        raise _refuse(filename, line, f"not well-formed XML: {reason}: fix the XML syntax") from exc
     except (ValueError, UnicodeError) as exc:
-        raise _refuse(filename, 1, f"not well-formed XML: {exc}: fix the XML syntax") from None
+        raise _refuse(filename, 1, f"not well-formed XML: {exc}: fix the XML syntax") from exc
     if root is None:
         raise _refuse(filename, 1, "the document has no root element: pass a domain XML file")
     tree = root.getroottree()
