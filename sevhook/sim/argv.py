@@ -283,8 +283,8 @@ def _resolve_sev(inv: QemuInvocation, objects: list[tuple[int, str]]) -> None:
         if cgs is not None:
             raise UsageError(f"-machine confidential-guest-support={cgs}: no -object with id {cgs!r}")
         return
-    from sevhook.qemu_cmdline.argv import OptionArg, object_id_of, parse_object_arg
-    from sevhook.qemu_cmdline.objects import SEV_GUEST, SEV_SNP_GUEST
+    from sevhook.qemu_cmdline.argv import OptionArg, object_id_of, parse_object_arg  # noqa: PLC0415 - probe path
+    from sevhook.qemu_cmdline.objects import SEV_GUEST, SEV_SNP_GUEST  # noqa: PLC0415
 
     ids: set[str | None] = set()
     sev_guests: list[tuple[int, ParsedObject]] = []

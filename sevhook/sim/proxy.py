@@ -46,6 +46,7 @@ from sevhook.sim.qmp_protocol import (
     reply,
 )
 from sevhook.sim.qmp_server import Connection, MonitorListener
+
 REAL_QEMU_ENV = "SEVHOOK_SIM_QEMU"
 DEFAULT_REAL_QEMU = "/usr/bin/qemu-system-x86_64"
 UPSTREAM_TIMEOUT = 60.0
