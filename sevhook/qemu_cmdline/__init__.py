@@ -13,30 +13,11 @@ Public API:
     sevhook.qemu_cmdline.options: QEMU's flag table, iter_options, split_keyval_parts (shared with sevhook.sim)
 """
 
-from __future__ import annotations
+from sevhook.qemu_cmdline.argv import ArgvLaunchSecurity, read_launch_security
+from sevhook.qemu_cmdline.check import CheckResult, compare
+from sevhook.qemu_cmdline.qemu_version import QemuVersion
+from sevhook.qemu_cmdline.translate import CmdlineOptions, Translation, translate, translate_launch_security
 
-import importlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sevhook.qemu_cmdline.argv import ArgvLaunchSecurity, read_launch_security
-    from sevhook.qemu_cmdline.check import CheckResult, compare
-    from sevhook.qemu_cmdline.qemu_version import QemuVersion
-    from sevhook.qemu_cmdline.translate import CmdlineOptions, Translation, translate, translate_launch_security
-
-# The public names, loaded on first use: the software platform's stand-in imports the light
-# sevhook.qemu_cmdline.options on every libvirt probe and must not pay for lxml and the translator.
-_PUBLIC = {
-    "ArgvLaunchSecurity": "argv",
-    "read_launch_security": "argv",
-    "CheckResult": "check",
-    "compare": "check",
-    "QemuVersion": "qemu_version",
-    "CmdlineOptions": "translate",
-    "Translation": "translate",
-    "translate": "translate",
-    "translate_launch_security": "translate",
-}
 __all__ = [
     "ArgvLaunchSecurity",
     "CheckResult",
@@ -48,10 +29,3 @@ __all__ = [
     "translate",
     "translate_launch_security",
 ]
-
-
-def __getattr__(name: str) -> object:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

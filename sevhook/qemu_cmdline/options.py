@@ -1,6 +1,6 @@
 """QEMU's command-line grammar, the one table and walker every sevhook argv reader uses (sevhook cmdline
 --check, the software platform's stand-in): which options take an argument, and how a key=value list
-splits. Light on purpose: the stand-in reads an argv for each of libvirt's capability probes.
+splits.
 
 QEMU gives an option the next word as its argument unless the option is a flag, so a flag missing from
 FLAG_OPTIONS would make a reader swallow the following option; tests/qemu_cmdline checks the table
@@ -9,7 +9,7 @@ against the real qemu-system-x86_64."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sevhook.errors import FormatError
 
@@ -37,22 +37,15 @@ class MissingArgument(FormatError):
         self.token = token
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(NamedTuple):
     """One option as QEMU reads it: a flag (value None), an option and its argument, or a bare word
-    (name "", QEMU's disk image). `index` is where the value is (the token itself for a flag)."""
+    (name "", QEMU's disk image). `index` is where the value is (the token itself for a flag). A tuple:
+    the stand-in reads an argv on every libvirt probe."""
 
     index: int
     name: str
     value: str | None
     token: str
-
-
-def option_name(token: str) -> str | None:
-    """`-object` / `--object` -> 'object' (QEMU accepts both); None for a bare word (a disk image, `-`)."""
-    if len(token) < 2 or not token.startswith("-"):
-        return None
-    return token[2:] if token.startswith("--") else token[1:]
 
 
 def iter_options(
@@ -64,23 +57,25 @@ def iter_options(
     """Walk argv[start:] as QEMU does. `extra_flags`/`extra_options` are a wrapper's own options (the
     stand-in's --sim-*), which may also be written `--name=value`; QEMU's own never are."""
     index = start
-    while index < len(argv):
+    count = len(argv)
+    while index < count:
         token = argv[index]
-        name = option_name(token)
-        if name is None:
+        if len(token) < 2 or token[0] != "-":  # a bare word: a disk image, or `-` (stdin)
             yield Option(index, "", token, token)
             index += 1
             continue
-        own_name, equals, own_value = name.partition("=")
-        if equals and token.startswith("--") and own_name in extra_options:
-            yield Option(index, own_name, own_value, token)
-            index += 1
-            continue
+        name = token[2:] if token[1] == "-" else token[1:]  # QEMU reads --object as -object
+        if extra_options and token[1] == "-" and "=" in name:
+            own_name, _, own_value = name.partition("=")
+            if own_name in extra_options:
+                yield Option(index, own_name, own_value, token)
+                index += 1
+                continue
         if name in FLAG_OPTIONS or name in extra_flags:
             yield Option(index, name, None, token)
             index += 1
             continue
-        if index + 1 >= len(argv):
+        if index + 1 >= count:
             raise MissingArgument(index, token)
         yield Option(index + 1, name, argv[index + 1], token)
         index += 2

@@ -10,13 +10,11 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sevhook.errors import UsageError
+from sevhook.qemu_cmdline.argv import OptionArg, object_id_of, parse_object_arg
+from sevhook.qemu_cmdline.objects import SEV_GUEST, SEV_SNP_GUEST, ParsedObject, QemuObject
 from sevhook.qemu_cmdline.options import MissingArgument, Option, iter_options, split_keyval_parts, unescape
-
-if TYPE_CHECKING:
-    from sevhook.qemu_cmdline.objects import ParsedObject, QemuObject
 
 PROG = "qemu-system-x86_64"
 
@@ -277,15 +275,12 @@ def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
 
 def _resolve_sev(inv: QemuInvocation, objects: list[tuple[int, str]]) -> None:
     """Find the sev-guest object the machine points at; sevhook.qemu_cmdline reads -object in both
-    syntaxes (imported only when there is an -object: libvirt's probes have none)."""
+    syntaxes."""
     cgs = inv.confidential_guest_support
     if not objects:
         if cgs is not None:
             raise UsageError(f"-machine confidential-guest-support={cgs}: no -object with id {cgs!r}")
         return
-    from sevhook.qemu_cmdline.argv import OptionArg, object_id_of, parse_object_arg  # noqa: PLC0415 - probe path
-    from sevhook.qemu_cmdline.objects import SEV_GUEST, SEV_SNP_GUEST  # noqa: PLC0415
-
     ids: set[str | None] = set()
     sev_guests: list[tuple[int, ParsedObject]] = []
     for index, text in objects:

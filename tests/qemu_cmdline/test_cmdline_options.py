@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sevhook.errors import UsageError
 from sevhook.qemu_cmdline.argv import scan
 from sevhook.qemu_cmdline.options import FLAG_OPTIONS, MissingArgument, iter_options, split_keyval_parts, unescape
-from sevhook.sim.argv import SIM_FLAGS, SIM_OPTIONS, split_options
+from sevhook.sim.argv import SIM_FLAGS, SIM_OPTIONS, parse_qemu_argv, split_options
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 # A help line names an option at its start: `-m [size=]megs`, `--preconfig`, `-hda/-hdb file`, `-h or -help`.
@@ -132,3 +132,12 @@ def test_keyval_parts_join_back_to_the_text(text: str) -> None:
     assert ",".join(parts) == text
     assert all(part.count(",") % 2 == 0 for part in parts)  # only escaped commas stay inside a part
     assert all(unescape(part).count(",") * 2 == part.count(",") for part in parts)
+
+
+def test_flags_once_missing_from_the_stand_in_no_longer_swallow_the_next_option() -> None:
+    """-async-teardown, -no-kvm-pit and -jitdump were flags only for `cmdline --check`; the stand-in
+    took `-S` after them for their argument and started the guest running."""
+    for flag in ("-async-teardown", "-no-kvm-pit", "-jitdump", "-old-param"):
+        inv = parse_qemu_argv(["-machine", "none", flag, "-S", "-daemonize"])
+        assert inv.start_paused and inv.daemonize, flag
+
