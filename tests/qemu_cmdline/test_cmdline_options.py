@@ -141,3 +141,29 @@ def test_flags_once_missing_from_the_stand_in_no_longer_swallow_the_next_option(
         inv = parse_qemu_argv(["-machine", "none", flag, "-S", "-daemonize"])
         assert inv.start_paused and inv.daemonize, flag
 
+
+
+argv_words = st.lists(
+    st.one_of(st.sampled_from(["-S", "-object", "--machine", "-m", "-", "--", "disk.img", "-append", "-jitdump",
+                               "--sim-state-dir=/s", "--sim-standalone"]), st.text(max_size=6)),
+    max_size=12,
+)
+
+
+@given(argv_words)
+def test_the_walker_reads_every_word_once_or_names_the_option_without_argument(argv: list[str]) -> None:
+    try:
+        options = list(iter_options(argv, extra_flags=SIM_FLAGS, extra_options=SIM_OPTIONS))
+    except MissingArgument as exc:
+        assert exc.index == len(argv) - 1 and exc.token == argv[-1]
+        return
+    position = 0
+    for option in options:
+        assert argv[position] == option.token
+        if option.index == position:  # one word: a flag, a bare word, or the stand-in's --name=value
+            assert option.value is None or option.value == option.token or option.token.endswith(f"={option.value}")
+            position += 1
+        else:
+            assert (option.index, option.value) == (position + 1, argv[position + 1])
+            position += 2
+    assert position == len(argv)
