@@ -2,8 +2,8 @@
 
 Every import that runs counts, wherever it is: at the top or inside a function (a deferred import
 only hides a cycle from Python until the next refactoring moves it to the top, and then a module is
-used half-initialised). Imports under `if TYPE_CHECKING:` never run and only name types for
-annotations, so they are not edges."""
+used half-initialised), and so does the __init__ of every package a submodule import enters. Imports
+under `if TYPE_CHECKING:` never run and only name types for annotations, so they are not edges."""
 
 from __future__ import annotations
 
@@ -78,8 +78,21 @@ def imported_modules(importer: str, path: Path, known: set[str]) -> set[str]:
                     found.add(submodule)
                 elif base in known:
                     found.add(base)
+    found |= {package for module in found for package in _packages_initialised_by(module, importer, known)}
     found.discard(importer)
     return found
+
+
+def _packages_initialised_by(module: str, importer: str, known: set[str]) -> set[str]:
+    """Importing a.b.c first runs a/__init__ and a/b/__init__; those of the importer's own packages
+    are already running when it runs, so only the others are edges."""
+    parts = module.split(".")
+    own = importer.split(".")
+    return {
+        ".".join(parts[:depth])
+        for depth in range(1, len(parts))
+        if ".".join(parts[:depth]) in known and parts[:depth] != own[:depth]
+    }
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -175,3 +188,13 @@ def test_every_kind_of_import_is_an_edge(tmp_path: Path) -> None:
     assert imported_modules("sevhook.sim.mod", source, known) == {
         "sevhook.errors", "sevhook.sim.argv", "sevhook.encoding", "sevhook.sim.proxy", "sevhook.sim.state",
     }
+
+
+def test_importing_a_submodule_runs_its_packages_init(tmp_path: Path) -> None:
+    """sevhook.sim.x importing sevhook.qemu_cmdline.options also runs sevhook/qemu_cmdline/__init__.py;
+    its own package's __init__ is already running and is no edge."""
+    source = tmp_path / "x.py"
+    source.write_text("from sevhook.qemu_cmdline.options import iter_options\nfrom sevhook.sim import state\n")
+    known = {"sevhook", "sevhook.qemu_cmdline", "sevhook.qemu_cmdline.options", "sevhook.sim", "sevhook.sim.state"}
+    assert imported_modules("sevhook.sim.x", source, known) == {
+        "sevhook.qemu_cmdline", "sevhook.qemu_cmdline.options", "sevhook.sim.state"}
