@@ -12,10 +12,9 @@ from lxml import etree
 
 from sevhook.errors import UsageError
 from sevhook.hook.plan import private_monitor_arg
-from sevhook.hook.runtime import RUNTIME_DIR
+from sevhook.hook.runtime import default_monitor_socket
 from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
 
-DEFAULT_SOCKET_DIR = RUNTIME_DIR
 _QEMU = f"{{{QEMU_NS}}}"
 _SEVHOOK = f"{{{SEVHOOK_NS}}}"
 
@@ -37,7 +36,7 @@ class PreparedLaunch:
 
 
 def default_socket(domain_name: str) -> str:
-    return str(DEFAULT_SOCKET_DIR / f"{domain_name}.qmp")
+    return str(default_monitor_socket(domain_name))
 
 
 def domain_name(root: etree._Element, filename: str) -> str:
