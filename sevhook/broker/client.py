@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from sevhook.errors import SevhookError, UsageError
+from sevhook.files import read_input_file
 
 if TYPE_CHECKING:
     from sevhook.xml.models import BrokerRef
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 MAX_RETRY_AFTER = 5.0
 MAX_ANSWER_BYTES = 1 << 20  # the broker's answers are a few kilobytes; more is not a broker talking
+MAX_TOKEN_BYTES = 4096  # tokens are tens of characters; this bounds the header every request carries
+MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle in PEM
 
 
 class BrokerRefused(SevhookError):
@@ -75,16 +78,17 @@ class SecretGrant:
 
 
 def read_token_file(path: str | Path) -> str:
-    """Read a bearer token file (one line); the token itself never appears in a message."""
-    token_path = Path(path)
+    """Read a bearer token file (one line, at most MAX_TOKEN_BYTES: it travels in every request's
+    header); the token itself never appears in a message."""
+    if not Path(path).exists():
+        raise UsageError(f"{path}: broker token file not found; ask the guest owner for a host token")
+    data = read_input_file(path, MAX_TOKEN_BYTES, "broker token file")
     try:
-        token = token_path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise UsageError(f"{token_path}: broker token file not found; ask the guest owner for a host token") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{token_path}: cannot read the broker token file ({exc.__class__.__name__}); "
-                         "it must hold one ASCII line") from None
-    _check_token(token, str(token_path))
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"broker token file {path}: not ASCII; it must hold one line, the host token the guest "
+                         "owner gave") from exc
+    _check_token(token, f"broker token file {path}")
     return token
 
 
@@ -225,13 +229,14 @@ class BrokerClient:
             raise UsageError("broker client: retries must be >= 0 and timeout > 0")
         tls: ssl.SSLContext | None = None
         if ca_file is not None:
-            ca_path = Path(ca_file)
+            if not Path(ca_file).exists():
+                raise UsageError(f"{ca_file}: broker CA file not found")
+            ca_pem = read_input_file(ca_file, MAX_CA_FILE_BYTES, "broker CA file")
             try:
-                tls = ssl.create_default_context(cafile=str(ca_path))
-            except FileNotFoundError:
-                raise UsageError(f"{ca_path}: broker CA file not found") from None
-            except (ssl.SSLError, OSError) as exc:
-                raise UsageError(f"{ca_path}: not a PEM CA certificate file ({exc.__class__.__name__})") from None
+                tls = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+            except (ssl.SSLError, ValueError) as exc:  # UnicodeDecodeError too
+                raise UsageError(f"broker CA file {ca_file}: not a PEM CA certificate file "
+                                 f"({exc.__class__.__name__})") from exc
         elif scheme == "https":
             tls = ssl.create_default_context()  # the system's trust store; verifies the host name too
         if tls is not None:
