@@ -71,14 +71,15 @@ class InputFileError(UsageError):
         self.too_large = too_large
 
 
-def read_input_file(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+def read_input_file(path: str | os.PathLike[str], limit: int, what: str, *, regular_only: bool = False) -> bytes:
     """The whole content of an input file, at most `limit` bytes, read without ever blocking for good.
 
     The file is opened non-blocking (a FIFO without a writer does not hang the open), a directory
     is refused, a regular file larger than `limit` is refused from its size before any byte is read,
     and anything else (a pipe, a FIFO, a device such as /dev/zero) is read as a stream of at most
-    `limit` + 1 bytes that must end within PIPE_WAIT_SECONDS. Every refusal names `what` (may be empty)
-    and the path, in one line."""
+    `limit` + 1 bytes that must end within PIPE_WAIT_SECONDS, unless `regular_only` refuses it at once
+    (for files read again later, such as the token file the hook reads at every start). Every refusal
+    names `what` (may be empty) and the path, in one line."""
     name = f"{what} {os.fspath(path)}" if what else os.fspath(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -88,6 +89,8 @@ def read_input_file(path: str | os.PathLike[str], limit: int, what: str) -> byte
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise InputFileError(f"{name}: is a directory; give a file")
+        if regular_only and not stat.S_ISREG(info.st_mode):
+            raise InputFileError(f"{name}: is {_kind(info.st_mode)}; give a regular file")
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
             raise InputFileError(_too_large(name, limit), too_large=True)
         data = _read_bounded(fd, limit, regular=stat.S_ISREG(info.st_mode))

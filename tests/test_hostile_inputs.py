@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,15 +143,21 @@ def test_hostile_input_files_get_one_clear_line(outcomes, case: Case, kind: str)
     assert str(hostile) in lines[0]
 
 
-def test_the_hook_token_file_is_bounded_and_never_blocks(tmp_path: Path) -> None:
+def test_the_hook_token_and_ca_files_must_be_regular_files(tmp_path: Path) -> None:
     from sevhook.broker.client import BrokerClient  # noqa: PLC0415
 
     fifo = tmp_path / "token.fifo"
     os.mkfifo(fifo)
-    for path, words in ((fifo, "did not deliver all of its input"), (Path("/dev/zero"), "larger than the 4096 bytes")):
+    for path, words in ((fifo, "is a pipe (FIFO); give a regular file"),
+                        (Path("/dev/zero"), "is a character device; give a regular file")):
+        begin = time.monotonic()
         with pytest.raises(InputFileError) as refused:
             BrokerClient("http://127.0.0.1:9", token_file=path)
         assert refused.value.message.startswith(f"broker token file {path}: ") and words in refused.value.message
+        with pytest.raises(InputFileError) as refused:
+            BrokerClient("https://127.0.0.1:9", token="t", ca_file=path)
+        assert refused.value.message.startswith(f"broker CA file {path}: ") and words in refused.value.message
+        assert time.monotonic() - begin < 1  # refused at once: the hook's budget is not spent waiting
 
 
 def test_a_fifo_with_a_writer_is_read(tmp_path: Path) -> None:
@@ -169,3 +176,13 @@ def test_a_regular_file_over_the_limit_is_refused_from_its_size(tmp_path: Path) 
         handle.truncate(1 << 40)  # sparse: reading it would take hours
     with pytest.raises(InputFileError, match=rf"^input {big}: larger than the 1 MiB limit"):
         read_input_file(big, 1 << 20, "input")
+
+
+def test_an_oversized_token_is_never_sent(tmp_path: Path) -> None:
+    """A token travels in every request's header: a 50 MiB one is refused when the file is read."""
+    from sevhook.broker.client import BrokerClient  # noqa: PLC0415
+
+    token = tmp_path / "host.token"
+    token.write_bytes(b"a" * (50 << 20))
+    with pytest.raises(InputFileError, match=rf"^broker token file {token}: larger than the 4096 bytes limit"):
+        BrokerClient("http://127.0.0.1:9", token_file=token)

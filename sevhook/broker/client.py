@@ -82,7 +82,7 @@ def read_token_file(path: str | Path) -> str:
     header); the token itself never appears in a message."""
     if not Path(path).exists():
         raise UsageError(f"{path}: broker token file not found; ask the guest owner for a host token")
-    data = read_input_file(path, MAX_TOKEN_BYTES, "broker token file")
+    data = read_input_file(path, MAX_TOKEN_BYTES, "broker token file", regular_only=True)
     try:
         token = data.decode("ascii").strip()
     except UnicodeDecodeError as exc:
@@ -231,7 +231,7 @@ class BrokerClient:
         if ca_file is not None:
             if not Path(ca_file).exists():
                 raise UsageError(f"{ca_file}: broker CA file not found")
-            ca_pem = read_input_file(ca_file, MAX_CA_FILE_BYTES, "broker CA file")
+            ca_pem = read_input_file(ca_file, MAX_CA_FILE_BYTES, "broker CA file", regular_only=True)
             try:
                 tls = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
             except (ssl.SSLError, ValueError) as exc:  # UnicodeDecodeError too
