@@ -9,7 +9,12 @@ never logged and is kept out of reprs.
 It is built on the standard library's http.client and ssl (the certificate is checked against the
 given CA file or the system's trust store, host name included), which load in a few milliseconds:
 the libvirt hook imports this module within a guest's attestation time. Proxy variables in the
-environment are not used: the bearer token goes to the broker's URL and nowhere else."""
+environment are not used: the bearer token goes to the broker's URL and nowhere else.
+
+The timeout is one deadline for a whole call, end to end: connecting, the TLS handshake, sending the
+request, every read of the answer's headers and body, and the retries with their pauses. Before
+every send and receive the socket's timeout is set to the time left, so a broker that dribbles its
+answer a byte at a time cannot hold the hook past its budget (a per-read timeout would let it)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import logging
 import random
 import select
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -26,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from sevhook.errors import SevhookError, UsageError
+from sevhook.files import read_input_file
 
 if TYPE_CHECKING:
-    import socket
-
     from sevhook.xml.models import BrokerRef
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 MAX_RETRY_AFTER = 5.0
 MAX_ANSWER_BYTES = 1 << 20  # the broker's answers are a few kilobytes; more is not a broker talking
+MAX_TOKEN_BYTES = 4096  # tokens are tens of characters; this bounds the header every request carries
+MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle in PEM
 
 
 class BrokerRefused(SevhookError):
@@ -71,16 +78,17 @@ class SecretGrant:
 
 
 def read_token_file(path: str | Path) -> str:
-    """Read a bearer token file (one line); the token itself never appears in a message."""
-    token_path = Path(path)
+    """Read a bearer token file (one line, at most MAX_TOKEN_BYTES: it travels in every request's
+    header); the token itself never appears in a message."""
+    if not Path(path).exists():
+        raise UsageError(f"{path}: broker token file not found; ask the guest owner for a host token")
+    data = read_input_file(path, MAX_TOKEN_BYTES, "broker token file", regular_only=True)
     try:
-        token = token_path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise UsageError(f"{token_path}: broker token file not found; ask the guest owner for a host token") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{token_path}: cannot read the broker token file ({exc.__class__.__name__}); "
-                         "it must hold one ASCII line") from None
-    _check_token(token, str(token_path))
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"broker token file {path}: not ASCII; it must hold one line, the host token the guest "
+                         "owner gave") from exc
+    _check_token(token, f"broker token file {path}")
     return token
 
 
@@ -103,6 +111,97 @@ class _Answer:
 
 class _SendFailed(Exception):
     """The request may have reached the broker, but its answer could not be read."""
+
+
+class _Deadline:
+    """The end of one call's time budget; `remaining()` raises TimeoutError once it has passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer within {self.seconds:g} s")
+        return left
+
+    def sleep(self, seconds: float) -> bool:
+        """Pause up to `seconds` if the budget allows a try after it; False (without pausing) if not."""
+        if self._end - time.monotonic() <= seconds:
+            return False
+        time.sleep(seconds)
+        return True
+
+
+class _DeadlineBound:
+    """Socket methods that first set the socket's timeout to the time the call has left. CPython
+    bounds one recv by the timeout, and sendall, SSL reads, writes and the handshake by it in total."""
+
+    deadline: _Deadline | None = None
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            self.settimeout(self.deadline.remaining())  # type: ignore[attr-defined]
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        return super().recv(*args)  # type: ignore[misc]
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        return super().recv_into(*args)  # type: ignore[misc]
+
+    def send(self, *args: Any) -> int:
+        self._arm()
+        return super().send(*args)  # type: ignore[misc]
+
+    def sendall(self, *args: Any) -> None:
+        self._arm()
+        super().sendall(*args)  # type: ignore[misc]
+
+
+class _DeadlineSocket(_DeadlineBound, socket.socket):
+    """A plain TCP connection to the broker, bounded by the current call's deadline."""
+
+
+class _DeadlineSSLSocket(_DeadlineBound, ssl.SSLSocket):
+    """A TLS connection to the broker (the client's SSLContext makes these), bounded likewise."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._arm()
+        super().do_handshake(block)
+
+
+class _BoundedConnection(http.client.HTTPConnection):
+    """http.client's connection with every step bounded by `deadline` (set before each call):
+    connect() gets the time left, and the socket it makes re-arms its timeout before every I/O."""
+
+    def __init__(self, host: str, port: int | None, deadline: _Deadline, tls: ssl.SSLContext | None) -> None:
+        super().__init__(host, port or (http.client.HTTPS_PORT if tls is not None else http.client.HTTP_PORT))
+        self.deadline = deadline
+        self._tls = tls
+
+    def bind_to(self, deadline: _Deadline) -> None:
+        """Give a kept connection the deadline of the call about to use it."""
+        self.deadline = deadline
+        if isinstance(self.sock, _DeadlineBound):
+            self.sock.deadline = deadline
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.host, self.port), self.deadline.remaining())
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is None:
+                bounded: _DeadlineBound = _DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            else:
+                raw.settimeout(self.deadline.remaining())  # the handshake's budget, in total
+                bounded = self._tls.wrap_socket(raw, server_hostname=self.host)  # a _DeadlineSSLSocket
+        except BaseException:
+            raw.close()
+            raise
+        bounded.deadline = self.deadline
+        self.sock = bounded
 
 
 class BrokerClient:
@@ -130,15 +229,18 @@ class BrokerClient:
             raise UsageError("broker client: retries must be >= 0 and timeout > 0")
         tls: ssl.SSLContext | None = None
         if ca_file is not None:
-            ca_path = Path(ca_file)
+            if not Path(ca_file).exists():
+                raise UsageError(f"{ca_file}: broker CA file not found")
+            ca_pem = read_input_file(ca_file, MAX_CA_FILE_BYTES, "broker CA file", regular_only=True)
             try:
-                tls = ssl.create_default_context(cafile=str(ca_path))
-            except FileNotFoundError:
-                raise UsageError(f"{ca_path}: broker CA file not found") from None
-            except (ssl.SSLError, OSError) as exc:
-                raise UsageError(f"{ca_path}: not a PEM CA certificate file ({exc.__class__.__name__})") from None
+                tls = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+            except (ssl.SSLError, ValueError) as exc:  # UnicodeDecodeError too
+                raise UsageError(f"broker CA file {ca_file}: not a PEM CA certificate file "
+                                 f"({exc.__class__.__name__})") from exc
         elif scheme == "https":
             tls = ssl.create_default_context()  # the system's trust store; verifies the host name too
+        if tls is not None:
+            tls.sslsocket_class = _DeadlineSSLSocket
         self._headers = {"Accept": "application/json", "User-Agent": "sevhook"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -150,7 +252,7 @@ class BrokerClient:
         self._port = port
         self._prefix = prefix
         self._tls = tls if scheme == "https" else None
-        self._connection: http.client.HTTPConnection | None = None
+        self._connection: _BoundedConnection | None = None
 
     @classmethod
     def from_ref(cls, ref: BrokerRef, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> BrokerClient:
@@ -207,17 +309,20 @@ class BrokerClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None, *, resend_after_send_error: bool
               ) -> dict[str, Any]:
+        """One request within one deadline of `timeout` seconds, retries and their pauses included."""
         payload = None if body is None else json.dumps(body).encode("utf-8")
+        deadline = _Deadline(self.timeout)
         last_problem = "no attempt made"
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+            if attempt and not deadline.sleep(self.backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)):
+                break
             try:
-                connection = self._connect()
+                connection = self._connect(deadline)
             except ssl.SSLError as exc:  # a certificate the CA file does not vouch for: retrying cannot help
+                self.close()
                 why = getattr(exc, "verify_message", None) or exc.reason or exc
                 raise BrokerUnavailable(f"TLS with the broker at {self.url} failed: {exc.__class__.__name__}: "
-                                        f"{why}; check the broker CA file") from None
+                                        f"{why}; check the broker CA file") from exc
             except OSError as exc:  # nothing was sent: always safe to try again
                 last_problem = f"cannot connect ({self._describe(exc)})"
             else:
@@ -233,7 +338,8 @@ class BrokerClient:
                         return _json_object(answer)
                     if answer.status == 429:
                         last_problem = "rate limited (429)"
-                        _sleep_retry_after(answer, attempt < self.retries)
+                        if attempt < self.retries and not deadline.sleep(_retry_after(answer)):
+                            break
                     elif answer.status >= 500:
                         last_problem = f"server error {answer.status}"
                     else:
@@ -243,20 +349,17 @@ class BrokerClient:
         raise BrokerUnavailable(f"the key broker at {self.url} is unavailable: {last_problem}; "
                                 "check that it runs and that the URL is right")
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self, deadline: _Deadline) -> _BoundedConnection:
         """The kept connection if the broker has not closed it meanwhile, else a new one (TCP, and
         the TLS handshake with certificate and host name checks), so that a request is only ever
-        sent on a connection that was open when it was sent."""
+        sent on a connection that was open when it was sent. Either is bound to `deadline`."""
         if self._connection is not None:
             sock = self._connection.sock
             if sock is not None and not _readable(sock):
+                self._connection.bind_to(deadline)
                 return self._connection  # idle and quiet: still open
             self.close()  # readable while idle means closed by the broker (or junk): never reuse it
-        if self._tls is not None:
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout, context=self._tls)
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        connection = _BoundedConnection(self._host, self._port, deadline, self._tls)
         try:
             connection.connect()
         except OSError:
@@ -265,7 +368,7 @@ class BrokerClient:
         self._connection = connection
         return connection
 
-    def _exchange(self, connection: http.client.HTTPConnection, method: str, path: str,
+    def _exchange(self, connection: _BoundedConnection, method: str, path: str,
                   payload: bytes | None) -> _Answer:
         headers = dict(self._headers)
         if payload is not None:
@@ -275,7 +378,7 @@ class BrokerClient:
             response = connection.getresponse()
             body = response.read(MAX_ANSWER_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
-            raise _SendFailed(self._describe(exc)) from None
+            raise _SendFailed(self._describe(exc)) from exc
         if len(body) > MAX_ANSWER_BYTES:
             raise _SendFailed(f"an answer of more than {MAX_ANSWER_BYTES} bytes")
         if response.length:  # the connection ended before the Content-Length it announced
@@ -311,14 +414,13 @@ def _split_url(url: str) -> tuple[str, str, int | None, str]:
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
 
 
-def _sleep_retry_after(answer: _Answer, will_retry: bool) -> None:
-    if not will_retry:
-        return
+def _retry_after(answer: _Answer) -> float:
+    """The pause a 429 asks for, within 0..MAX_RETRY_AFTER seconds."""
     try:
         delay = float(answer.headers.get("Retry-After", "0"))
     except ValueError:
         delay = 0.0
-    time.sleep(min(max(delay, 0.0), MAX_RETRY_AFTER))
+    return min(max(delay, 0.0), MAX_RETRY_AFTER)
 
 
 def _json_object(answer: _Answer) -> dict[str, Any]:

@@ -19,10 +19,12 @@ from sevhook.broker.app import Limits, create_app, wrap_limits
 from sevhook.broker.service import DEFAULT_LAUNCH_TTL, Broker
 from sevhook.broker.vault import STORAGE_KEY_FILE, Vault, admin_token_digest, init_keys
 from sevhook.errors import UsageError
+from sevhook.files import read_input_file
 
 log = logging.getLogger("sevhook.broker")
 
 DEFAULT_LISTEN = "127.0.0.1:8700"
+MAX_TLS_FILE_BYTES = 1 << 20  # a certificate chain or a private key in PEM is a few KiB
 
 
 def default_data_dir() -> Path:
@@ -75,8 +77,11 @@ def _check_tls(options: ServeOptions) -> None:
         return
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     for flag, path in (("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key)):
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"{flag} {path}: TLS file not found; give the path of an existing PEM file")
+        if not path.is_file():  # read again by the server at start-up: a pipe or device would block or never end
+            raise UsageError(f"{flag} {path}: not a regular file; give the path of a PEM file")
+        read_input_file(path, MAX_TLS_FILE_BYTES, flag)  # unreadable or oversized: refused, naming the file
     try:
         context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
     except (ssl.SSLError, OSError) as exc:

@@ -35,20 +35,8 @@ MAX_INPUT_BYTES = 1 << 20
 
 
 def read_input(path: str | Path, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    """A whole (small) input file; an unreadable or oversized one is a usage error naming the option and the
-    path. Pipes such as `<(command)` work: at most `limit` + 1 bytes are read from anything."""
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    """A whole (small) input file; an unreadable, special or oversized one is a usage error naming the option and
+    the path. Pipes such as `<(command)` work (sevhook.files.read_input_file)."""
+    from sevhook.files import read_input_file  # noqa: PLC0415
 
-    try:
-        with open(path, "rb") as stream:
-            data = stream.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: cannot read it ({exc.strerror})") from None
-    if len(data) > limit:
-        raise UsageError(f"{what} {path}: larger than the {_size_text(limit)} limit for this input; "
-                         "check that it is the right file")
-    return data
-
-
-def _size_text(size: int) -> str:
-    return f"{size >> 20} MiB" if size >= 1 << 20 and not size % (1 << 20) else f"{size} bytes"
+    return read_input_file(path, limit, what)

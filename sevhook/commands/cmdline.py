@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sevhook.qemu_cmdline.platform import PlatformSource
     from sevhook.qemu_cmdline.translate import CmdlineOptions
 
+MAX_ARGS_FILE_BYTES = 1 << 20  # a QEMU command line is a few KiB
 EPILOG = """examples:
   sevhook cmdline guest.xml
       -machine / confidential-guest-support=lsec0 / -object / {"qom-type":"sev-guest",...}, one per line
@@ -190,6 +191,7 @@ def _run_translate(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from sevhook.errors import UsageError
+    from sevhook.files import read_input_file
     from sevhook.qemu_cmdline.argv import DiskFiles, argv_from_text, read_launch_security
     from sevhook.qemu_cmdline.check import compare, fill_from_argv
     from sevhook.qemu_cmdline.platform import fill_platform, needs_platform
@@ -201,10 +203,8 @@ def _run_check(args: argparse.Namespace) -> int:
         raise UsageError("--passthrough and --write-files do not apply to --check")
     argv = args.qemu_argv
     if args.args_file:
-        try:
-            argv = argv_from_text(args.args_file.read_text(encoding="utf-8", errors="replace"))
-        except OSError as exc:
-            raise UsageError(f"cannot read --args-file {args.args_file}: {exc.strerror}") from exc
+        argv = argv_from_text(read_input_file(args.args_file, MAX_ARGS_FILE_BYTES, "--args-file")
+                              .decode("utf-8", errors="replace"))
     source = _platform_source(args)
     loaded = _load(args)
     found = read_launch_security(argv, DiskFiles())

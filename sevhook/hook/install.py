@@ -2,7 +2,7 @@
 
 The script is a few lines of Python run with `-I -S`: no site module, no .pth processing, no
 environment. It puts sevhook's own directory and the interpreter's site-packages on sys.path itself
-and runs sevhook.hook.fast, which exits after a byte search for guests sevhook does not manage.
+and runs sevhook.hook.fast, which exits after a byte search for guests that cannot carry sevhook metadata.
 That keeps the hook's cost close to a bare interpreter start for every other guest on the host."""
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ from pathlib import Path
 from lxml import etree
 
 from sevhook.errors import UsageError
+from sevhook.files import read_input_file
 from sevhook.hook.plan import private_monitor_arg
-from sevhook.hook.runtime import RUNTIME_DIR
+from sevhook.hook.runtime import default_monitor_socket
 from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
 
-DEFAULT_SOCKET_DIR = RUNTIME_DIR
+MAX_EXPORT_BYTES = 64 * 1024  # a full chain is six certificates of 2084 bytes, base64 a third more
 _QEMU = f"{{{QEMU_NS}}}"
 _SEVHOOK = f"{{{SEVHOOK_NS}}}"
 
@@ -37,7 +38,7 @@ class PreparedLaunch:
 
 
 def default_socket(domain_name: str) -> str:
-    return str(DEFAULT_SOCKET_DIR / f"{domain_name}.qmp")
+    return str(default_monitor_socket(domain_name))
 
 
 def domain_name(root: etree._Element, filename: str) -> str:
@@ -132,11 +133,7 @@ def exported_platform(path: Path) -> tuple[str, str]:
             raise UsageError(f"{path}: no full_chain.bin here; write it with "
                              f"`sevhook sim platform export --out-dir {path}`")
         path = found[0]
-    try:
-        data = maybe_base64(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the platform export ({exc.strerror or exc}); write one with "
-                         "`sevhook sim platform export`") from None
+    data = maybe_base64(read_input_file(path, MAX_EXPORT_BYTES, "platform export"))
     parts = [data[i * SEV_CERT_SIZE:(i + 1) * SEV_CERT_SIZE] for i in range(len(SEV_CHAIN_ORDER))]
     for index, (part, usage) in enumerate(zip(parts, SEV_CHAIN_ORDER)):
         name = f"{path} certificate {index + 1}"

@@ -1,8 +1,9 @@
 """The per-domain runtime files the hook manages: the private QMP monitor's socket and its
 directory, and the marker with which `sevhook start` tells the hook that it owns a launch.
 
-QEMU creates the socket itself (server=on); the hook prepares the directory before QEMU starts and
-removes what a crashed QEMU left behind. The marker, RUNTIME_DIR/NAME.start, exists only while
+QEMU creates the socket itself (server=on); the hook prepares the directory before QEMU starts (a
+per-domain one under RUNTIME_DIR by default, created 0700; an existing directory is checked, never
+changed) and removes what a crashed QEMU left behind. The marker, RUNTIME_DIR/NAME.start, exists only while
 `sevhook start` asks libvirt to start NAME; it holds that process's pid and start time, so a marker
 left by a killed process (or a pid reused since) is never taken for a live one."""
 
@@ -21,22 +22,64 @@ from sevhook.hook.plan import HookFailure
 
 RUNTIME_DIR = Path("/run/sevhook")  # the default monitor socket directory too (prepare-domain)
 START_MARKER_SUFFIX = ".start"
+MONITOR_SOCKET_NAME = "qmp.sock"
 MAX_MARKER_BYTES = 64
 
 
+def default_monitor_socket(domain_name: str) -> Path:
+    """RUNTIME_DIR/NAME/qmp.sock: each guest's monitor in a directory of its own that the hook
+    creates (root's, 0700), so no other user can reach or replace the socket."""
+    return RUNTIME_DIR / _file_name(domain_name, RUNTIME_DIR) / MONITOR_SOCKET_NAME
+
+
 def prepare_monitor_directory(socket: Path) -> None:
-    """`start`: the socket's directory exists and is private (0700), and no stale socket is left
-    (QEMU would fail to bind, or a hook would talk to a dead one)."""
+    """`start`: the socket's directory exists, only the hook's user can write it, and no stale socket
+    is left (QEMU would fail to bind, or a hook would talk to a dead one).
+
+    Missing directories are created 0700. An existing one is never changed (a socket path may name
+    a shared directory such as /tmp, whose mode is not sevhook's to change): it is refused when
+    another user owns it or may write to it, since that user could replace the guest's monitor."""
     directory = socket.parent
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
-        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o700:
-            directory.chmod(0o700)
+        _create_missing_directories(directory)
+        info = directory.lstat()
     except OSError as exc:
         raise HookFailure("runtime-dir", f"cannot create the private monitor directory {directory}: "
-                          f"{exc.strerror or exc}") from None
+                          f"{exc.strerror or exc}") from exc
+    problem = _directory_problem(info)
+    if problem:
+        raise HookFailure("runtime-dir", f"the monitor socket's directory {directory} {problem}: another user could "
+                          "replace the guest's monitor socket; keep the socket in a directory only root can write, "
+                          f"such as the default {RUNTIME_DIR}/NAME/ (run `sevhook prepare-domain` without --socket), "
+                          "and do not loosen or chmod a shared directory for it")
     remove_socket(socket, "runtime-dir")
+
+
+def _create_missing_directories(directory: Path) -> None:
+    """Create `directory` and its missing parents, each 0700 (pathlib gives parents the umask's mode)."""
+    missing = []
+    while not os.path.lexists(directory) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # created meanwhile by another hook call: checked like any existing directory
+
+
+def _directory_problem(info: os.stat_result) -> str | None:
+    """Why a directory cannot hold a private socket, or None."""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not by the hook's user (uid {os.geteuid()})"
+    writers = [who for who, bit in (("its group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit]
+    if writers:
+        return f"is writable by {' and '.join(writers)} (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
 
 
 def remove_socket(socket: Path, step: str) -> None:
@@ -115,9 +158,14 @@ class MarkerState(Enum):
 def start_marker_path(domain_name: str, directory: Path = RUNTIME_DIR) -> Path:
     """RUNTIME_DIR/NAME.start; libvirt forbids '/' in domain names, and sevhook refuses names that
     could leave the directory."""
+    return directory / f"{_file_name(domain_name, directory)}{START_MARKER_SUFFIX}"
+
+
+def _file_name(domain_name: str, directory: Path) -> str:
+    """The domain's name, checked to name an entry of `directory` (not '..', no '/')."""
     if not domain_name or "/" in domain_name or domain_name.startswith(".") or "\0" in domain_name:
         raise SevhookError(f"domain name {domain_name!r} cannot name a file in {directory}")
-    return directory / f"{domain_name}{START_MARKER_SUFFIX}"
+    return domain_name
 
 
 def start_marker_state(domain_name: str, directory: Path = RUNTIME_DIR) -> MarkerState:

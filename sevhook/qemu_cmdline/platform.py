@@ -16,9 +16,11 @@ from typing import Any, Protocol
 from lxml import etree
 
 from sevhook.errors import SevhookError, UsageError
+from sevhook.files import read_input_file
 from sevhook.xml.models import LaunchSecurity, SevLaunchSecurity, SevSnpLaunchSecurity
 
 QMP_TIMEOUT = 10.0
+MAX_DOMCAPS_BYTES = 1 << 20  # `virsh domcapabilities` prints a few KiB
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,7 @@ class DomainCapabilitiesFile:
         return str(self.path)
 
     def load(self) -> PlatformInfo:
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read domain capabilities {self.path}: {exc.strerror}") from exc
+        data = read_input_file(self.path, MAX_DOMCAPS_BYTES, "cannot read domain capabilities")
         return parse_domain_capabilities(data, str(self.path))
 
 

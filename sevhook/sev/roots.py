@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sevhook.errors import FormatError, UsageError
+from sevhook.files import InputFileError, read_input_file
 from sevhook.sev.certs import AmdCertificate, Usage, parse_ca_bundle
 
 MAX_ANCHOR_BYTES = 64 * 1024
@@ -78,13 +79,12 @@ class TrustAnchor:
         """Read an ARK file, or an ASK||ARK bundle (the ARK is taken); named after the file by default."""
         path = Path(path)
         try:
-            with path.open("rb") as stream:
-                data = stream.read(MAX_ANCHOR_BYTES + 1)
-        except OSError as exc:
-            raise UsageError(f"trust anchor {path}: cannot read it ({exc.strerror})") from exc
-        if len(data) > MAX_ANCHOR_BYTES:
+            data = read_input_file(path, MAX_ANCHOR_BYTES, "trust anchor")
+        except InputFileError as exc:
+            if not exc.too_large:
+                raise
             raise UsageError(f"trust anchor {path}: larger than {MAX_ANCHOR_BYTES} bytes, too large for an ARK "
-                             "or ASK||ARK bundle; check that it is the right file")
+                             "or ASK||ARK bundle; check that it is the right file") from exc
         try:
             ark = AmdCertificate.parse(data, f"trust anchor {path}")
         except FormatError as single_error:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sevhook.errors import FormatError, UsageError, VerificationError
-from sevhook.files import write_private_file
+from sevhook.files import InputFileError, read_input_file, write_private_file
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sev.kdf import sev_kdf
 
@@ -107,10 +107,11 @@ def read_key_file(path: Path | str, what: str) -> bytes:
     """Read a raw 16-byte TEK/TIK file (as sevctl writes NAME_tek.bin / NAME_tik.bin); at most a page is read,
     enough to name a wrong file's size, so an endless one (/dev/zero) cannot hang the read."""
     try:
-        with Path(path).open("rb") as stream:
-            data = stream.read(_KEY_FILE_READ_LIMIT + 1)
-    except OSError as exc:
-        raise UsageError(f"{what} file {path}: cannot read it ({exc.strerror})") from exc
+        data = read_input_file(path, _KEY_FILE_READ_LIMIT, f"{what} file")
+    except InputFileError as exc:
+        if not exc.too_large:
+            raise
+        data = bytes(_KEY_FILE_READ_LIMIT + 1)  # reported as too large below, with the expected size
     if len(data) != KEY_SIZE:
         size = f"{len(data)} bytes" if len(data) <= _KEY_FILE_READ_LIMIT else f"more than {_KEY_FILE_READ_LIMIT} bytes"
         raise FormatError(

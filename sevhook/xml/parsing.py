@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from lxml import etree
 
 from sevhook.errors import UsageError
+from sevhook.files import read_input_file
 from sevhook.xml.problems import ERROR, DomainXmlError, Problem
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024  # virsh reads domain XML files up to 10 MiB
@@ -56,23 +56,16 @@ def read_source(source: Source, filename: str | None = None) -> tuple[bytes, str
         return source, filename or "<bytes>"
     if isinstance(source, str) and source.lstrip().startswith("<"):
         return source.encode("utf-8"), filename or "<string>"
-    path = Path(source)
     name = filename or str(source)
     try:
-        size = path.stat().st_size
-        if size > MAX_DOCUMENT_BYTES:
-            raise _refuse(name, 1, _too_large(size))
-        with path.open("rb") as handle:
-            data = handle.read(MAX_DOCUMENT_BYTES + 1)
+        size = os.stat(source).st_size
     except FileNotFoundError as exc:
         raise UsageError(f"{name}: no such file: check the path") from exc
-    except IsADirectoryError as exc:
-        raise UsageError(f"{name}: is a directory, not a domain XML file") from exc
-    except PermissionError as exc:
-        raise UsageError(f"{name}: permission denied: run as a user who may read it") from exc
-    except OSError as exc:
-        raise UsageError(f"{name}: cannot read: {exc.strerror or exc}") from exc
-    return data, name
+    except OSError:
+        size = 0  # unreadable: read_input_file says why
+    if size > MAX_DOCUMENT_BYTES:
+        raise _refuse(name, 1, _too_large(size))
+    return read_input_file(source, MAX_DOCUMENT_BYTES, ""), name
 
 
 def _too_large(size: int) -> str:

@@ -3,12 +3,15 @@ refusals with reason codes, retries on 5xx and connection errors only, and secre
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.server
 import ipaddress
 import json
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -276,3 +279,150 @@ def test_client_from_a_domain_broker_reference(owner: Owner, tmp_path: Path) -> 
         with pytest.raises(BrokerRefused) as refused:
             client.launch_status("none")
     assert refused.value.reason == "unknown-launch"
+
+
+class _SlowPeer:
+    """A loopback server that runs `behave(connection)` for each client, on a thread of its own, and
+    closes what it accepted when stopped. A real socket: the client's deadline meets real I/O."""
+
+    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._behave = behave
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+            threading.Thread(target=self._run, args=(connection,), daemon=True).start()
+
+    def _run(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self._behave(connection)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds` unless stopped first; True while the peer should go on."""
+        return not self._stop.wait(seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+def _read_request(connection: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+@contextlib.contextmanager
+def _slow_peer(behave: Callable[[_SlowPeer, socket.socket], None]) -> Iterator[_SlowPeer]:
+    holder: list[_SlowPeer] = []
+    peer = _SlowPeer(lambda connection: behave(holder[0], connection))
+    holder.append(peer)
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def _dribble_headers(peer: _SlowPeer, connection: socket.socket) -> None:
+    """A status line, then one header line a second, never the end of the headers (for 30 s)."""
+    _read_request(connection)
+    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+    for line in range(30):
+        if not peer.wait(1.0):
+            return
+        connection.sendall(b"X-Slow: %d\r\n" % line)
+
+
+def _dribble_body(peer: _SlowPeer, connection: socket.socket) -> None:
+    """Complete headers announcing a body, then the body one byte every half second."""
+    _read_request(connection)
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n")
+    for _ in range(60):
+        if not peer.wait(0.5):
+            return
+        connection.sendall(b" ")
+
+
+def _stall(peer: _SlowPeer, connection: socket.socket) -> None:
+    """Accept the TCP connection and say nothing: a TLS handshake waits for a ServerHello forever."""
+    peer.wait(30.0)
+
+
+BUDGET = 2.5
+
+
+@pytest.mark.parametrize("behave", [_dribble_headers, _dribble_body], ids=["headers", "body"])
+def test_a_dribbling_broker_cannot_hold_a_call_past_its_deadline(behave: Callable[[_SlowPeer, socket.socket], None]
+                                                                 ) -> None:
+    """Every read gets the time left, not a fresh timeout: one header line a second keeps each read
+    short, and the call must still end when its budget does, retries included."""
+    with _slow_peer(behave) as peer, BrokerClient(f"http://127.0.0.1:{peer.port}", token="t", timeout=BUDGET,
+                                                  retries=2, backoff=0.01) as client:
+        begin = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=rf"no answer within {BUDGET:g} s"):
+            client.create_launch("g", "AA==", "AA==")
+        elapsed = time.monotonic() - begin
+    assert BUDGET - 0.1 <= elapsed < BUDGET + 0.75
+
+
+def test_a_stalled_tls_handshake_ends_at_the_deadline(tls_files: dict[str, Path]) -> None:
+    with _slow_peer(_stall) as peer, BrokerClient(f"https://127.0.0.1:{peer.port}", token="t", timeout=BUDGET,
+                                                  retries=3, backoff=0.01, ca_file=tls_files["ca"]) as client:
+        begin = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=rf"cannot connect \(no answer within {BUDGET:g} s\)"):
+            client.create_launch("g", "AA==", "AA==")
+        elapsed = time.monotonic() - begin
+    assert BUDGET - 0.1 <= elapsed < BUDGET + 0.75
+
+
+def test_retry_pauses_stay_within_the_deadline() -> None:
+    """Backoff and Retry-After pauses that would end past the budget are not taken."""
+    with BrokerClient(f"http://127.0.0.1:{free_port()}", token="t", retries=5, backoff=4.0, timeout=1.0) as client:
+        begin = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="cannot connect"):
+            client.create_launch("g", "AA==", "AA==")
+        assert time.monotonic() - begin < 1.0
+    _RateLimited.seen = 0
+    server = _serve(_RateLimited)
+    try:
+        with BrokerClient(f"http://127.0.0.1:{server.server_address[1]}", token="t", retries=3,
+                          timeout=1.0) as client:
+            begin = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match=r"rate limited \(429\)"):
+                client.create_launch("g", "AA==", "AA==")
+            assert time.monotonic() - begin < 1.0
+            assert _RateLimited.seen == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _RateLimited(http.server.BaseHTTPRequestHandler):
+    """Always 429 with a Retry-After of 3 s."""
+
+    seen = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).seen += 1
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(429)
+        self.send_header("Retry-After", "3")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args: object) -> None:
+        pass

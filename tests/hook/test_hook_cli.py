@@ -76,12 +76,12 @@ def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
     domain = document.domain
     assert domain.launch_security.dh_cert and domain.launch_security.session
     attestation = domain.attestation
-    assert (attestation.guest_id, attestation.socket, attestation.timeout) == (GUEST_ID, "/run/sevhook/web1.qmp", 12)
+    assert (attestation.guest_id, attestation.socket, attestation.timeout) == (GUEST_ID, "/run/sevhook/web1/qmp.sock", 12)
     assert attestation.broker.url == world.broker_url and attestation.broker.token_file == str(world.token)
     assert attestation.launch_id
     root = etree.parse(str(out)).getroot()
     assert root.xpath("q:commandline/q:arg/@value", namespaces=NS) == [
-        "-qmp", "unix:/run/sevhook/web1.qmp,server=on,wait=off"]
+        "-qmp", "unix:/run/sevhook/web1/qmp.sock,server=on,wait=off"]
     first_launch = attestation.launch_id
     again = cli("prepare-domain", str(out), *args[2:-2], "--socket", "/run/sevhook/other.qmp", "-o", str(out))
     assert again.returncode == 0, again.stderr

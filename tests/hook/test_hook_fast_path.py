@@ -4,13 +4,16 @@ output before importing anything heavy; the operations that need no QEMU behave 
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sevhook.hook import fast
 from sevhook.xml.models import SEVHOOK_NS
+from sevhook.xml.parsing import MAX_DOCUMENT_BYTES
 from tests.hook.domains import domain_xml
 
 PLAIN = "<domain type='kvm'><name>plain</name><memory>1</memory></domain>"
@@ -21,6 +24,7 @@ HEAVY = ("lxml", "sevhook.xml", "sevhook.hook.runner", "qemu", "httpx", "cryptog
 
 def test_namespace_constant_matches_the_models():
     assert fast.SEVHOOK_NS == SEVHOOK_NS.encode()
+    assert fast.MAX_DOCUMENT_BYTES == MAX_DOCUMENT_BYTES
 
 
 def test_prefilter():
@@ -29,7 +33,7 @@ def test_prefilter():
     assert not fast.concerns_sevhook(PLAIN.encode())
     assert not fast.concerns_sevhook(SEV_ONLY.encode())
     metadata_only = managed.replace(b"<launchSecurity", b"<other").replace(b"</launchSecurity", b"</other")
-    assert not fast.concerns_sevhook(metadata_only)
+    assert fast.concerns_sevhook(metadata_only)  # the full parse refuses metadata without SEV: never skipped
 
 
 @pytest.mark.parametrize("xml", [PLAIN, SEV_ONLY])
@@ -113,3 +117,81 @@ def test_started_refuses_a_document_that_does_not_validate(run_hook, session_blo
     result = run_hook("g", "started", xml)
     assert result.returncode == 1
     assert result.stderr.startswith("sevhook: g: validate: ") and "<session> decodes to 64 bytes" in result.stderr
+
+
+def _run_hook_bytes(hook_script: Path, hook_log: Path, name: str, operation: str, document: bytes
+                    ) -> subprocess.CompletedProcess[bytes]:
+    """The installed script as libvirtd runs it, with the domain XML given as raw bytes."""
+    environment = {"PATH": "/usr/bin:/bin", "SEVHOOK_HOOK_LOG": str(hook_log)}
+    return subprocess.run([str(hook_script), name, operation, "begin", "-"], input=document, capture_output=True,
+                          timeout=60, env=environment)
+
+
+def _indirect_spellings(managed: str) -> dict[str, bytes]:
+    """The same managed domain in forms whose bytes do not contain sevhook's namespace verbatim."""
+    ns = SEVHOOK_NS
+    referenced = managed.replace(ns, ns.replace("sevhook", "&#115;evhook", 1))
+    return {
+        "utf-16": managed.encode("utf-16"),
+        "utf-16-declared": ("<?xml version='1.0' encoding='UTF-16'?>\n" + managed).encode("utf-16"),
+        "utf-32": managed.encode("utf-32"),
+        "character-reference": referenced.encode(),
+        "ebcdic": ("<?xml version='1.0' encoding='IBM500'?>\n" + managed).encode("cp500"),
+    }
+
+
+@pytest.mark.parametrize("spelling", ["utf-16", "utf-16-declared", "utf-32", "character-reference", "ebcdic"])
+def test_prefilter_passes_indirect_spellings_to_the_full_parse(session_blobs, spelling):
+    godh, session = session_blobs
+    managed = domain_xml("g", socket="/run/sevhook/g/qmp.sock", godh_b64=godh, session_b64=session)
+    document = _indirect_spellings(managed)[spelling]
+    assert SEVHOOK_NS.encode() not in document
+    assert fast.concerns_sevhook(document)
+
+
+@pytest.mark.parametrize("spelling", ["utf-16", "utf-16-declared", "character-reference"])
+def test_managed_guests_spelled_indirectly_are_still_refused(hook_script, hook_log, session_blobs, spelling):
+    """The full hook parses these documents as the same managed guest, so a move is refused as usual."""
+    godh, session = session_blobs
+    managed = domain_xml("g", socket="/run/sevhook/g/qmp.sock", godh_b64=godh, session_b64=session)
+    result = _run_hook_bytes(hook_script, hook_log, "g", "migrate", _indirect_spellings(managed)[spelling])
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("sevhook: g: migrate: an attested SEV guest cannot be migrated")
+
+
+def test_metadata_without_launch_security_is_refused(run_hook, session_blobs):
+    """The owner asked for attestation: a guest whose <launchSecurity> is gone must not start unattested."""
+    managed = domain_xml("g", socket="/run/sevhook/g/qmp.sock")
+    metadata_only = re.sub(r"<launchSecurity.*</launchSecurity>", "", managed, flags=re.DOTALL)
+    assert "launchSecurity" not in metadata_only
+    result = run_hook("g", "prepare", metadata_only)
+    assert result.returncode == 1
+    assert result.stderr.startswith("sevhook: g: metadata: <sevhook:attestation> is set but the domain has no valid")
+
+
+@pytest.mark.parametrize("document", [
+    "<domain type='kvm'><name>plain</name><description>a&#10;b</description></domain>",
+    "<?xml version='1.0' encoding='ISO-8859-1'?><domain type='kvm'><name>plain</name></domain>",
+])
+def test_unmanaged_domains_the_prefilter_cannot_skip_still_pass(run_hook, hook_log, document):
+    assert fast.concerns_sevhook(document.encode())
+    result = run_hook("plain", "prepare", document)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("document", [PLAIN, SEV_ONLY, "<?xml version='1.0' encoding=\"utf-8\"?>" + PLAIN, ""])
+def test_plain_utf8_documents_without_the_namespace_are_skipped(document):
+    assert not fast.concerns_sevhook(document.encode())
+
+
+def test_oversized_stdin_is_refused_without_reading_it_whole(hook_script, hook_log):
+    """`yes | hook` must not fill memory: the read stops after the 10 MiB virsh accepts."""
+    with subprocess.Popen(["yes"], stdout=subprocess.PIPE) as endless:
+        result = subprocess.run([str(hook_script), "g", "prepare", "begin", "-"], stdin=endless.stdout,
+                                capture_output=True, text=True, timeout=60,
+                                env={"PATH": "/usr/bin:/bin", "SEVHOOK_HOOK_LOG": str(hook_log)})
+        endless.kill()
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"sevhook: g: load: the domain XML on stdin is larger than {MAX_DOCUMENT_BYTES} bytes, the most virsh "
+        "accepts; pass the domain's XML as libvirt formats it"]
