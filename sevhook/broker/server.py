@@ -57,11 +57,11 @@ def _read_regular(path: Path, what: str, limit: int = MAX_SMALL_FILE) -> bytes:
         raise UsageError(f"{what} {path}: file not found; give the path of an existing file") from exc
     except OSError as exc:
         raise UsageError(f"{what} {path}: cannot open it ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{what} {path}: not a regular file (a device, fifo, socket or directory); "
+                         "give the path of a file")
     with os.fdopen(fd, "rb") as stream:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"{what} {path}: not a regular file (a device, fifo, socket or directory); "
-                             "give the path of a file")
         try:
             data = stream.read(limit + 1)
         except OSError as exc:
