@@ -18,7 +18,8 @@ from tests.broker.conftest import BrokerProcess, Owner, PlatformKeys, register
 
 @pytest.fixture(scope="module")
 def fuzz_owner(tmp_path_factory: pytest.TempPathFactory, platform: PlatformKeys) -> Iterator[Owner]:
-    process = BrokerProcess(tmp_path_factory.mktemp("broker-fuzz"), extra=("--rate-limit", "0"))
+    process = BrokerProcess(tmp_path_factory.mktemp("broker-fuzz"),
+                            extra=("--rate-limit", "0", "--auth-failure-rate", "0"))
     owner = register(process, platform)
     owner.add_guest()
     yield owner
