@@ -181,7 +181,8 @@ def _wrk(script: Path, url: str, token: str, seconds: int, connections: int, wor
     script.write_text(lua)
     result = subprocess.run(
         ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-         url + path, "--", str(work_dir), *script_args], capture_output=True, text=True, timeout=seconds + 60, check=True)
+         url + path, "--", str(work_dir), *script_args],
+        capture_output=True, text=True, timeout=seconds + 60, check=True)
     line = [text for text in result.stdout.splitlines() if text.startswith("{")][-1]
     return json.loads(line)
 
@@ -306,8 +307,9 @@ class Disturbance:
 
 def _prepare_paced(url: str, token: str, guest: str, trust: RootOfTrust, work_dir: Path) -> None:
     """Launches of the reusable guest, one request line each, spread over the wrk threads."""
+    chain = trust.certs["pek"] + trust.certs["oca"] + trust.certs["cek"]
     launch_body = {"guest": f"{guest}-reusable", "pdh": base64.b64encode(trust.certs["pdh"]).decode(),
-                   "cert_chain": base64.b64encode(trust.certs["pek"] + trust.certs["oca"] + trust.certs["cek"]).decode()}
+                   "cert_chain": base64.b64encode(chain).decode()}
     with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as host:
         lines = [_attestation_line(trust, host.post("/v1/launches", json=launch_body).raise_for_status().json())
                  for _ in range(2 * PACED_CONNECTIONS)]

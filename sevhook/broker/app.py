@@ -4,8 +4,9 @@ services, /v1/... for hosts (a bearer token per host) and /admin/... for the own
 Every error answer is `{"error": message, "reason": code}`. Request bodies are capped before they reach
 the app. Authenticated requests are rate-limited per host (or the admin); requests without a valid token
 are rate-limited per client address, so random tokens buy no extra requests. All database work runs in
-worker threads (the host API in a small pool of its own, the admin API in `def` routes), so a database waiting on a lock held by another
-process never stalls the event loop; /healthz and /readyz use a pool of their own with a deadline."""
+worker threads (the host API in a small pool of its own, the admin API in `def` routes), so a database
+waiting on a lock held by another process never stalls the event loop; /healthz and /readyz use a pool
+of their own with a deadline."""
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the route signatures.
 import asyncio

@@ -84,7 +84,8 @@ class GuestSpec:
             raise UsageError(f"guest {self.guest_id}: give at least one launch digest (--digest or firmware inputs)")
         for digest in self.digests:
             if len(digest) != 32:
-                raise UsageError(f"guest {self.guest_id}: a launch digest is {len(digest)} bytes, expected 32 (SHA-256)")
+                raise UsageError(f"guest {self.guest_id}: a launch digest is {len(digest)} bytes, "
+                                 "expected 32 (SHA-256)")
         if not self.policies:
             raise UsageError(f"guest {self.guest_id}: give at least one allowed policy (--policy)")
         for policy in self.policies:

@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="requests per second per client address without a valid token "
                             f"(default {defaults.auth_failure_rate:g}; 0 disables)")
     serve.add_argument("--auth-failure-burst", type=int, default=defaults.auth_failure_burst, metavar="N",
-                       help=f"burst of requests without a valid token per address (default {defaults.auth_failure_burst})")
+                       help="burst of requests without a valid token per address "
+                            f"(default {defaults.auth_failure_burst})")
     serve.add_argument("--launch-ttl", type=float, default=3600.0, metavar="SECONDS",
                        help="how long a launch may wait for its attestation (default 3600)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (no bodies)")
