@@ -71,6 +71,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # refused or timed out: what is still buffered is not parsed
+            return
         if self._in_headers:
             self._header_bytes += len(data)
         super().data_received(data)

@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, insert, select, update
 
 from sevhook.broker import db
 from sevhook.broker.rules import Refusal, check_launch_rules, decode_field, policy_refusal
-from sevhook.broker.store import Store
+from sevhook.broker.store import Expiring, Store
 from sevhook.broker.vault import token_digest
 from sevhook.errors import FormatError
 from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
@@ -34,6 +34,7 @@ from sevhook.sev.session import create_session
 DEFAULT_LAUNCH_TTL = 3600.0
 CHAIN_CACHE_SIZE = 1024
 MATERIAL_CACHE_SIZE = 10000
+VOUCHED_SECONDS = 3600.0  # how long a token that authenticated keeps its holder clear of the address budget
 
 # Statements built once; each call only binds parameters (the hot paths run thousands of times a second).
 _LAUNCH_INSERT = insert(db.launches)
@@ -105,6 +106,7 @@ class LaunchService:
         self.launch_ttl = launch_ttl
         self._chains = _ChainCache()
         self._materials: dict[str, GuestMaterial] = {}
+        self._vouched = Expiring(ttl=VOUCHED_SECONDS)  # digests of tokens that authenticated; never random ones
 
     # ---- host authentication -----------------------------------------------------------------
 
@@ -124,11 +126,14 @@ class LaunchService:
                                       row.name, "authenticate")
             name = row.name
             self.store.host_tokens.put(digest, name)  # only known tokens are cached: random ones cannot fill it
+            self._vouched.put(digest, True)
         return name
 
-    def is_known_token(self, token: str) -> bool:
-        """Whether the token is a host's that this replica saw recently (no database access)."""
-        return self.store.host_tokens.get(token_digest(token)) is not None
+    def is_vouched_token(self, token: str) -> bool:
+        """Whether the token authenticated here within VOUCHED_SECONDS (no database access). It only
+        earns a lookup when the client's address is over its failed-auth budget: the lookup itself
+        still decides, so a token revoked since then is refused as usual."""
+        return self._vouched.get(token_digest(token)) is not None
 
     # ---- platform chains ---------------------------------------------------------------------
 

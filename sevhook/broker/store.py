@@ -52,18 +52,19 @@ class DatabaseFailure(SevhookError):
 
 
 class Expiring:
-    """A small thread-safe cache whose entries live CACHE_SECONDS (host tokens, the root list), so a
-    change made through another replica shows within that time."""
+    """A small thread-safe cache whose entries live `ttl` seconds (by default CACHE_SECONDS: host tokens,
+    the root list), so a change made through another replica shows within that time."""
 
-    def __init__(self, max_entries: int = 10000) -> None:
+    def __init__(self, max_entries: int = 10000, ttl: float = CACHE_SECONDS) -> None:
         self._entries: dict[str, tuple[float, Any]] = {}
         self._max = max_entries
+        self._ttl = ttl
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
         with self._lock:
             entry = self._entries.get(key)
-        if entry is None or time.monotonic() - entry[0] > CACHE_SECONDS:
+        if entry is None or time.monotonic() - entry[0] > self._ttl:
             return None
         return entry[1]
 

@@ -88,8 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="how long a launch may wait for its attestation (default 3600)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (no bodies)")
     serve.add_argument("--init", action="store_true",
-                       help="create the data directory, storage key and admin token when missing (as `sevhook "
-                            "broker init`); without it a data directory that was never initialised is refused")
+                       help="create the data directory, storage key, admin token and tables when missing (as "
+                            "`sevhook broker init`); without it a data directory that was never initialised is refused")
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
@@ -194,7 +194,6 @@ def run_serve(args: argparse.Namespace) -> int:
                     keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
                     rate=args.rate_limit, burst=args.burst, auth_failure_rate=args.auth_failure_rate,
                     auth_failure_burst=args.auth_failure_burst)
-    limits.check()
     return serve(ServeOptions(
         data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=limits, launch_ttl=args.launch_ttl, access_log=args.access_log,
