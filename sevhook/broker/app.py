@@ -76,13 +76,18 @@ class StrictBearer(HTTPBearer):
     scheme's case is free, as RFC 7235 says. Keeps HTTPBearer's entry in the OpenAPI spec."""
 
     async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
-        header = request.headers.get("authorization")
-        if header is None:
-            return None
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not _TOKEN68.fullmatch(token):
-            return ""  # present but malformed: a failed authentication, never a lookup
-        return token
+        return bearer_token(request.headers.get("authorization"))
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header; None without a header, "" for a header
+    that is present but malformed (a failed authentication that never reaches a lookup)."""
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not _TOKEN68.fullmatch(token):
+        return ""
+    return token
 
 
 def _client(request: Request) -> str:
