@@ -26,6 +26,7 @@ from sqlalchemy import (
     event,
     make_url,
 )
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from sevhook.errors import UsageError
@@ -113,6 +114,14 @@ audit = Table(
 )
 Index("ix_audit_at", audit.c.at)
 
+health = Table(  # one row the readiness check rewrites: proof that a write reaches the disk
+    "health",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("checked_at", Float, nullable=False),
+)
+BROKER_TABLES = ("roots", "hosts", "guests", "digests", "secrets", "launches", "audit")  # what `init` made
+
 
 def default_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'broker.sqlite3').resolve()}"
@@ -139,22 +148,24 @@ def shown_url(url: str) -> str:
         return _PASSWORD_IN_URL.sub(r"\g<user>:***@", url)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str | URL) -> Engine:
     """One code path for both backends; the URL decides (sqlite:///FILE or postgresql+psycopg://...)."""
+    shown = shown_url(url) if isinstance(url, str) else url.render_as_string(hide_password=True)
     try:
-        if url.startswith("sqlite"):
+        backend = make_url(url).get_backend_name()
+        if backend == "sqlite":
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
             event.listen(engine, "connect", _sqlite_pragmas)
-        elif url.startswith("postgresql"):
+        elif backend == "postgresql":
             engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
         else:
-            raise UsageError(f"--db {shown_url(url)!r}: use sqlite:///FILE or postgresql+psycopg://USER@HOST:PORT/DB")
-    except NoSuchModuleError:
-        raise UsageError(f"--db {shown_url(url)!r}: unknown database driver; use sqlite:///FILE or "
-                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
-    except (ArgumentError, ValueError):  # their messages may quote the whole URL, password included
-        raise UsageError(f"--db {shown_url(url)!r}: not a valid database URL; use sqlite:///FILE or "
-                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
+            raise UsageError(f"--db {shown!r}: use sqlite:///FILE or postgresql+psycopg://USER@HOST:PORT/DB")
+    except NoSuchModuleError as exc:
+        raise UsageError(f"--db {shown!r}: unknown database driver; use sqlite:///FILE or "
+                         "postgresql+psycopg://USER@HOST:PORT/DB") from exc
+    except (ArgumentError, ValueError) as exc:  # their messages may quote the whole URL, password included
+        raise UsageError(f"--db {shown!r}: not a valid database URL; use sqlite:///FILE or "
+                         "postgresql+psycopg://USER@HOST:PORT/DB") from exc
     return engine
 
 

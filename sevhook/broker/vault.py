@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import secrets as random_source
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -22,12 +23,37 @@ NONCE_BYTES = 12
 
 
 def ensure_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700, or make an existing one private (see check_data_dir)."""
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"{data_dir}: cannot create the broker data directory ({exc.strerror})") from None
-    if not data_dir.is_dir():
+        raise UsageError(f"{data_dir}: cannot create the broker data directory ({exc.strerror})") from exc
+    check_data_dir(data_dir)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The data directory holds the storage key, the admin token and the SQLite database with its audit
+    log: it must be a directory of this user's, and nobody else may list or enter it. A directory
+    owned by another user is refused (they could swap its files); our own is tightened to 0700."""
+    try:
+        info = data_dir.lstat()
+    except FileNotFoundError as exc:
+        raise UsageError(f"{data_dir}: no such broker data directory; run `sevhook broker init --data-dir "
+                         f"{data_dir}` first") from exc
+    except OSError as exc:
+        raise UsageError(f"{data_dir}: cannot read the broker data directory ({exc.strerror})") from exc
+    if not stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{data_dir}: the broker data directory is not a directory")
+    if info.st_uid != os.geteuid():
+        raise UsageError(f"{data_dir}: the broker data directory belongs to uid {info.st_uid}, not to this user "
+                         f"(uid {os.geteuid()}); run the broker as its owner, or give a directory of your own")
+    if info.st_mode & 0o077:
+        try:
+            data_dir.chmod(0o700)
+        except OSError as exc:
+            raise UsageError(f"{data_dir}: the broker data directory is open to others (mode "
+                             f"{info.st_mode & 0o777:o}) and cannot be made private ({exc.strerror}); "
+                             "run chmod 700 on it") from exc
 
 
 def new_token() -> str:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sevhook.broker.settings import Limits
 from sevhook.commands.arguments import number_type, read_input
 
 EPILOG = """examples:
@@ -30,8 +31,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="broker data directory: storage key, admin token, SQLite file "
                              "(default $XDG_DATA_HOME/sevhook/broker)")
     parser.add_argument("--db", metavar="URL", default=None,
-                        help="database URL (default sqlite:///DATA_DIR/broker.sqlite3; replicas share "
-                             "postgresql+psycopg://USER@HOST:PORT/DB)")
+                        help="database URL without a password (default sqlite:///DATA_DIR/broker.sqlite3; replicas "
+                             "share postgresql+psycopg://USER@HOST:PORT/DB)")
+    parser.add_argument("--db-password-file", type=Path, metavar="FILE", default=None,
+                        help="a 0600 file whose first line is the database password (or set $SEVHOOK_DB_PASSWORD); "
+                             "a password in --db is refused: the process list shows it to every user")
 
 
 def _sub(subparsers: argparse._SubParsersAction, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
@@ -56,17 +60,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:8700", help="default 127.0.0.1:8700")
     serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file")
     serve.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key file")
-    serve.add_argument("--max-body", type=int, default=64 * 1024, metavar="BYTES",
-                       help="largest request body accepted (default 65536)")
-    serve.add_argument("--rate-limit", type=float, default=100.0, metavar="PER_SECOND",
-                       help="requests per second per token (default 100; 0 disables)")
-    serve.add_argument("--burst", type=int, default=200, help="rate-limit burst per token (default 200)")
+    defaults = Limits()
+    serve.add_argument("--max-body", type=int, default=defaults.max_body, metavar="BYTES",
+                       help=f"largest request body accepted (default {defaults.max_body})")
+    serve.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes, metavar="BYTES",
+                       help=f"largest request line plus headers; more gives 431 (default {defaults.max_header_bytes})")
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout, metavar="SECONDS",
+                       help="time from a connection's or request's first byte to its last header "
+                            f"(default {defaults.header_timeout:g})")
+    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout, metavar="SECONDS",
+                       help=f"time from the last header to the last body byte (default {defaults.body_timeout:g})")
+    serve.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout, metavar="SECONDS",
+                       help=f"idle time before a keep-alive connection closes (default {defaults.keepalive_timeout:g})")
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
+                       help=f"open connections; more get 503 and are closed (default {defaults.max_connections})")
+    serve.add_argument("--rate-limit", type=float, default=defaults.rate, metavar="PER_SECOND",
+                       help=f"requests per second per host token (default {defaults.rate:g}; 0 disables)")
+    serve.add_argument("--burst", type=int, default=defaults.burst,
+                       help=f"rate-limit burst per host token (default {defaults.burst})")
+    serve.add_argument("--auth-failure-rate", type=float, default=defaults.auth_failure_rate, metavar="PER_SECOND",
+                       help="requests per second per client address without a valid token "
+                            f"(default {defaults.auth_failure_rate:g}; 0 disables)")
+    serve.add_argument("--auth-failure-burst", type=int, default=defaults.auth_failure_burst, metavar="N",
+                       help="burst of requests without a valid token per address "
+                            f"(default {defaults.auth_failure_burst})")
     serve.add_argument("--launch-ttl", type=float, default=3600.0, metavar="SECONDS",
                        help="how long a launch may wait for its attestation (default 3600)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (no bodies)")
     serve.add_argument("--init", action="store_true",
-                       help="create the data directory, storage key and admin token when missing (as `sevhook "
-                            "broker init`); without it a data directory that was never initialised is refused")
+                       help="create the data directory, storage key, admin token and tables when missing (as "
+                            "`sevhook broker init`); without it a data directory that was never initialised is refused")
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
@@ -147,23 +170,34 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return args.data_dir or default_data_dir()
 
 
-def _broker(args: argparse.Namespace) -> Any:
+def _db_url(args: argparse.Namespace) -> Any:
+    from sevhook.broker.server import database_url  # noqa: PLC0415
+
+    return database_url(args.db, _data_dir(args), args.db_password_file)
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    """The admin service over the data directory and database (no server needed)."""
     from sevhook.broker.server import open_broker  # noqa: PLC0415
 
-    return open_broker(_data_dir(args), args.db)
+    return open_broker(_data_dir(args), _db_url(args)).admin
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from sevhook.broker.app import Limits  # noqa: PLC0415
     from sevhook.broker.server import ServeOptions, serve  # noqa: PLC0415
     from sevhook.errors import UsageError  # noqa: PLC0415
 
-    if args.max_body < 1024 or args.burst < 1 or args.rate_limit < 0 or args.launch_ttl <= 0:
-        raise UsageError("--max-body must be >= 1024, --burst >= 1, --rate-limit >= 0 and --launch-ttl > 0")
+    if args.launch_ttl <= 0:
+        raise UsageError(f"--launch-ttl {args.launch_ttl}: must be more than 0 seconds")
+    limits = Limits(max_body=args.max_body, max_header_bytes=args.max_header_bytes,
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
+                    rate=args.rate_limit, burst=args.burst, auth_failure_rate=args.auth_failure_rate,
+                    auth_failure_burst=args.auth_failure_burst)
     return serve(ServeOptions(
-        data_dir=_data_dir(args), db_url=args.db, listen=args.listen, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, limits=Limits(args.max_body, args.rate_limit, args.burst),
-        launch_ttl=args.launch_ttl, access_log=args.access_log, init=args.init))
+        data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, limits=limits, launch_ttl=args.launch_ttl, access_log=args.access_log,
+        init=args.init))
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -172,23 +206,23 @@ def run_init(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir(args)
     created = init_keys(data_dir)
-    open_broker(data_dir, args.db)
+    open_broker(data_dir, _db_url(args), create=True)
     token_path = data_dir / ADMIN_TOKEN_FILE
     state = "created" if created else "kept the existing"
-    print(f"broker data directory {data_dir}: {state} admin token in {token_path} (0600); tables ready")
+    print(f"broker data directory {data_dir} (0700): {state} admin token in {token_path} (0600); tables ready")
     return 0
 
 
 def run_add_root(args: argparse.Namespace) -> int:
     bundle = read_input(args.ca, "--ca")
-    root = _broker(args).add_root(args.name, bundle, test=args.test)
+    root = _admin(args).add_root(args.name, bundle, test=args.test)
     kind = "test root (trusted by name)" if root["test"] else "AMD root"
     print(f"root {root['name']}: {kind}, ARK key id {root['ark_key_id']}")
     return 0
 
 
 def run_list_roots(args: argparse.Namespace) -> int:
-    roots = _broker(args).list_roots()
+    roots = _admin(args).list_roots()
     if args.json:
         print(json.dumps(roots, indent=2))
     for root in [] if args.json else roots:
@@ -205,13 +239,13 @@ def run_add_host(args: argparse.Namespace) -> int:
         raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
     if not args.token_file.parent.is_dir():
         raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
-    broker = _broker(args)
+    admin = _admin(args)
     # The token is saved before the host is registered: a failed write then registers nothing, and a
     # failed registration (a taken name) removes the file again, so no token is ever lost or orphaned.
     token = new_token()
     write_private_file(args.token_file, (token + "\n").encode())
     try:
-        broker.add_host(args.name, token=token)
+        admin.add_host(args.name, token=token)
     except BaseException:
         args.token_file.unlink(missing_ok=True)
         raise
@@ -220,7 +254,7 @@ def run_add_host(args: argparse.Namespace) -> int:
 
 
 def run_list_hosts(args: argparse.Namespace) -> int:
-    hosts = _broker(args).list_hosts()
+    hosts = _admin(args).list_hosts()
     if args.json:
         print(json.dumps(hosts, indent=2))
         return 0
@@ -231,7 +265,7 @@ def run_list_hosts(args: argparse.Namespace) -> int:
 
 
 def run_revoke_host(args: argparse.Namespace) -> int:
-    _broker(args).revoke_host(args.name)
+    _admin(args).revoke_host(args.name)
     print(f"host {args.name}: revoked; its token is refused from now on (the name stays taken)")
     return 0
 
@@ -300,7 +334,7 @@ def _version(text: str, what: str) -> tuple[int, int]:
 
 
 def run_add_guest(args: argparse.Namespace) -> int:
-    from sevhook.broker.service import GuestSpec  # noqa: PLC0415
+    from sevhook.broker.rules import GuestSpec  # noqa: PLC0415
     from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
 
     policies = args.policy or [0x1]
@@ -315,7 +349,7 @@ def run_add_guest(args: argparse.Namespace) -> int:
         reusable=args.reusable,
         digest_labels=tuple(labels),
     )
-    guest = _broker(args).add_guest(spec)
+    guest = _admin(args).add_guest(spec)
     print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
           f"{', '.join(SevPolicy(p).describe() for p in guest['policies'])}, "
           f"{len(guest['secret_guids'])} secret(s), {'reusable' if guest['reusable'] else 'single-use'} launches")
@@ -325,7 +359,7 @@ def run_add_guest(args: argparse.Namespace) -> int:
 
 
 def run_list_guests(args: argparse.Namespace) -> int:
-    guests = _broker(args).list_guests()
+    guests = _admin(args).list_guests()
     if args.json:
         print(json.dumps(guests, indent=2))
         return 0
@@ -338,13 +372,13 @@ def run_list_guests(args: argparse.Namespace) -> int:
 
 
 def run_revoke_guest(args: argparse.Namespace) -> int:
-    _broker(args).revoke_guest(args.guest_id)
+    _admin(args).revoke_guest(args.guest_id)
     print(f"guest {args.guest_id}: revoked")
     return 0
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    entries = _broker(args).audit_log(limit=max(1, args.limit), after_id=args.after, guest_id=args.guest)
+    entries = _admin(args).audit_log(limit=max(1, args.limit), after_id=args.after, guest_id=args.guest)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0

@@ -188,12 +188,12 @@ class Demo:
         return firmware
 
     def _setup_broker(self, broker: LocalBroker, firmware: Path) -> str:
-        from sevhook.broker.service import GuestSpec  # noqa: PLC0415
+        from sevhook.broker.rules import GuestSpec  # noqa: PLC0415
         from sevhook.files import write_private_file  # noqa: PLC0415
         from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
         from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
 
-        service = broker.service
+        service = broker.service.admin
         url = broker.start()
         platform = self.platform
         service.add_root(ROOT_NAME, platform.cert("ask") + platform.cert("ark"), test=True)

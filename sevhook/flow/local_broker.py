@@ -24,7 +24,7 @@ class LocalBroker:
         from sevhook.broker.server import open_broker  # noqa: PLC0415
 
         self.data_dir = data_dir
-        self.service = open_broker(data_dir, None, create_keys=True)
+        self.service = open_broker(data_dir, None, create=True)
         self._server = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None

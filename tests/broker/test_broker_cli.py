@@ -88,7 +88,7 @@ def test_admin_commands_configure_a_working_broker(tmp_path: Path, platform: Pla
     (("serve", "--listen", "nowhere"), "ADDR:PORT"),
     (("serve", "--tls-cert", "/nonexistent"), "--tls-key"),
     (("serve", "--init", "--tls-cert", "/missing.crt", "--tls-key", "/missing.key"),
-     "--tls-cert /missing.crt: TLS file not found"),
+     "--tls-cert /missing.crt: file not found"),
     (("serve", "--listen", "127.0.0.1:0"), "run `sevhook broker init --data-dir"),
     (("add-host", "h", "--token-file", "/proc/sevhook-h.token"), "/proc/sevhook-h.token: cannot write ("),
     (("revoke-host", "nope"), "not registered"),
