@@ -88,9 +88,9 @@ def read_input_file(path: str | os.PathLike[str], limit: int, what: str, *, regu
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise InputFileError(f"{name}: is a directory; give a file")
+            raise InputFileError(f"{name}: is a directory, not a regular file; give a file")
         if regular_only and not stat.S_ISREG(info.st_mode):
-            raise InputFileError(f"{name}: is {_kind(info.st_mode)}; give a regular file")
+            raise InputFileError(f"{name}: is {_kind(info.st_mode)}, not a regular file; give a regular file")
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
             raise InputFileError(_too_large(name, limit), too_large=True)
         data = _read_bounded(fd, limit, regular=stat.S_ISREG(info.st_mode))

@@ -156,8 +156,8 @@ def test_the_hook_token_and_ca_files_must_be_regular_files(tmp_path: Path) -> No
 
     fifo = tmp_path / "token.fifo"
     os.mkfifo(fifo)
-    for path, words in ((fifo, "is a pipe (FIFO); give a regular file"),
-                        (Path("/dev/zero"), "is a character device; give a regular file")):
+    for path, words in ((fifo, "is a pipe (FIFO), not a regular file; give a regular file"),
+                        (Path("/dev/zero"), "is a character device, not a regular file; give a regular file")):
         begin = time.monotonic()
         with pytest.raises(InputFileError) as refused:
             BrokerClient("http://127.0.0.1:9", token_file=path)

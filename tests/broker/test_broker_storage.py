@@ -197,8 +197,8 @@ def test_the_environment_password_reaches_postgresql(tmp_path: Path, pg_database
 
 
 @pytest.mark.parametrize("cert, key, expected", [
-    ("/dev/zero", "KEY", "--tls-cert /dev/zero: not a regular file"),
-    ("CERT", "/dev/zero", "--tls-key /dev/zero: not a regular file"),
+    ("/dev/zero", "KEY", "--tls-cert /dev/zero: is a character device, not a regular file"),
+    ("CERT", "/dev/zero", "--tls-key /dev/zero: is a character device, not a regular file"),
     ("GARBAGE", "KEY", "not a PEM certificate"),
     ("CERT", "GARBAGE", "not a PEM private key"),
     ("CERT", "OTHER_KEY", "the key does not belong to the certificate"),
