@@ -65,6 +65,8 @@ class LaunchRequest(BaseModel):
                             "PDH|PEK|OCA|CEK|ASK|ARK chain")
     policy: int | None = Field(default=None, ge=0, le=MAX_POLICY,
                                description="requested policy; must be allowed; default: the guest's first")
+    cpu0_id: str | None = Field(default=None, max_length=512, description="base64 chip id (QMP 'cpu0-id', GET_ID): "
+                                "lets the broker fetch the ASK-signed CEK that the firmware's export lacks")
 
 
 class LaunchGrantBody(BaseModel):
@@ -361,7 +363,7 @@ def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> 
     @app.post("/v1/launches", tags=["host"], response_model=LaunchGrantBody, responses=ERRORS)
     async def create_launch(body: LaunchRequest, host: Host) -> dict[str, Any]:
         """Verify the platform chain to a registered root and make a launch session for the guest."""
-        return await run(broker.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy)
+        return await run(broker.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy, body.cpu0_id)
 
     @app.post("/v1/launches/{launch_id}/attestation", tags=["host"], response_model=SecretGrantBody,
               responses=ERRORS)

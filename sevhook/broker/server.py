@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sevhook.broker import db
 from sevhook.broker.app import Limits, create_app, wrap_limits
+from sevhook.broker.kds import DEFAULT_KDS_URL
 from sevhook.broker.service import DEFAULT_LAUNCH_TTL, Broker
 from sevhook.broker.vault import STORAGE_KEY_FILE, Vault, admin_token_digest, init_keys
 from sevhook.errors import UsageError
@@ -66,6 +67,7 @@ class ServeOptions:
     launch_ttl: float = DEFAULT_LAUNCH_TTL
     access_log: bool = False
     init: bool = False  # create missing keys (as `sevhook broker init`) instead of refusing the data directory
+    kds_url: str | None = DEFAULT_KDS_URL  # where unsigned CEKs' signed copies come from; None: imported only
 
 
 def _check_tls(options: ServeOptions) -> None:
@@ -111,6 +113,7 @@ def serve(options: ServeOptions) -> int:
                          f"run `sevhook broker init --data-dir {options.data_dir}` first, or serve with --init "
                          "to create it")
     broker = open_broker(options.data_dir, options.db_url, options.launch_ttl, create_keys=options.init)
+    broker.ceks.configure(options.kds_url)
     app = wrap_limits(create_app(broker, admin_token_digest(options.data_dir), options.limits), options.limits)
     config = uvicorn.Config(
         app,

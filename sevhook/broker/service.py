@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from sevhook.broker import db
+from sevhook.broker.kds import CekRefusal, SignedCeks, is_unsigned
 from sevhook.broker.vault import Vault, new_token, token_digest
 from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, SevhookError, UsageError
@@ -58,6 +59,9 @@ REASONS = {
     "guest-revoked": "the guest has been revoked by its owner",
     "chain-invalid": "the platform certificate chain does not verify",
     "unknown-root": "the chain does not lead to a registered root (ARK)",
+    "cek-unsigned": "the chain's CEK is unsigned (as firmware exports it) and no signed CEK is cached or at the KDS",
+    "kds-unavailable": "AMD's KDS (the broker's --kds-url) did not answer with the signed CEK; retry later",
+    "cek-mismatch": "the signed CEK from the KDS or cache is for another key, or no registered ASK signed it",
     "unknown-launch": "no such launch for this host",
     "token-missing": "no bearer token was sent",
     "token-invalid": "the bearer token is not a registered host's (or the admin) token",
@@ -236,6 +240,7 @@ class Broker:
         self.vault = vault
         self.launch_ttl = launch_ttl
         self._chains = _ChainCache()
+        self.ceks = SignedCeks(engine)
         self._hosts = _Expiring()
         self._roots = _Expiring(max_entries=1)
         self._materials: dict[str, GuestMaterial] = {}
@@ -422,19 +427,45 @@ class Broker:
 
     # ---- platform chains ---------------------------------------------------------------------
 
-    def verify_platform(self, pdh_b64: str, chain_b64: str) -> VerifiedPlatform:
-        """Verify PDH and chain (QMP's PEK|OCA|CEK, or a full PDH..ARK chain) to a registered root."""
-        pdh_bytes = _b64(pdh_b64, "pdh")
-        chain_bytes = _b64(chain_b64, "cert_chain")
+    def _all_roots(self) -> list[Any]:
         roots = self._roots.get("all")
         if not roots:
             with self.engine.connect() as conn:
                 roots = conn.execute(_ROOTS).all()
             self._roots.put("all", roots)
+        return roots
+
+    def add_cek(self, data: bytes, chip_id: str | None) -> dict[str, str]:
+        """Import an ASK-signed CEK (air-gapped brokers); it must verify under a registered ASK."""
+        asks = [AmdCertificate.parse(r.ask) for r in self._all_roots() if r.ask]
+        return self.ceks.import_cek(data, chip_id, asks)
+
+    def _with_signed_cek(self, chain_bytes: bytes, cpu0_id_b64: str | None) -> bytes:
+        """The chain with an unsigned (firmware-exported) CEK swapped for its verified ASK-signed copy."""
+        offset = 2 * SEV_CERT_SIZE if len(chain_bytes) == QMP_CHAIN_SIZE else 3 * SEV_CERT_SIZE
+        cek = SevCertificate.parse(chain_bytes[offset:offset + SEV_CERT_SIZE], "cert_chain CEK")
+        if cek.usage != Usage.CEK or not is_unsigned(cek):
+            return chain_bytes
+        asks = [AmdCertificate.parse(r.ask) for r in self._all_roots() if r.ask]
+        try:
+            signed = self.ceks.resolve(cek, cpu0_id_b64, asks)
+        except CekRefusal as exc:
+            raise Refusal(exc.reason, exc.message) from exc
+        return chain_bytes[:offset] + signed.to_bytes() + chain_bytes[offset + SEV_CERT_SIZE:]
+
+    def verify_platform(self, pdh_b64: str, chain_b64: str, cpu0_id_b64: str | None = None) -> VerifiedPlatform:
+        """Verify PDH and chain (QMP's PEK|OCA|CEK, or a full PDH..ARK chain) to a registered root; an
+        unsigned CEK is first replaced by its ASK-signed copy (cache or KDS, by chip id)."""
+        pdh_bytes = _b64(pdh_b64, "pdh")
+        chain_bytes = _b64(chain_b64, "cert_chain")
+        roots = self._all_roots()
         if not roots:
             raise Refusal("unknown-root", "no root is registered with this broker; the owner must run "
                           "`sevhook broker add-root`")
         try:
+            if len(chain_bytes) >= QMP_CHAIN_SIZE:
+                chain_bytes = self._with_signed_cek(chain_bytes, cpu0_id_b64)
+                chain_b64 = base64.b64encode(chain_bytes).decode("ascii")
             pdh = SevCertificate.parse(pdh_bytes, "pdh")
             if pdh.usage != Usage.PDH:
                 raise FormatError(f"pdh: the certificate has usage {pdh.usage.name}, expected PDH")
@@ -471,7 +502,7 @@ class Broker:
     # ---- host API ----------------------------------------------------------------------------
 
     def create_launch(self, host: str, guest_id: str, pdh_b64: str, chain_b64: str,
-                      policy: int | None = None) -> dict[str, Any]:
+                      policy: int | None = None, cpu0_id_b64: str | None = None) -> dict[str, Any]:
         where = {"guest_id": guest_id}
         try:
             with self.engine.connect() as conn:
@@ -485,7 +516,7 @@ class Broker:
             refusal = _policy_refusal(chosen, allowed)
             if refusal:
                 raise refusal
-            platform = self.verify_platform(pdh_b64, chain_b64)
+            platform = self.verify_platform(pdh_b64, chain_b64, cpu0_id_b64)
         except Refusal as refusal:
             raise self._deny(refusal, host, "create-launch", **where) from None
         session = create_session(platform.pdh, chosen)
