@@ -113,6 +113,11 @@ def _check_certificates(data: bytes, what: str) -> None:
 
 
 def _read(path: Path) -> bytes:
+    """A certificate file, raw or base64."""
+    return maybe_base64(_read_raw(path))
+
+
+def _read_raw(path: Path) -> bytes:
     try:
         with path.open("rb") as stream:
             data = stream.read(MAX_FILE_BYTES + 1)
@@ -121,11 +126,11 @@ def _read(path: Path) -> bytes:
                          "`sevhook platform export`") from exc
     if len(data) > MAX_FILE_BYTES:
         raise UsageError(f"{path}: larger than {MAX_FILE_BYTES} bytes, not a platform export file")
-    return maybe_base64(data)
+    return data
 
 
 def read_chip_id(path: Path) -> bytes:
-    text = _read(path).decode("ascii", "replace").strip()
+    text = _read_raw(path).decode("ascii", "replace").strip()  # hex text is valid base64 too: never decode it
     try:
         chip_id = bytes.fromhex(text)
     except ValueError as exc:
