@@ -324,6 +324,14 @@ def run_add_guest(args: argparse.Namespace) -> int:
     from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
 
     policies = args.policy or [0x1]
+    if args.firmware and not args.digest:
+        from sevhook.sev.digest_rules import require_vmsa_source  # noqa: PLC0415
+
+        # --firmware computes a plain SEV digest (no VMSAs): it can only serve a non-ES policy
+        require_vmsa_source(min(policies, key=lambda policy: policy & 0x4), has_vmsas=False,
+                            what="broker add-guest --firmware",
+                            advice="compute the SEV-ES digest with `sevhook owner measure --mode seves --vcpus N "
+                                   "--vcpu-type NAME` and register it with --digest HEX")
     digests, labels = _digests(args)
     spec = GuestSpec(
         guest_id=args.guest_id,
@@ -335,6 +343,11 @@ def run_add_guest(args: argparse.Namespace) -> int:
         reusable=args.reusable,
         digest_labels=tuple(labels),
     )
+    if spec.secrets and args.firmware:
+        from sevhook.sev.secret import SecretTable  # noqa: PLC0415
+        from sevhook.sev.secret_area import require_secret_area  # noqa: PLC0415
+
+        require_secret_area(args.firmware, len(SecretTable(spec.secrets).build()))
     guest = _broker(args).add_guest(spec)
     print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
           f"{', '.join(SevPolicy(p).describe() for p in guest['policies'])}, "

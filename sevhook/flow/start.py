@@ -34,6 +34,7 @@ from lxml import etree
 from sevhook.errors import SevhookError
 from sevhook.flow.steps import StepFailed, Steps
 from sevhook.hook.plan import Deadline, check_secret_packet
+from sevhook.sev.secret_area import check_injection_target
 from sevhook.xml.models import SEVHOOK_NS, Attestation, BrokerRef, SevLaunchSecurity
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class ManagedDomain:
     xml: str
     launch_security: SevLaunchSecurity
     attestation: Attestation
+    loader: str | None = None  # the firmware file, whose secret area must hold the secret
 
 
 def read_domain(name: str, xml: str) -> ManagedDomain:
@@ -158,7 +160,7 @@ def read_domain(name: str, xml: str) -> ManagedDomain:
         raise SevhookError(f"domain {name} declares <sevhook:monitor> in its metadata, so sevhook's libvirt hook "
                            f"attests it (hook mode): start it with `virsh start --paused {name}`, or remove "
                            "<sevhook:monitor> (and the -qmp <qemu:arg>s for its socket) to use sevhook start")
-    return ManagedDomain(xml, domain.launch_security, domain.attestation)
+    return ManagedDomain(xml, domain.launch_security, domain.attestation, domain.os.loader)
 
 
 def with_launch(xml: str, grant: LaunchGrant, filename: str) -> str:
@@ -264,6 +266,7 @@ class StartSequence:
         with self.steps.step("inject") as note:
             deadline.remaining("inject")
             check_secret_packet(secret.header_b64, secret.secret_b64)
+            check_injection_target(managed.loader, secret.secret_b64)
             self.domain.inject(secret.header_b64, secret.secret_b64)
             note.detail = f"{len(base64.b64decode(secret.secret_b64))}-byte secret packet injected"
         if attestation.resume:

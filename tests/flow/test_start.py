@@ -59,7 +59,7 @@ class World:
     broker_url: str
     broker: subprocess.Popen[bytes]
     connection: object
-    kds: SimulatedKds
+    kds: SimulatedKds | None = None
     domains: list[str] = field(default_factory=list)
 
     @property
@@ -187,7 +187,8 @@ def _tear_down(world: World) -> None:
                 continue
         world.connection.close()  # type: ignore[attr-defined]
     finally:
-        world.kds.stop()
+        if world.kds is not None:
+            world.kds.stop()
         world.broker.send_signal(signal.SIGTERM)
         try:
             world.broker.wait(timeout=15)
