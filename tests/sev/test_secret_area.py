@@ -83,3 +83,22 @@ def test_broker_add_guest_refuses_an_es_only_policy_without_vmsas(tmp_path: Path
     assert refused.returncode == 2 and "SEV-ES" in refused.stderr and "owner measure --mode seves" in refused.stderr
     mixed = run("broker", "add-guest", "mixed", "--firmware", AMDSEV, "--policy", "0x1", "--policy", "0x5", *data)
     assert mixed.returncode == 0, mixed.stderr  # the plain SEV digest serves the non-ES policy
+
+
+def test_validate_warns_about_a_loader_without_a_secret_area(tmp_path: Path) -> None:
+    def domain(loader: Path) -> Path:
+        path = tmp_path / f"{loader.stem}.xml"
+        path.write_text(f"""<domain type='kvm' xmlns:sevhook='http://sevhook.org/xmlns/libvirt/1.0'>
+  <name>w</name><memory unit='MiB'>128</memory>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>{loader}</loader></os>
+  <launchSecurity type='sev'><policy>0x0003</policy></launchSecurity>
+  <metadata><sevhook:attestation><sevhook:broker url='http://127.0.0.1:8700'/><sevhook:guest id='w'/>
+  </sevhook:attestation></metadata>
+</domain>""")
+        return path
+
+    stock = run("validate", domain(OVMFX64))
+    assert stock.returncode == 0 and "warning" in stock.stdout + stock.stderr
+    assert "OvmfPkg/AmdSev" in stock.stdout + stock.stderr
+    amdsev = run("validate", domain(AMDSEV))
+    assert "secret area" not in amdsev.stdout + amdsev.stderr
