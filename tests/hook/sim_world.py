@@ -117,7 +117,7 @@ class SimWorld:
                 self.broker.wait(timeout=10)
 
     def prepare(self, name: str, socket_path: Path, *, emulator: str = SIM_QEMU, timeout: float = 10,
-                resume: bool = True, firmware: Path | None = None) -> Path:
+                resume: bool = True, firmware: Path | None = None, guest_id: str = GUEST_ID) -> Path:
         """A domain prepared by prepare-domain for a fresh launch of `name` at the broker."""
         source = self.root / f"{name}.xml"
         loader = (f"<loader readonly='yes' type='pflash'>{firmware or self.firmware}</loader>"
@@ -127,7 +127,7 @@ class SimWorld:
                           f"<os><type arch='x86_64' machine='q35'>hvm</type>{loader}</os>")
         source.write_text(xml)
         prepared = self.root / f"{name}.prepared.xml"
-        prepare_domain_file(source, broker_url=self.broker_url, guest_id=GUEST_ID, platform_export=self.export,
+        prepare_domain_file(source, broker_url=self.broker_url, guest_id=guest_id, platform_export=self.export,
                             socket=str(socket_path), timeout=timeout, token_file=self.token, output=prepared)
         if not resume:
             text = prepared.read_text().replace("<sevhook:attestation ", "<sevhook:attestation resume='no' ", 1)
