@@ -28,7 +28,7 @@ from sqlalchemy import Engine, insert, select, update
 from sevhook.broker import db
 from sevhook.encoding import decode_base64
 from sevhook.errors import FormatError, SevhookError, UsageError, VerificationError
-from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
+from sevhook.sev.certs import SEV_CERT_SIZE, AmdCertificate, SevCertificate, Usage
 from sevhook.sev.chain import maybe_base64
 
 DEFAULT_KDS_URL = "https://kdsintf.amd.com"
@@ -265,8 +265,8 @@ class SignedCeks:
         if chip_hex is not None and not CHIP_ID.match(chip_hex):
             raise UsageError(f"--chip-id {chip_hex[:40]!r}: give the chip id as hex (GET_ID, 64 bytes = 128 hex digits)")
         data = maybe_base64(bytes(data))
-        if len(data) > 2084 and len(data) >= 4 * 2084:
-            data = data[3 * 2084:4 * 2084]  # PDH|PEK|OCA|CEK|ASK|ARK: the CEK is the fourth certificate
+        if len(data) > 4 * SEV_CERT_SIZE:  # PDH|PEK|OCA|CEK|ASK|ARK: the CEK is the fourth certificate
+            data = data[3 * SEV_CERT_SIZE:4 * SEV_CERT_SIZE]
         try:
             cek = SevCertificate.parse(data, "CEK file")
         except FormatError as exc:
