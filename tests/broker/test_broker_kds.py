@@ -195,3 +195,27 @@ def test_kds_client_gives_up_within_its_deadline() -> None:
         client.fetch("AB")
     assert getattr(caught.value, "reason", "") == "kds-unavailable"
     assert len(calls) == 3 and all(timeout <= 5 for timeout in calls)
+
+
+def test_kds_client_honours_retry_after_and_retries_server_errors() -> None:
+    from sevhook.broker.kds import KdsAnswer  # noqa: PLC0415
+
+    answers = [KdsAnswer(429, b"", 2.0), KdsAnswer(503, b"", None), KdsAnswer(200, b"CEK", None)]
+    slept: list[float] = []
+    client = KdsClient("http://kds.test", attempts=4, get=lambda url, timeout: answers.pop(0), sleep=slept.append)
+    assert client.fetch("AB") == b"CEK"
+    assert slept[0] == 2.0 and len(slept) == 2 and answers == []
+
+
+def test_kds_client_does_not_retry_a_client_error() -> None:
+    from sevhook.broker.kds import KdsAnswer  # noqa: PLC0415
+
+    calls: list[str] = []
+
+    def get(url: str, timeout: float) -> KdsAnswer:
+        calls.append(url)
+        return KdsAnswer(400, b"", None)
+
+    with pytest.raises(Exception, match="HTTP 400") as caught:
+        KdsClient("http://kds.test", get=get, sleep=lambda _: None).fetch("AB")
+    assert getattr(caught.value, "reason", "") == "kds-unavailable" and calls == ["http://kds.test/cek/id/AB"]
