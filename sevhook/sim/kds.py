@@ -8,6 +8,7 @@ in-process (`SimulatedKds(...).start()`, then `.url`, `.stop()`) or as `sevhook 
 from __future__ import annotations
 
 import re
+import socketserver
 import threading
 import time
 from collections.abc import Iterable
@@ -19,6 +20,17 @@ from sevhook.sim.platform import SoftwarePlatform, is_initialised
 from sevhook.sim.state import StateDir
 
 CEK_PATH = re.compile(r"^/cek/id/([0-9A-Fa-f]{2,256})$")
+
+
+class _Server(ThreadingHTTPServer):
+    """No reverse DNS lookup of the listening address (HTTPServer's getfqdn can stall for seconds)."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -86,17 +98,17 @@ class SimulatedKds:
     def start(self) -> SimulatedKds:
         """Listen (port 0: a free one) and serve from a daemon thread."""
         self._server = self.bind()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sim-kds", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="sim-kds", daemon=True)
         self._thread.start()
         return self
 
     def bind(self) -> ThreadingHTTPServer:
         try:
-            server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
+            server = _Server((self.host, self.port), _handler_for(self))
         except OSError as exc:
             raise UsageError(f"simulated KDS: cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
                              "pick another --listen address") from exc
-        server.daemon_threads = True
         self._server = server
         return server
 
