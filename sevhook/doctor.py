@@ -42,6 +42,7 @@ class HostFacts:
     libvirt_error: str | None = None
     domcaps_sev: bool | None = None  # <sev supported='yes'> in domcapabilities
     firmware_features: dict[str, frozenset[str]] = field(default_factory=dict)  # descriptor -> features
+    firmware_secret_areas: dict[str, bool] = field(default_factory=dict)  # installed firmware file -> usable area
     hook_path: Path | None = None
     hook_installed: bool = False
     hook_mtime: float | None = None
@@ -119,6 +120,20 @@ def check_firmware(f: HostFacts) -> Check:
     return Check("OVMF firmware", "ok", f"amd-sev-es in {', '.join(es)}")
 
 
+def check_secret_area(f: HostFacts) -> Check:
+    """Only firmware with a SEV secret area can receive the owner's secret (QEMU injects at its base)."""
+    usable = sorted(path for path, ok in f.firmware_secret_areas.items() if ok)
+    without = sorted(path for path, ok in f.firmware_secret_areas.items() if not ok)
+    if not f.firmware_secret_areas:
+        return Check("OVMF secret area", "warn", "no installed firmware file found through the descriptors",
+                     "install an AmdSev OVMF build (OvmfPkg/AmdSev) to give guests launch secrets")
+    if not usable:
+        return Check("OVMF secret area", "warn", f"none of {', '.join(without)} has a SEV launch-secret area",
+                     "secrets need an AmdSev OVMF build (OvmfPkg/AmdSev); sevhook refuses to inject into these")
+    detail = f"secret area in {', '.join(usable)}" + (f"; none in {', '.join(without)}" if without else "")
+    return Check("OVMF secret area", "ok", detail)
+
+
 def check_hook(f: HostFacts) -> Check:
     if not f.hook_installed:
         return Check("sevhook hook", "warn", f"not installed at {f.hook_path}",
@@ -130,7 +145,8 @@ def check_hook(f: HostFacts) -> Check:
 
 
 CHECKS: tuple[Callable[[HostFacts], Check], ...] = (
-    check_cpu, check_kvm_amd, check_dev_sev, check_libvirt, check_qemu, check_domcaps, check_firmware, check_hook,
+    check_cpu, check_kvm_amd, check_dev_sev, check_libvirt, check_qemu, check_domcaps, check_firmware,
+    check_secret_area, check_hook,
 )
 
 
@@ -168,6 +184,27 @@ def _firmware_features(dirs: Iterable[Path]) -> dict[str, frozenset[str]]:
     return found
 
 
+def _firmware_secret_areas(dirs: Iterable[Path]) -> dict[str, bool]:
+    """Each flash executable the descriptors name -> whether its OVMF footer has a usable secret area."""
+    from sevhook.sev.secret_area import NoSecretArea, require_secret_area  # noqa: PLC0415
+
+    found: dict[str, bool] = {}
+    for directory in dirs:
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+            try:
+                filename = json.loads(path.read_text())["mapping"]["executable"]["filename"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if filename in found or not os.access(filename, os.R_OK):
+                continue
+            try:
+                require_secret_area(Path(filename), 1)
+                found[filename] = True
+            except NoSecretArea:
+                found[filename] = False
+    return found
+
+
 def _process_start_time(pid: int) -> float | None:
     """Epoch start time of a process, from /proc (field 22 of stat, in clock ticks since boot)."""
     stat, uptime = _read(Path(f"/proc/{pid}/stat")), _read(Path("/proc/stat"))
@@ -191,6 +228,8 @@ def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Pat
         "dev_sev": Path("/dev/sev").exists(),
         "dev_kvm": Path("/dev/kvm").exists(),
         "firmware_features": _firmware_features(
+            [Path("/usr/share/qemu/firmware"), Path("/etc/qemu/firmware")]),
+        "firmware_secret_areas": _firmware_secret_areas(
             [Path("/usr/share/qemu/firmware"), Path("/etc/qemu/firmware")]),
     }
     hook = hooks_dir / "qemu.d" / HOOK_NAME

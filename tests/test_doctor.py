@@ -18,6 +18,7 @@ READY = HostFacts(
     cpu_flags=frozenset({"sev", "sev_es"}), kvm_amd_sev="Y\n", dev_sev=True, dev_kvm=True,
     libvirt_version=(9, 0, 0), qemu_version=(7, 2, 0), domcaps_sev=True,
     firmware_features={"60-ovmf.json": frozenset({"amd-sev", "amd-sev-es"})},
+    firmware_secret_areas={"/usr/share/OVMF/OVMF.amdsev.fd": True},
     hook_path=Path("/etc/libvirt/hooks/qemu.d/50-sevhook"), hook_installed=True, hook_mtime=100.0,
     daemon_started=200.0,
 )
@@ -43,6 +44,8 @@ def test_a_ready_host_passes_every_check():
         ({"domcaps_sev": False}, "domcapabilities", "fail", "restart libvirtd"),
         ({"firmware_features": {}}, "OVMF firmware", "fail", "install OVMF"),
         ({"firmware_features": {"a.json": frozenset({"amd-sev"})}}, "OVMF firmware", "warn", "AmdSev"),
+        ({"firmware_secret_areas": {"/usr/share/OVMF/OVMF_CODE.fd": False}}, "OVMF secret area", "warn",
+         "OvmfPkg/AmdSev"),
         ({"hook_installed": False}, "sevhook hook", "warn", "sevhook hook install"),
         ({"daemon_started": 50.0}, "sevhook hook", "fail", "restart libvirtd"),
     ],

@@ -52,6 +52,10 @@ class AdminService:
         self.store.roots.clear()  # this replica sees the new root at once
         return {"name": name, "test": test, "ark_key_id": ark.key_id.hex()}
 
+    def add_cek(self, data: bytes, chip_id: str | None) -> dict[str, str]:
+        """Import an ASK-signed CEK (air-gapped brokers); it must verify under a registered ASK."""
+        return self.store.ceks.import_cek(data, chip_id, self.store.registered_asks())
+
     def list_roots(self) -> list[dict[str, Any]]:
         with self.store.read() as conn:
             rows = conn.execute(select(db.roots).order_by(db.roots.c.name)).all()

@@ -166,7 +166,8 @@ def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer, run: 
     @router.post("/launches", response_model=LaunchGrantBody)
     async def create_launch(body: LaunchRequest, host: Host) -> dict[str, Any]:
         """Verify the platform chain to a registered root and make a launch session for the guest."""
-        return await run(launch.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy)
+        return await run(launch.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy,
+                         body.cpu0_id)
 
     @router.post("/launches/{launch_id}/attestation", response_model=SecretGrantBody)
     async def attest(launch_id: LaunchId, body: AttestationRequest, host: Host) -> dict[str, str]:

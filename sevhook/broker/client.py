@@ -270,9 +270,13 @@ class BrokerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str) -> LaunchGrant:
-        """Ask for a launch session for `guest` on the platform whose PDH and chain are given."""
+    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str,
+                      cpu0_id_b64: str | None = None) -> LaunchGrant:
+        """Ask for a launch session for `guest` on the platform whose PDH and chain are given; the chip
+        id (QMP's cpu0-id) lets the broker fetch the signed CEK that the firmware's export lacks."""
         body = {"guest": guest, "pdh": pdh_b64, "cert_chain": cert_chain_b64}
+        if cpu0_id_b64:
+            body["cpu0_id"] = cpu0_id_b64
         answer = self._call("POST", "/v1/launches", body, resend_after_send_error=True)
         try:
             return LaunchGrant(

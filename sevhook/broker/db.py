@@ -98,6 +98,16 @@ launches = Table(
     Column("finished_at", Float, nullable=True),
 )
 
+signed_ceks = Table(  # ASK-signed CEKs from AMD's KDS (or `broker add-cek`), by the exported CEK's key
+    "signed_ceks",
+    metadata,
+    Column("key_sha256", String(64), primary_key=True),  # SHA-256 of the CEK's public-key field
+    Column("chip_id", String(256), nullable=True, index=True),  # GET_ID as upper-case hex, when known
+    Column("cek", LargeBinary, nullable=False),  # the 2084-byte signed CEK
+    Column("fetched_at", Float, nullable=False),
+    Column("source", String(300), nullable=False, default=""),  # the KDS URL, or "add-cek"
+)
+
 audit = Table(
     "audit",
     metadata,

@@ -20,11 +20,12 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 
 from sevhook.broker import db
+from sevhook.broker.kds import CekRefusal, is_unsigned
 from sevhook.broker.rules import Refusal, check_launch_rules, decode_field, policy_refusal
 from sevhook.broker.store import Expiring, Store
 from sevhook.broker.vault import token_digest
 from sevhook.errors import FormatError
-from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
+from sevhook.sev.certs import SEV_CERT_SIZE, AmdCertificate, SevCertificate, Usage
 from sevhook.sev.chain import CERT_CHAIN_SIZE, CertificateChain, verify_chain
 from sevhook.sev.measurement import LaunchMeasurement, verify_measurement
 from sevhook.sev.roots import TrustAnchor
@@ -50,7 +51,6 @@ _LAUNCH_WITH_RULES = (
 _DIGESTS_OF = select(db.digests.c.digest).where(db.digests.c.guest_id == bindparam("guest_id"))
 _SECRETS_OF = (select(db.secrets.c.guid, db.secrets.c.value_sealed)
                .where(db.secrets.c.guest_id == bindparam("guest_id")).order_by(db.secrets.c.id))
-_ROOTS = select(db.roots).order_by(db.roots.c.name)
 _CLAIM_SINGLE_USE = (update(db.launches)
                      .where(db.launches.c.id == bindparam("launch_id"), db.launches.c.state == "created")
                      .values(state=bindparam("new_state"), finished_at=bindparam("now"),
@@ -137,19 +137,31 @@ class LaunchService:
 
     # ---- platform chains ---------------------------------------------------------------------
 
-    def verify_platform(self, pdh_b64: str, chain_b64: str) -> VerifiedPlatform:
-        """Verify PDH and chain (QMP's PEK|OCA|CEK, or a full PDH..ARK chain) to a registered root."""
+    def _with_signed_cek(self, chain_bytes: bytes, cpu0_id_b64: str | None) -> bytes:
+        """The chain with an unsigned (firmware-exported) CEK swapped for its verified ASK-signed copy."""
+        offset = 2 * SEV_CERT_SIZE if len(chain_bytes) == CERT_CHAIN_SIZE else 3 * SEV_CERT_SIZE
+        cek = SevCertificate.parse(chain_bytes[offset:offset + SEV_CERT_SIZE], "cert_chain CEK")
+        if cek.usage != Usage.CEK or not is_unsigned(cek):
+            return chain_bytes
+        try:
+            signed = self.store.ceks.resolve(cek, cpu0_id_b64, self.store.registered_asks())
+        except CekRefusal as exc:
+            raise Refusal(exc.reason, exc.message) from exc
+        return chain_bytes[:offset] + signed.to_bytes() + chain_bytes[offset + SEV_CERT_SIZE:]
+
+    def verify_platform(self, pdh_b64: str, chain_b64: str, cpu0_id_b64: str | None = None) -> VerifiedPlatform:
+        """Verify PDH and chain (QMP's PEK|OCA|CEK, or a full PDH..ARK chain) to a registered root; an
+        unsigned CEK is first replaced by its ASK-signed copy (cache or KDS, by chip id)."""
         pdh_bytes = decode_field(pdh_b64, "pdh")
         chain_bytes = decode_field(chain_b64, "cert_chain")
-        roots = self.store.roots.get("all")
-        if not roots:
-            with self.store.read() as conn:
-                roots = conn.execute(_ROOTS).all()
-            self.store.roots.put("all", roots)
+        roots = self.store.registered_roots()
         if not roots:
             raise Refusal("unknown-root", "no root is registered with this broker; the owner must run "
                           "`sevhook broker add-root`")
         try:
+            if len(chain_bytes) >= CERT_CHAIN_SIZE:
+                chain_bytes = self._with_signed_cek(chain_bytes, cpu0_id_b64)
+                chain_b64 = base64.b64encode(chain_bytes).decode("ascii")
             pdh = SevCertificate.parse(pdh_bytes, "pdh")
             if pdh.usage != Usage.PDH:
                 raise FormatError(f"pdh: the certificate has usage {pdh.usage.name}, expected PDH")
@@ -186,7 +198,7 @@ class LaunchService:
     # ---- launches ----------------------------------------------------------------------------
 
     def create_launch(self, host: str, guest_id: str, pdh_b64: str, chain_b64: str,
-                      policy: int | None = None) -> dict[str, Any]:
+                      policy: int | None = None, cpu0_id_b64: str | None = None) -> dict[str, Any]:
         where = {"guest_id": guest_id}
         try:
             with self.store.read() as conn:
@@ -200,7 +212,7 @@ class LaunchService:
             refusal = policy_refusal(chosen, allowed)
             if refusal:
                 raise refusal
-            platform = self.verify_platform(pdh_b64, chain_b64)
+            platform = self.verify_platform(pdh_b64, chain_b64, cpu0_id_b64)
         except Refusal as refusal:
             raise self.store.deny(refusal, host, "create-launch", **where)
         session = create_session(platform.pdh, chosen)

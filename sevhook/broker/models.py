@@ -27,6 +27,8 @@ class LaunchRequest(BaseModel):
                             "PDH|PEK|OCA|CEK|ASK|ARK chain")
     policy: int | None = Field(default=None, ge=0, le=MAX_POLICY,
                                description="requested policy; must be allowed; default: the guest's first")
+    cpu0_id: str | None = Field(default=None, max_length=512, description="base64 chip id (QMP 'cpu0-id', GET_ID): "
+                                "lets the broker fetch the ASK-signed CEK that the firmware's export lacks")
 
 
 class LaunchGrantBody(BaseModel):

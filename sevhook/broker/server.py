@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sevhook.broker import db
 from sevhook.broker.app import create_app, wrap_limits
 from sevhook.broker.http import guarded_protocol
+from sevhook.broker.kds import DEFAULT_KDS_URL
 from sevhook.broker.launch import DEFAULT_LAUNCH_TTL
 from sevhook.broker.service import Broker
 from sevhook.broker.settings import Limits
@@ -191,6 +192,7 @@ class ServeOptions:
     launch_ttl: float = DEFAULT_LAUNCH_TTL
     access_log: bool = False
     init: bool = False  # create missing keys and tables (as `sevhook broker init`) instead of refusing
+    kds_url: str | None = DEFAULT_KDS_URL  # where unsigned CEKs' signed copies come from; None: imported only
 
 
 def check_tls(cert: Path | None, key: Path | None) -> None:
@@ -249,6 +251,7 @@ def serve(options: ServeOptions) -> int:
                          f"run `sevhook broker init --data-dir {options.data_dir}` first, or serve with --init "
                          "to create it")
     broker = open_broker(options.data_dir, options.db_url, options.launch_ttl, create=options.init)
+    broker.store.ceks.configure(options.kds_url)
     app = wrap_limits(create_app(broker, admin_token_digest(options.data_dir), options.limits), options.limits)
     config = uvicorn.Config(
         app,

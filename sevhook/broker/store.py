@@ -13,18 +13,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from sevhook.broker import db
+from sevhook.broker.kds import SignedCeks
 from sevhook.broker.rules import Refusal
 from sevhook.broker.vault import Vault
 from sevhook.errors import SevhookError
+from sevhook.sev.certs import AmdCertificate
 
 CACHE_SECONDS = 2.0
 WRITE_WAIT = 10.0  # seconds a write waits for the database's write lock (SQLite's busy_timeout too)
 _AUDIT_INSERT = insert(db.audit)
+_ROOTS = select(db.roots).order_by(db.roots.c.name)
 
 
 class DatabaseFailure(SevhookError):
@@ -88,6 +91,7 @@ class Store:
         self.shown_url = engine.url.render_as_string(hide_password=True)
         self.host_tokens = Expiring()  # token digest -> host name, known tokens only
         self.roots = Expiring(max_entries=1)
+        self.ceks = SignedCeks(engine)  # ASK-signed CEKs for platforms whose firmware exports them unsigned
         # SQLite has one writer at a time and its busy wait sleeps up to 100 ms; queue writers here instead
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
 
@@ -126,6 +130,18 @@ class Store:
             raise
         except DBAPIError as exc:
             raise DatabaseFailure.from_driver(self.shown_url, exc) from exc
+
+    def registered_roots(self) -> list[Any]:
+        """The roots table (cached CACHE_SECONDS; add-root clears it)."""
+        roots = self.roots.get("all")
+        if not roots:
+            with self.read() as conn:
+                roots = conn.execute(_ROOTS).all()
+            self.roots.put("all", roots)
+        return roots
+
+    def registered_asks(self) -> list[AmdCertificate]:
+        return [AmdCertificate.parse(r.ask) for r in self.registered_roots() if r.ask]
 
     @staticmethod
     def audit(conn: Connection, actor: str, action: str, decision: str, reason: str, *,

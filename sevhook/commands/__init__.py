@@ -8,6 +8,7 @@ COMMANDS = {
     "cmdline": "cmdline",
     "owner": "owner",
     "sim": "sim",
+    "platform": "platform",
     "broker": "broker",
     "hook": "hook",
     "prepare-domain": "hook",

@@ -90,6 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--init", action="store_true",
                        help="create the data directory, storage key, admin token and tables when missing (as "
                             "`sevhook broker init`); without it a data directory that was never initialised is refused")
+    serve.add_argument("--kds-url", metavar="URL", default="https://kdsintf.amd.com",
+                       help="AMD's Key Distribution Service, for the signed CEK of hosts that send the "
+                            "firmware's unsigned one (default https://kdsintf.amd.com; `none`: air-gapped, "
+                            "imported CEKs only, see add-cek)")
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
@@ -107,6 +111,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     roots = _sub(sub, "list-roots", "list the trusted roots", "sevhook broker list-roots --json")
     roots.add_argument("--json", action="store_true")
     roots.set_defaults(func=run_list_roots)
+
+    cek = _sub(sub, "add-cek", "import an ASK-signed CEK (from AMD's KDS) for an air-gapped broker",
+               "sevhook broker add-cek cek.cert --chip-id $(cat /var/lib/sevhook/platform/chip_id.hex)")
+    cek.add_argument("file", type=Path, metavar="FILE",
+                     help="the signed CEK (2084 bytes, raw or base64, from https://kdsintf.amd.com/cek/id/<chip id>) "
+                          "or a full chain holding it (sevctl export --full)")
+    cek.add_argument("--chip-id", metavar="HEX", help="the chip id (GET_ID as hex) the CEK belongs to, for the record")
+    cek.set_defaults(func=run_add_cek)
 
     host = _sub(sub, "add-host", "register a host and write its bearer token to a new 0600 file",
                 "sevhook broker add-host host1 --token-file host1.token")
@@ -197,7 +209,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(ServeOptions(
         data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=limits, launch_ttl=args.launch_ttl, access_log=args.access_log,
-        init=args.init))
+        init=args.init, kds_url=None if args.kds_url == "none" else args.kds_url))
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -218,6 +230,13 @@ def run_add_root(args: argparse.Namespace) -> int:
     root = _admin(args).add_root(args.name, bundle, test=args.test)
     kind = "test root (trusted by name)" if root["test"] else "AMD root"
     print(f"root {root['name']}: {kind}, ARK key id {root['ark_key_id']}")
+    return 0
+
+
+def run_add_cek(args: argparse.Namespace) -> int:
+    added = _admin(args).add_cek(read_input(args.file, "add-cek FILE"), args.chip_id)
+    chip = f" for chip {added['chip_id'][:16]}..." if added["chip_id"] else ""
+    print(f"signed CEK{chip} imported (key sha256 {added['key_sha256'][:16]}..., signed by ASK {added['ask_key_id']})")
     return 0
 
 
@@ -338,6 +357,14 @@ def run_add_guest(args: argparse.Namespace) -> int:
     from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
 
     policies = args.policy or [0x1]
+    if args.firmware and not args.digest:
+        from sevhook.sev.digest_rules import require_vmsa_source  # noqa: PLC0415
+
+        # --firmware computes a plain SEV digest (no VMSAs): it can only serve a non-ES policy
+        require_vmsa_source(min(policies, key=lambda policy: policy & 0x4), has_vmsas=False,
+                            what="broker add-guest --firmware",
+                            advice="compute the SEV-ES digest with `sevhook owner measure --mode seves --vcpus N "
+                                   "--vcpu-type NAME` and register it with --digest HEX")
     digests, labels = _digests(args)
     spec = GuestSpec(
         guest_id=args.guest_id,
@@ -349,6 +376,11 @@ def run_add_guest(args: argparse.Namespace) -> int:
         reusable=args.reusable,
         digest_labels=tuple(labels),
     )
+    if spec.secrets and args.firmware:
+        from sevhook.sev.secret import SecretTable  # noqa: PLC0415
+        from sevhook.sev.secret_area import require_secret_area  # noqa: PLC0415
+
+        require_secret_area(args.firmware, len(SecretTable(spec.secrets).build()))
     guest = _admin(args).add_guest(spec)
     print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
           f"{', '.join(SevPolicy(p).describe() for p in guest['policies'])}, "

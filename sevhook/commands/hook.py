@@ -89,7 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("-c", "--connect", metavar="URI", help="libvirt URI to read the host's SEV platform from "
                         "(default: libvirt's default URI)")
     source.add_argument("--platform-export", metavar="DIR|FILE", type=Path,
-                        help="the platform's certificates from `sevhook sim platform export` instead of libvirt")
+                        help="the platform's certificates and chip id from `sevhook platform export` (or "
+                             "`sevhook sim platform export`) instead of the platform cache "
+                             "/var/lib/sevhook/platform or libvirt")
     prepare.add_argument("--socket", metavar="PATH", help="the private QMP socket "
                          "(default /run/sevhook/NAME.qmp)")
     prepare.add_argument("--timeout", type=float, default=30.0, metavar="S",

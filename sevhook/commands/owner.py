@@ -125,8 +125,20 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
             raise UsageError("computing the launch digest from its inputs is not available in this build; "
                              "pass --launch-digest HEX") from exc
         raise
+    from sevhook.sev.digest_rules import require_vmsa_source, vmsas_for_policy
+
+    vmsas = list(args.vmsa or ())
+    if getattr(args, "policy", None) is not None:
+        require_vmsa_source(args.policy, bool(vmsas), "--policy",
+                            "add --vmsa FILE for each vCPU (the VMSA pages QEMU measured; `sevhook owner measure "
+                            "--mode seves --vcpus N --vcpu-type NAME` computes the digest from the CPU type, "
+                            "then pass it with --launch-digest)")
+        measured, warning = vmsas_for_policy(args.policy, len(vmsas))
+        if warning:
+            print(f"sevhook: warning: {warning}", file=sys.stderr)
+        vmsas = vmsas if measured else []
     for option, paths in (("firmware", [args.firmware]), ("kernel", [args.kernel]), ("initrd", [args.initrd]),
-                          ("vmsa", args.vmsa or [])):
+                          ("vmsa", vmsas)):
         for path in paths:  # devices, pipes and directories are refused when the file is opened
             if path and not Path(path).exists():
                 raise UsageError(f"--{option} {path}: no such file")
@@ -135,7 +147,7 @@ def _launch_digest_from_args(args: argparse.Namespace) -> bytes:
         kernel=Path(args.kernel) if args.kernel else None,
         initrd=Path(args.initrd) if args.initrd else None,
         cmdline=args.cmdline,
-        vmsas=tuple(Path(path) for path in args.vmsa or ()),
+        vmsas=tuple(Path(path) for path in vmsas),
     )
 
 

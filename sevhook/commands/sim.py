@@ -25,8 +25,13 @@ SECRETS_EPILOG = """examples:
   sevhook sim secrets --domain web1 --json
   sevhook sim secrets --domain web1 --show-values"""
 
-EXPORT_FILES = {"full": "full_chain.bin", "pdh": "pdh.cert", "chain": "cert_chain.bin", "ca": "ask_ark.cert",
-                "ark": "ark.cert"}
+EXPORT_FILES = {"full": "full_chain.bin", "pdh": "pdh.cert", "chain": "cert_chain.cert", "chip-id": "chip_id.hex",
+                "ca": "ask_ark.cert", "ark": "ark.cert"}
+
+KDS_EPILOG = """examples:
+  sevhook sim kds serve --state-dir /tmp/sim --listen 127.0.0.1:8099
+  curl -o cek.cert http://127.0.0.1:8099/cek/id/$(cat /tmp/sim-export/chip_id.hex)
+  sevhook broker serve --kds-url http://127.0.0.1:8099 ..."""
 
 
 def _state_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +122,7 @@ def _layouts(platform) -> dict[str, bytes]:  # noqa: ANN001
         "full": platform.full_chain(),
         "pdh": export.pdh,
         "chain": export.cert_chain,
+        "chip-id": platform.chip_id_hex.encode() + b"\n",
         "ca": platform.cert("ask") + platform.cert("ark"),
         "ark": platform.cert("ark"),
     }
@@ -150,6 +156,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
     return 0
+
+
+def cmd_kds_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from sevhook.sim.kds import SimulatedKds, parse_listen
+
+    platform = _loaded_platform(args)
+    host, port = parse_listen(args.listen)
+    kds = SimulatedKds([platform.state], host=host, port=port)
+    if args.throttle:
+        kds.throttle(args.throttle, args.retry_after)
+    server = kds.bind()
+    signal.signal(signal.SIGTERM, lambda *_: threading_shutdown(server))
+    print(f"simulated AMD KDS for chip {platform.chip_id_hex[:16]}... on {kds.url}/cek/id/{{chip id}}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def threading_shutdown(server) -> None:  # noqa: ANN001
+    """shutdown() blocks until serve_forever returns, so a signal handler must call it from another thread."""
+    import threading
+
+    threading.Thread(target=server.shutdown, daemon=True).start()
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
@@ -257,8 +292,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = platform_sub.add_parser(
         "export", help="export the PDH, the certificate chain and the simulated ARK/ASK",
-        description="Layouts: full = PDH|PEK|OCA|CEK|ASK|ARK (`sevctl export --full`); pdh = the PDH certificate; "
-                    "chain = PEK|OCA|CEK (QMP cert-chain); ca = ASK|ARK (AMD's ask_ark_<gen>.cert layout); "
+        description="Layouts: full = PDH|PEK|OCA|CEK|ASK|ARK with the KDS's signed CEK (`sevctl export --full`); "
+                    "pdh = the PDH certificate; chain = PEK|OCA|CEK as the firmware exports it (QMP cert-chain, "
+                    "CEK unsigned); chip-id = GET_ID as upper-case hex (the KDS's key); ca = ASK|ARK (AMD's ask_ark_<gen>.cert layout); "
                     "ark = the simulated ARK alone, to pass as an explicit trust anchor.",
         epilog="examples:\n  sevhook sim platform export --out-dir /tmp/sim-export\n"
                "  sevhook sim platform export --format pdh --base64 --out pdh.b64",
@@ -271,6 +307,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write every layout into DIR: " + ", ".join(EXPORT_FILES.values()))
     export.add_argument("--base64", action="store_true", help="base64 text instead of raw bytes")
     export.set_defaults(func=cmd_export)
+
+    kds = sim_sub.add_parser(
+        "kds", help="a simulated AMD Key Distribution Service serving the platform's signed CEK",
+        description="Real firmware exports its CEK unsigned; AMD's KDS serves the ASK-signed CEK by chip id. "
+                    "This serves the simulated platform's: GET /cek/id/{chip id hex} -> 2084 bytes.",
+        epilog=KDS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kds_sub = kds.add_subparsers(dest="kds_command", metavar="COMMAND")
+    kds.set_defaults(func=lambda args: (kds.print_help(sys.stderr), 2)[1])
+    serve = kds_sub.add_parser("serve", help="serve GET /cek/id/{chip id} until stopped",
+                               epilog=KDS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _state_dir_option(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to listen on")
+    serve.add_argument("--throttle", type=int, default=0, metavar="N",
+                       help="answer the first N requests 429 Too Many Requests (to rehearse back-off)")
+    serve.add_argument("--retry-after", type=int, default=1, metavar="SECONDS",
+                       help="the Retry-After of throttled answers (default 1)")
+    serve.set_defaults(func=cmd_kds_serve)
 
     secrets = sim_sub.add_parser(
         "secrets", help="show what the simulated firmware received through LAUNCH_SECRET",

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", type=Path, metavar="FILE",
                         help="take the host's PDH and certificate chain from this export (a directory of "
                              "sevctl-named certificates or one PDH|PEK|OCA|CEK[|ASK|ARK] file) instead of "
-                             "libvirt's getSEVInfo")
+                             "the host's platform cache (/var/lib/sevhook/platform, `sevhook platform export`) "
+                             "or libvirt's getSEVInfo")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end (see below)")
     parser.set_defaults(func=run)
 
@@ -107,7 +108,11 @@ def _sequence(args: argparse.Namespace, steps: Any) -> Any:
             connection.close()
             raise
         note.detail = f"libvirt {connection.getURI()}"
-    platform = exported_platform(args.platform) if args.platform else host_platform(connection)
+    from sevhook.sev.platform_export import CHAIN_FILE, DEFAULT_PLATFORM_DIR  # noqa: PLC0415
+
+    cached = is_local(connection.getURI()) and (DEFAULT_PLATFORM_DIR / CHAIN_FILE).is_file()  # this host's cache
+    source = args.platform or (DEFAULT_PLATFORM_DIR if cached else None)
+    platform = exported_platform(source) if source else host_platform(connection)
     if is_local(connection.getURI()):
         return StartSequence(domain, platform, steps)
     return StartSequence(domain, platform, steps, claim=lambda _name: nullcontext())

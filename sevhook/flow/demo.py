@@ -36,6 +36,7 @@ from sevhook.hook.steplog import StepLog
 if TYPE_CHECKING:
     from sevhook.broker.client import LaunchGrant
     from sevhook.flow.local_broker import LocalBroker
+    from sevhook.sim.kds import SimulatedKds
     from sevhook.sim.platform import SoftwarePlatform
     from sevhook.sim.state import StateDir
     from sevhook.xml.models import Domain
@@ -107,6 +108,7 @@ class Demo:
         self.token_file = work / "host.token"
         self.secret_value = b""
         self._platform: SoftwarePlatform | None = None
+        self._kds: SimulatedKds | None = None  # AMD's KDS for the simulated chip: the signed CEK's only source
 
     @property
     def platform(self) -> SoftwarePlatform:
@@ -143,6 +145,8 @@ class Demo:
         except Exception as exc:  # noqa: BLE001  a bug or a broken installation: one line, no traceback
             self.steps.record(StepResult(self.steps.current or "demo", FAILED, 0.0,
                                          f"internal error ({exc.__class__.__name__}: {exc})"))
+        if self._kds is not None:
+            self._kds.stop()
         result = DemoResult(good.attested, not bad.attested and bool(bad.refused_reason), self.steps.elapsed)
         self._summary(result)
         return result
@@ -193,9 +197,13 @@ class Demo:
         from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
         from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
 
+        from sevhook.sim.kds import SimulatedKds  # noqa: PLC0415
+
         service = broker.service.admin
         url = broker.start()
         platform = self.platform
+        self._kds = SimulatedKds([platform.state]).start()
+        broker.service.store.ceks.configure(self._kds.url)  # the firmware exports its CEK unsigned, as real SEV firmware does
         service.add_root(ROOT_NAME, platform.cert("ask") + platform.cert("ark"), test=True)
         write_private_file(self.token_file, (service.add_host(HOST_NAME) + "\n").encode())
         self.secret_value = secrets.token_urlsafe(24).encode() + b"\0"  # a disk passphrase, NUL-terminated
@@ -279,7 +287,8 @@ class Demo:
         export = self.platform.pdh_cert_export()
         with BrokerClient(broker_url, token_file=self.token_file, timeout=ATTESTATION_TIMEOUT) as client:
             return client.create_launch(GUEST_ID, base64.b64encode(export.pdh).decode(),
-                                        base64.b64encode(export.cert_chain).decode())
+                                        base64.b64encode(export.cert_chain).decode(),
+                                        base64.b64encode(self.platform.get_id()).decode())
 
     def _write_domain(self, label: str, grant: LaunchGrant, firmware: Path, broker_url: str,
                       socket_path: Path) -> tuple[Path, Domain]:

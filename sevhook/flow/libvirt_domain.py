@@ -98,11 +98,11 @@ class LibvirtDomain:
 def host_platform(connection: Any) -> PlatformSource:
     """The host's PDH and chain from virNodeGetSEVInfo (needs libvirt to see SEV on this host)."""
 
-    def read() -> tuple[str, str]:
+    def read() -> tuple[str, str, str | None]:
         from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
 
         capabilities = host_capabilities(connection)
-        return capabilities.pdh_b64, capabilities.cert_chain_b64
+        return capabilities.pdh_b64, capabilities.cert_chain_b64, capabilities.cpu0_id_b64
 
     return read
 
@@ -110,7 +110,7 @@ def host_platform(connection: Any) -> PlatformSource:
 def exported_platform(path: Path) -> PlatformSource:
     """The PDH and chain from a platform export (`sevctl export`, `sevhook sim platform export`)."""
 
-    def read() -> tuple[str, str]:
+    def read() -> tuple[str, str, str | None]:
         from sevhook.hook.prepare import exported_platform as read_export  # noqa: PLC0415
 
         return read_export(path)

@@ -34,6 +34,7 @@ from lxml import etree
 from sevhook.errors import SevhookError
 from sevhook.flow.steps import StepFailed, Steps
 from sevhook.hook.plan import Deadline, check_secret_packet
+from sevhook.sev.secret_area import check_injection_target
 from sevhook.xml.models import SEVHOOK_NS, Attestation, BrokerRef, SevLaunchSecurity
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class DomainPort(Protocol):
 class BrokerPort(Protocol):
     """The key broker as the host sees it (sevhook.broker.client.BrokerClient)."""
 
-    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str) -> LaunchGrant: ...
+    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str,
+                      cpu0_id_b64: str | None = None) -> LaunchGrant: ...
 
     def attest(self, launch_id: str, measurement_b64: str, api_major: int, api_minor: int, build_id: int,
                policy: int) -> SecretGrant: ...
@@ -88,7 +90,7 @@ class BrokerPort(Protocol):
     def close(self) -> None: ...
 
 
-PlatformSource = Callable[[], "tuple[str, str]"]  # -> (pdh_b64, cert_chain_b64)
+PlatformSource = Callable[[], "tuple[str, str, str | None]"]  # -> (pdh_b64, cert_chain_b64, cpu0_id_b64)
 BrokerFactory = Callable[[BrokerRef, float, int], BrokerPort]  # (ref, timeout, retries)
 LaunchClaim = Callable[[str], AbstractContextManager[object]]  # held (domain name) while libvirt starts it
 
@@ -134,6 +136,7 @@ class ManagedDomain:
     xml: str
     launch_security: SevLaunchSecurity
     attestation: Attestation
+    loader: str | None = None  # the firmware file, whose secret area must hold the secret
 
 
 def read_domain(name: str, xml: str) -> ManagedDomain:
@@ -157,7 +160,7 @@ def read_domain(name: str, xml: str) -> ManagedDomain:
         raise SevhookError(f"domain {name} declares <sevhook:monitor> in its metadata, so sevhook's libvirt hook "
                            f"attests it (hook mode): start it with `virsh start --paused {name}`, or remove "
                            "<sevhook:monitor> (and the -qmp <qemu:arg>s for its socket) to use sevhook start")
-    return ManagedDomain(xml, domain.launch_security, domain.attestation)
+    return ManagedDomain(xml, domain.launch_security, domain.attestation, domain.os.loader)
 
 
 def with_launch(xml: str, grant: LaunchGrant, filename: str) -> str:
@@ -227,10 +230,10 @@ class StartSequence:
             note.detail = f"guest {attestation.guest_id} at {attestation.broker.url}, timeout {attestation.timeout:g} s"
         deadline = Deadline(attestation.timeout)
         with self.steps.step("platform") as note:
-            pdh_b64, chain_b64 = self.platform()
+            pdh_b64, chain_b64, cpu0_id_b64 = self.platform()
             note.detail = "PDH and certificate chain of this host's SEV platform"
         with self.steps.step("session") as note:
-            grant = self._create_launch(attestation, deadline, pdh_b64, chain_b64)
+            grant = self._create_launch(attestation, deadline, pdh_b64, chain_b64, cpu0_id_b64)
             note.detail = f"launch {grant.launch_id}, policy {grant.policy:#06x}"
         with self.steps.step("define") as note:
             deadline.remaining("define")
@@ -263,6 +266,7 @@ class StartSequence:
         with self.steps.step("inject") as note:
             deadline.remaining("inject")
             check_secret_packet(secret.header_b64, secret.secret_b64)
+            check_injection_target(managed.loader, secret.secret_b64)
             self.domain.inject(secret.header_b64, secret.secret_b64)
             note.detail = f"{len(base64.b64decode(secret.secret_b64))}-byte secret packet injected"
         if attestation.resume:
@@ -273,12 +277,12 @@ class StartSequence:
             self.steps.info("resume", "left paused as the metadata asks (resume='no')")
         return StartedGuest(name, attestation.guest_id, grant.launch_id, fingerprint, attestation.resume)
 
-    def _create_launch(self, attestation: Attestation, deadline: Deadline, pdh_b64: str, chain_b64: str
-                       ) -> LaunchGrant:
+    def _create_launch(self, attestation: Attestation, deadline: Deadline, pdh_b64: str, chain_b64: str,
+                       cpu0_id_b64: str | None) -> LaunchGrant:
         timeout = min(deadline.remaining("session"), MAX_BROKER_TIMEOUT)
         broker = self.broker_factory(attestation.broker, timeout, 2)  # nothing is spent: retrying is safe
         try:
-            return broker.create_launch(attestation.guest_id, pdh_b64, chain_b64)
+            return broker.create_launch(attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
         finally:
             broker.close()
 

@@ -82,6 +82,9 @@ class AttestedLaunch:
                                      info.build_id, guest.launch_security.policy.value)
         with self._step("inject"):
             plan.check_secret_packet(grant.header_b64, grant.secret_b64)
+            from sevhook.sev.secret_area import check_injection_target  # noqa: PLC0415  (only when injecting)
+
+            check_injection_target(guest.loader, grant.secret_b64)
             monitor.inject_secret(grant.header_b64, grant.secret_b64)
         with self._step("verify"):
             plan.check_after_inject(monitor.query_sev())

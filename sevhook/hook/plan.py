@@ -78,6 +78,7 @@ class ManagedGuest:
     name: str
     launch_security: SevLaunchSecurity
     attestation: Attestation
+    loader: str | None = None  # the firmware file, whose secret area must hold the secret
 
     @property
     def socket(self) -> Path:
@@ -97,7 +98,7 @@ def managed_guest(domain: Domain) -> ManagedGuest | None:
         found = f"type '{security.type}'" if security is not None else "no valid <launchSecurity>"
         raise HookFailure("metadata", f"<sevhook:attestation> is set but the domain has {found}; sevhook attests "
                           "type='sev' guests (SEV and SEV-ES) only: fix <launchSecurity> or remove the metadata")
-    return ManagedGuest(domain.name, security, domain.attestation)
+    return ManagedGuest(domain.name, security, domain.attestation, domain.os.loader)
 
 
 def readiness_problems(guest: ManagedGuest) -> list[str]:

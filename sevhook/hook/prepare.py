@@ -117,16 +117,20 @@ def serialize(root: etree._Element) -> bytes:
 FULL_CHAIN_NAMES = ("full_chain.bin", "full_chain.bin.b64")  # `sevhook sim platform export --out-dir`
 
 
-def exported_platform(path: Path) -> tuple[str, str]:
-    """(pdh_b64, cert_chain_b64) from a platform export: the full chain PDH|PEK|OCA|CEK[|ASK|ARK]
+def exported_platform(path: Path) -> tuple[str, str, str | None]:
+    """(pdh_b64, cert_chain_b64, cpu0_id_b64) from a platform export: the full chain PDH|PEK|OCA|CEK[|ASK|ARK]
     (raw or base64) as `sevhook sim platform export` and `sevctl export --full` write it, or the
-    directory `sevhook sim platform export --out-dir` filled. Each certificate is parsed and its
-    usage checked, so a wrong file fails here rather than at the broker."""
+    directory `sevhook platform export` or `sevhook sim platform export --out-dir` filled (with the chip
+    id, so the broker can fetch the signed CEK). Each certificate is parsed and its usage checked, so a
+    wrong file fails here rather than at the broker."""
     import base64  # noqa: PLC0415
 
     from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate  # noqa: PLC0415
     from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64  # noqa: PLC0415
+    from sevhook.sev.platform_export import CHAIN_FILE, FULL_CHAIN_FILE, read_export  # noqa: PLC0415
 
+    if path.is_dir() and ((path / CHAIN_FILE).is_file() or (path / FULL_CHAIN_FILE).is_file()):
+        return read_export(path).launch_fields()
     if path.is_dir():
         found = [path / name for name in FULL_CHAIN_NAMES if (path / name).is_file()]
         if not found:
@@ -141,11 +145,16 @@ def exported_platform(path: Path) -> tuple[str, str]:
         if certificate.usage != usage:
             raise UsageError(f"{name}: holds a {certificate.usage.name} certificate where the {usage.name} "
                              "belongs; expected the full chain PDH|PEK|OCA|CEK|ASK|ARK")
-    return base64.b64encode(parts[0]).decode("ascii"), base64.b64encode(b"".join(parts[1:])).decode("ascii")
+    return base64.b64encode(parts[0]).decode("ascii"), base64.b64encode(b"".join(parts[1:])).decode("ascii"), None
 
 
-def host_platform(uri: str | None) -> tuple[str, str]:
-    """(pdh_b64, cert_chain_b64) of this host's SEV platform, from libvirt's getSEVInfo."""
+def host_platform(uri: str | None) -> tuple[str, str, str | None]:
+    """(pdh_b64, cert_chain_b64, cpu0_id_b64) of this host's SEV platform: the platform cache
+    (`sevhook platform export`) when no URI is given and it exists, else libvirt's getSEVInfo."""
+    from sevhook.sev.platform_export import DEFAULT_PLATFORM_DIR, read_export  # noqa: PLC0415
+
+    if uri is None and (DEFAULT_PLATFORM_DIR / "cert_chain.cert").is_file():
+        return read_export(DEFAULT_PLATFORM_DIR).launch_fields()
     from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
     from sevhook.virt import open_connection  # noqa: PLC0415
 
@@ -154,7 +163,7 @@ def host_platform(uri: str | None) -> tuple[str, str]:
         capabilities = host_capabilities(connection)
     finally:
         connection.close()
-    return capabilities.pdh_b64, capabilities.cert_chain_b64
+    return capabilities.pdh_b64, capabilities.cert_chain_b64, capabilities.cpu0_id_b64
 
 
 def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: str, uri: str | None = None,
@@ -180,9 +189,9 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
         data, filename = read_source(str(domain_xml))
     root = parse_document(data, filename).getroot()
     name = domain_name(root, filename)
-    pdh_b64, chain_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
+    pdh_b64, chain_b64, cpu0_id_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
     with BrokerClient(broker_url, token_file=token_file, ca_file=ca_file, timeout=min(timeout, 60.0)) as broker:
-        grant = broker.create_launch(guest_id, pdh_b64, chain_b64)
+        grant = broker.create_launch(guest_id, pdh_b64, chain_b64, cpu0_id_b64)
     launch = PreparedLaunch(
         broker_url=broker_url, guest_id=guest_id, launch_id=grant.launch_id, godh_b64=grant.godh_b64,
         session_b64=grant.session_b64, policy=grant.policy, socket=socket or default_socket(name),

@@ -113,8 +113,13 @@ class OvmfFooter:
 
     @property
     def secret_area(self) -> GuestRegion | None:
-        region = self._region(SECRET_AREA_GUID, "launch secret area")
+        region = self.secret_area_entry
         return region if region and region.base else None
+
+    @property
+    def secret_area_entry(self) -> GuestRegion | None:
+        """The footer's secret-area entry as written (QEMU injects at its base whatever the size), or None."""
+        return self._region(SECRET_AREA_GUID, "launch secret area")
 
     @property
     def reset_eip(self) -> int | None:

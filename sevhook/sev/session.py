@@ -192,9 +192,14 @@ def open_session(
     and the policy MAC over the exact policy (POLICY_FAILURE)."""
     try:
         godh = SevCertificate.parse(godh_cert, "GODH certificate")
-        godh_key = godh.public_key()
     except FormatError as exc:
         raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, f"invalid GODH certificate: {exc.message}") from exc
+    try:
+        godh_key = godh.public_key()
+    except FormatError as exc:
+        # the GODH has usage PDH, so the certificate's own message would blame "PDH certificate"
+        detail = exc.message.partition(": ")[2] or exc.message
+        raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, f"invalid GODH certificate: {detail}") from exc
     if not isinstance(godh_key, ec.EllipticCurvePublicKey) or godh_key.curve.name != pdh_private_key.curve.name:
         raise SessionRejected(SEV_RET_INVALID_CERTIFICATE, "the GODH key is not on the PDH's curve (P-384)")
     try:

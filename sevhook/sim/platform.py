@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sevhook.errors import SevhookError, UsageError
-from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
+from sevhook.sev.certs import AmdCertificate, Signature, SevCertificate, Usage
 from sevhook.sev.policy import SevPolicy
 from sevhook.sev.session import SessionRejected, open_session
 from sevhook.sev.sizes import CERT_CHAIN_SIZE, SEV_CERT_SIZE
@@ -96,6 +96,12 @@ class PdhCertExport:
 
     pdh: bytes
     cert_chain: bytes
+
+
+def unsigned_copy(certificate: bytes) -> bytes:
+    """A SEV certificate with both signature slots emptied (the layout real firmware exports its CEK in)."""
+    parsed = SevCertificate.parse(certificate, "CEK certificate")
+    return replace(parsed, signatures=(Signature.empty(), Signature.empty())).to_bytes()
 
 
 def _private_pem(key: object) -> bytes:
@@ -220,18 +226,33 @@ class SoftwarePlatform:
         )
 
     def pdh_cert_export(self, pdh_len: int = SEV_CERT_SIZE, chain_len: int = CERT_CHAIN_SIZE) -> PdhCertExport:
-        """Buffers too small give INVALID_LEN with the lengths needed (QEMU asks once with zero lengths)."""
+        """Buffers too small give INVALID_LEN with the lengths needed (QEMU asks once with zero lengths).
+        The CEK comes out unsigned, as real firmware exports it: the ASK-signed copy is AMD's KDS's."""
         if pdh_len < SEV_CERT_SIZE or chain_len < CERT_CHAIN_SIZE:
             raise FirmwareError("PDH_CERT_EXPORT", SevStatus.INVALID_LEN,
                                 f"needs {SEV_CERT_SIZE} and {CERT_CHAIN_SIZE} bytes",
                                 (SEV_CERT_SIZE, CERT_CHAIN_SIZE))
-        return PdhCertExport(self.cert("pdh"), self.cert("pek") + self.cert("oca") + self.cert("cek"))
+        return PdhCertExport(self.cert("pdh"), self.cert("pek") + self.cert("oca") + self.unsigned_cek())
+
+    def unsigned_cek(self) -> bytes:
+        """The CEK as PDH_CERT_EXPORT returns it: both signature slots empty (usage 0x1000, algorithm 0,
+        zeroed signature), the signed region unchanged so the PEK's CEK signature still verifies."""
+        return unsigned_copy(self.cert("cek"))
+
+    def signed_cek(self) -> bytes:
+        """The ASK-signed CEK, what AMD's KDS serves for this chip id (`/cek/id/{chip id}`)."""
+        return self.cert("cek")
 
     def get_id(self) -> bytes:
         return self.platform_id
 
+    @property
+    def chip_id_hex(self) -> str:
+        """GET_ID as AMD's KDS names the chip in its URLs: upper-case hex (virtee's `Identifier`)."""
+        return self.platform_id.hex().upper()
+
     def full_chain(self) -> bytes:
-        """PDH||PEK||OCA||CEK||ASK||ARK (`sevctl export --full`)."""
+        """PDH||PEK||OCA||CEK||ASK||ARK with the KDS's signed CEK, as `sevctl export --full` writes it."""
         return b"".join(self.cert(name) for name in ("pdh", "pek", "oca", "cek", "ask", "ark"))
 
     def qmp_capabilities(self) -> dict[str, object]:

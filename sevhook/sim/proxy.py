@@ -76,9 +76,10 @@ def _rewrite_machine(value: str, sev_id: str | None, force_tcg: bool) -> str:
     return ",".join(kept)
 
 
-def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str]) -> list[str]:
+def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str], ram_file: str | None = None) -> list[str]:
     """The real QEMU's command line: no SEV object or machine link, TCG instead of KVM (except for
-    libvirt's `-machine none` probe), private monitor sockets, no -daemonize/-pidfile/--sim-* options."""
+    libvirt's `-machine none` probe), private monitor sockets, no -daemonize/-pidfile/--sim-* options;
+    with `ram_file`, guest RAM in that shared file, so LAUNCH_SECRET can write the secret into it."""
     argv = inv.argv
     force_tcg = not inv.is_probe
     sev_id = inv.sev.object_id if inv.sev is not None else None
@@ -120,6 +121,9 @@ def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str]) -> list[str
         out += [f"-{name}", value]
     if wants_kvm and not saw_accel:
         out += ["-accel", "tcg" if force_tcg else "kvm"]
+    if ram_file is not None:
+        out += ["-object", f"memory-backend-file,id=sevhook-sim-ram,size={inv.ram_bytes},mem-path={ram_file},"
+                "share=on", "-machine", "memory-backend=sevhook-sim-ram"]
     return out
 
 
@@ -268,6 +272,8 @@ class QemuWrapper:
         self.private_dir = Path(tempfile.mkdtemp(prefix="sevhook-sim-", dir=_runtime_dir()))
         self.private_paths = {spec.option_index: str(self.private_dir / f"monitor{n}.sock")
                               for n, spec in enumerate(inv.monitors)}
+        if launch is not None:  # the firmware's LAUNCH_SECRET writes into the TCG guest's RAM, shared here
+            launch.ram_file = str(self.private_dir / "guest-ram")
         self.process: asyncio.subprocess.Process | None = None
         self.listeners: list[MonitorListener] = []
         self.exit_code = 0
@@ -293,7 +299,7 @@ class QemuWrapper:
             self._kill(signal.SIGKILL)
 
     async def start(self, binary: str) -> None:
-        argv = rewrite_argv(self.inv, self.private_paths)
+        argv = rewrite_argv(self.inv, self.private_paths, self.launch.ram_file if self.launch else None)
         monitor_fds = {spec.fd for spec in self.inv.monitors if spec.fd is not None}
         keep = sorted(fd for fd in inherited_fds(self.inv.argv) - monitor_fds if _fd_open(fd))
         # A daemonized QEMU must not hold the caller's stdio open (libvirt's probe waits for EOF on

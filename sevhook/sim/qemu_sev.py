@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class SevLaunch:
     guest: GuestContext
     secret_area: int | None = None  # the OVMF footer's secret-area base, when the firmware has the entry
     ram_bytes: int = 0
+    ram_file: str | None = None  # wrapping mode: the real TCG guest's RAM (a shared memory-backend-file)
     finished: bool = False
 
     @classmethod
@@ -231,10 +233,12 @@ class SevMonitor:
             raise QmpError(GENERIC_ERROR, f"SEV: Failed to calculate guest address: No memory is mapped at "
                                           f"address 0x{gpa:x}")
         try:
-            guest.launch_secret(header, data, gpa, len(data))
+            plaintext = guest.launch_secret(header, data, gpa, len(data))
         except FirmwareError as exc:
             raise QmpError(GENERIC_ERROR, f"SEV: failed to inject secret ret=-1 fw_error={exc.fw_error} "
                                           f"'{exc.text}'") from exc
+        if launch.ram_file is not None:
+            write_guest_memory(launch.ram_file, gpa, plaintext, launch.ram_bytes)
         return {}
 
     def query_sev_attestation_report(self, mnonce: str) -> dict:
@@ -260,6 +264,22 @@ def _glib_b64decode(text: str) -> bytes:
         return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
     except (binascii.Error, ValueError):
         return b""
+
+
+def write_guest_memory(ram_file: str, gpa: int, data: bytes, ram_bytes: int) -> None:
+    """What LAUNCH_SECRET does to the guest: the decrypted secret at `gpa` of its RAM. In wrapping mode the
+    real QEMU's RAM is a shared file (low RAM first, then the RAM above 4 GiB), written here in place."""
+    low = min(ram_bytes, LOW_RAM_LIMIT)
+    offset = gpa if gpa < low else low + gpa - FOUR_GIB
+    try:
+        fd = os.open(ram_file, os.O_WRONLY)
+    except OSError as exc:
+        raise QmpError(GENERIC_ERROR, f"SEV: failed to inject secret: guest RAM {ram_file}: "
+                                      f"{exc.strerror or exc}") from exc
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def _mapped(gpa: int, length: int, ram_bytes: int) -> bool:

@@ -3,6 +3,8 @@ attested launch will actually be able to run (see docs/metadata.md)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -81,6 +83,7 @@ def check(
                 "hook will refuse to start the guest; add <launchSecurity type='sev'> or remove the metadata",
             )
         return
+    _check_loader_secret_area(root.find("os/loader"), report)
     if launch_security.type != "sev":
         report(
             WARNING,
@@ -97,3 +100,17 @@ def check(
             "<launchSecurity> has no <dhCert> and <session>: the firmware then makes keys nobody knows, so "
             "the launch cannot be attested or given a secret; add the guest owner's <dhCert> and <session>",
         )
+
+
+def _check_loader_secret_area(loader: etree._Element | None, report: Report) -> None:
+    """A readable loader file without a usable SEV secret area gets the owner's secret nowhere: warn now
+    (the hook and `sevhook start` refuse to inject into it later). Unreadable files are left to them."""
+    path = (loader.text or "").strip() if loader is not None else ""
+    if loader is None or not path or not os.access(path, os.R_OK):
+        return
+    from sevhook.sev.secret_area import NoSecretArea, require_secret_area  # noqa: PLC0415  (reads the file)
+
+    try:
+        require_secret_area(Path(path), 1)
+    except NoSecretArea as exc:
+        report(WARNING, loader, f"{exc.message}; the attested launch's secret cannot be injected")

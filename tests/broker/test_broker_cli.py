@@ -4,6 +4,7 @@ broker's chain check on AMD's real Naples chain from tests/data/vectors."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import stat
@@ -18,7 +19,8 @@ import pytest
 from tests.broker.conftest import API, SEVHOOK, BrokerProcess, FirmwareLaunch, PlatformKeys, ROOT
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID
 
-OVMF_X64_DIGEST = "b4c021e085fb83ceffe6571a3d357b4a98773c83c474e47f76c876708fe316da"
+# a plain SEV launch digest is SHA-256 of the flash image (the firmware has a secret area for the secrets)
+AMDSEV_DIGEST = hashlib.sha256((ROOT / "tests/data/vectors/sev-snp-measure/ovmf_AmdSev_suffix.bin").read_bytes()).hexdigest()
 
 
 def sevhook(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -44,13 +46,13 @@ def test_admin_commands_configure_a_working_broker(tmp_path: Path, platform: Pla
     (tmp_path / "blob").write_bytes(b"\x00\x01binary")
     other_guid = uuid.uuid4()
     added = sevhook("broker", "add-guest", "web1", "--data-dir", data, "--digest", "00" * 32,
-                    "--firmware", shared / "vectors/sev-snp-measure/ovmf_OvmfX64_suffix.bin",
+                    "--firmware", shared / "vectors/sev-snp-measure/ovmf_AmdSev_suffix.bin",
                     "--policy", "0x1", "--policy", "5", "--min-api", "0.17", "--min-build", "10",
                     "--disk-passphrase", tmp_path / "pass", "--secret", f"{other_guid}:{tmp_path / 'blob'}").stdout
-    assert OVMF_X64_DIGEST in added and "correct horse" not in added
+    assert AMDSEV_DIGEST in added and "correct horse" not in added
     listing = json.loads(sevhook("broker", "list-guests", "--json", "--data-dir", data).stdout)
     assert listing[0]["policies"] == [1, 5] and listing[0]["min_api"] == "0.17"
-    assert [d["digest"] for d in listing[0]["digests"]] == ["00" * 32, OVMF_X64_DIGEST]
+    assert [d["digest"] for d in listing[0]["digests"]] == ["00" * 32, AMDSEV_DIGEST]
 
     broker = BrokerProcess(data)
     try:
@@ -59,7 +61,7 @@ def test_admin_commands_configure_a_working_broker(tmp_path: Path, platform: Pla
                                                 "cert_chain": platform.chain_b64}).json()
         firmware = FirmwareLaunch.start(platform, grant)
         answer = host.post(f"/v1/launches/{grant['launch_id']}/attestation", json={
-            "measurement": firmware.measure(bytes.fromhex(OVMF_X64_DIGEST), 0x1), "api_major": API[0],
+            "measurement": firmware.measure(bytes.fromhex(AMDSEV_DIGEST), 0x1), "api_major": API[0],
             "api_minor": API[1], "build_id": 15, "policy": 0x1})
         assert answer.status_code == 200, answer.text
         assert dict(firmware.open_secret(answer.json()).entries) == {

@@ -16,6 +16,7 @@ from sevhook.broker.client import BrokerClient, BrokerRefused
 from sevhook.sev.launch_digest import sev_launch_digest
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SecretTable
 from sevhook.sim.firmware_errors import FirmwareError
+from sevhook.sim.kds import SimulatedKds
 from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
 from sevhook.sim.state import StateDir
 
@@ -48,16 +49,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory, software_platform: SoftwareP
     (work / "passphrase").write_text("luks passphrase from the owner\n")
     admin(data, "add-guest", "e2e-guest", "--firmware", firmware, "--policy", "0x1", "--min-api", "0.17",
           "--disk-passphrase", work / "passphrase")
-    broker = BrokerProcess(data)
+    kds = SimulatedKds([software_platform.state]).start()  # the signed CEK's source, as AMD's KDS for real chips
+    broker = BrokerProcess(data, extra=("--kds-url", kds.url))
     yield broker, work / "host.token", firmware
     broker.stop()
+    kds.stop()
 
 
 def launch(platform: SoftwarePlatform, client: BrokerClient, image: bytes, full_chain: bool = False):  # type: ignore[no-untyped-def]
     """What the host does: capabilities -> broker session -> LAUNCH_START/UPDATE/MEASURE -> broker."""
     caps = platform.qmp_capabilities()
     chain = base64.b64encode(platform.full_chain()).decode() if full_chain else str(caps["cert-chain"])
-    grant = client.create_launch("e2e-guest", str(caps["pdh"]), chain)
+    grant = client.create_launch("e2e-guest", str(caps["pdh"]), chain, str(caps["cpu0-id"]))
     context = platform.launch_start(grant.policy, base64.b64decode(grant.godh_b64),
                                     base64.b64decode(grant.session_b64), label="e2e")
     context.launch_update_data(image, "firmware")

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from sevhook.flow.firmware import demo_firmware, tampered
+from sevhook.sim.kds import SimulatedKds
 from sevhook.xml.models import SEVHOOK_NS
 
 libvirt = pytest.importorskip("libvirt")
@@ -58,11 +59,14 @@ class World:
     broker_url: str
     broker: subprocess.Popen[bytes]
     connection: object
+    kds: SimulatedKds | None = None
     domains: list[str] = field(default_factory=list)
 
     @property
     def export(self) -> Path:
-        return self.root / "export" / "full_chain.bin"
+        """The firmware's export (CEK unsigned, chip id) from the stand-in's query-sev-capabilities: the
+        broker gets the signed CEK from the simulated KDS, as on a real host."""
+        return self.root / "platform"
 
     def domain_xml(self, name: str, guest_id: str, *, broker_url: str | None = None, sev: bool = True,
                    resume: bool = True, firmware: Path | None = None, timeout: str = "60",
@@ -134,6 +138,8 @@ def world(libvirt_uri: str) -> Iterator[World]:
     emulator = root / "qemu-sim"  # libvirt starts QEMU with a clean environment: the state dir goes in argv
     emulator.write_text(f"#!/bin/sh\nexec {SIM_QEMU} --sim-state-dir {root / 'sim'} \"$@\"\n")
     emulator.chmod(0o755)
+    must("platform", "export", "--emulator", str(emulator), "--out-dir", str(root / "platform"))
+    kds = SimulatedKds([root / "sim"]).start()
     firmware = root / "OVMF.fd"
     firmware.write_bytes(demo_firmware())
     data = ["--data-dir", str(root / "broker")]
@@ -151,7 +157,7 @@ def world(libvirt_uri: str) -> Iterator[World]:
     port = free_port()
     with open(root / "broker.log", "wb") as log:
         broker = subprocess.Popen([*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit",
-                                   "0", *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+                                   "0", "--kds-url", kds.url, *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -161,7 +167,7 @@ def world(libvirt_uri: str) -> Iterator[World]:
             assert broker.poll() is None and time.monotonic() < deadline, (root / "broker.log").read_text()
             time.sleep(0.05)
     connection = libvirt.open(libvirt_uri)
-    created = World(root, libvirt_uri, f"http://127.0.0.1:{port}", broker, connection)
+    created = World(root, libvirt_uri, f"http://127.0.0.1:{port}", broker, connection, kds)
     try:
         yield created
     finally:
@@ -181,6 +187,8 @@ def _tear_down(world: World) -> None:
                 continue
         world.connection.close()  # type: ignore[attr-defined]
     finally:
+        if world.kds is not None:
+            world.kds.stop()
         world.broker.send_signal(signal.SIGTERM)
         try:
             world.broker.wait(timeout=15)

@@ -88,7 +88,9 @@ class Broker:
         self.grant = LaunchGrant("L1", godh_b64, session_b64, 1)
         self.refuse = refuse
 
-    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str) -> LaunchGrant:
+    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str,
+                      cpu0_id_b64: str | None = None) -> LaunchGrant:
+        assert cpu0_id_b64 == "Y3B1MA=="  # the chip id reaches the broker, for the signed CEK
         return self.grant
 
     def attest(self, launch_id: str, measurement_b64: str, api_major: int, api_minor: int, build_id: int,
@@ -109,7 +111,7 @@ def blobs(shared: Path) -> tuple[str, str]:
 
 def run(domain: Domain, broker: Broker) -> Steps:
     steps = Steps()
-    StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda _ref, _timeout, _retries: broker,
+    StartSequence(domain, lambda: ("pdh", "chain", "Y3B1MA=="), steps, lambda _ref, _timeout, _retries: broker,
                   claim=claim_recorder(domain)).run()
     return steps
 
@@ -171,7 +173,7 @@ def test_a_running_domain_is_never_destroyed(blobs: tuple[str, str]) -> None:
     domain = Domain(state="running")
     steps = Steps()
     with pytest.raises(StepFailed, match="^metadata: domain d is running"):
-        StartSequence(domain, lambda: ("pdh", "chain"), steps, lambda *_args: Broker(*blobs),
+        StartSequence(domain, lambda: ("pdh", "chain", "Y3B1MA=="), steps, lambda *_args: Broker(*blobs),
                       claim=claim_recorder(domain)).run()
     assert domain.calls == [] and steps.results[-1].status == FAILED
 
@@ -205,7 +207,7 @@ def test_the_real_claim_writes_the_hooks_marker_only_while_starting(blobs: tuple
             super().start_paused()
 
     domain = Watched()
-    StartSequence(domain, lambda: ("pdh", "chain"), Steps(), lambda *_args: Broker(*blobs),
+    StartSequence(domain, lambda: ("pdh", "chain", "Y3B1MA=="), Steps(), lambda *_args: Broker(*blobs),
                   claim=lambda name: start_marker(name, tmp_path)).run()
     assert seen == [(MarkerState.LIVE, 0o600, str(os.getpid()))]
     assert not marker.exists() and list(tmp_path.iterdir()) == []

@@ -1,10 +1,15 @@
 """A whole attested-launch world on loopback for the hook's end-to-end tests: the software SEV
-platform, a real `sevhook broker serve` process trusting it, registered guests, and launching the
-QEMU stand-in with the arguments libvirt would give it for a prepared domain."""
+platform, its simulated AMD KDS, a real `sevhook broker serve` process trusting it, registered guests,
+and launching the QEMU stand-in with the arguments libvirt would give it for a prepared domain.
+
+The realistic path: the host's platform export comes from the stand-in's query-sev-capabilities
+(`sevhook platform export --emulator`), so its CEK is unsigned as real firmware's, and the broker
+fetches the signed CEK from the KDS by the chip id prepare-domain sends."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,6 +22,7 @@ from pathlib import Path
 from lxml import etree
 
 from sevhook.hook.prepare import prepare_domain_file
+from sevhook.sim.kds import SimulatedKds
 from tests.hook.domains import domain_xml
 
 SEVHOOK = [sys.executable, "-m", "sevhook.cli"]
@@ -61,10 +67,12 @@ class SimWorld:
     token: Path
     broker_url: str
     broker: subprocess.Popen[bytes]
+    kds: SimulatedKds
 
     @property
     def export(self) -> Path:
-        return self.root / "export" / "full_chain.bin"
+        """What the firmware exports (PDH, PEK|OCA|CEK with the CEK unsigned, chip id): no full chain."""
+        return self.root / "platform"
 
     @classmethod
     def create(cls, root: Path, firmware_source: Path, sim_dir: Path | None = None) -> SimWorld:
@@ -75,6 +83,11 @@ class SimWorld:
             sevhook("sim", "platform", "init", "--state-dir", str(sim_dir), "--rsa-bits", "2048")
         (root / "export").mkdir()
         sevhook("sim", "platform", "export", "--state-dir", str(sim_dir), "--out-dir", str(root / "export"))
+        probe = subprocess.run([*SEVHOOK, "platform", "export", "--emulator", SIM_QEMU, "--out-dir",
+                                str(root / "platform")], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "SEVHOOK_SIM_DIR": str(sim_dir)})
+        assert probe.returncode == 0, probe.stderr
+        kds = SimulatedKds([sim_dir]).start()
         data = ["--data-dir", str(root / "broker")]
         sevhook("broker", "init", *data)
         sevhook("broker", "add-root", "sim", "--ca", str(root / "export" / "ask_ark.cert"), "--test", *data)
@@ -88,12 +101,13 @@ class SimWorld:
                 "--disk-passphrase", str(passphrase), *data)
         port = free_port()
         broker = subprocess.Popen([*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit", "0",
-                                   *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   "--kds-url", kds.url, *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=open(root / "broker.log", "wb"))
         wait_for_port(port, broker)
-        return cls(root, sim_dir, firmware, token, f"http://127.0.0.1:{port}", broker)
+        return cls(root, sim_dir, firmware, token, f"http://127.0.0.1:{port}", broker, kds)
 
     def close(self) -> None:
+        self.kds.stop()
         if self.broker.poll() is None:
             self.broker.send_signal(signal.SIGTERM)
             try:
@@ -103,7 +117,7 @@ class SimWorld:
                 self.broker.wait(timeout=10)
 
     def prepare(self, name: str, socket_path: Path, *, emulator: str = SIM_QEMU, timeout: float = 10,
-                resume: bool = True, firmware: Path | None = None) -> Path:
+                resume: bool = True, firmware: Path | None = None, guest_id: str = GUEST_ID) -> Path:
         """A domain prepared by prepare-domain for a fresh launch of `name` at the broker."""
         source = self.root / f"{name}.xml"
         loader = (f"<loader readonly='yes' type='pflash'>{firmware or self.firmware}</loader>"
@@ -113,7 +127,7 @@ class SimWorld:
                           f"<os><type arch='x86_64' machine='q35'>hvm</type>{loader}</os>")
         source.write_text(xml)
         prepared = self.root / f"{name}.prepared.xml"
-        prepare_domain_file(source, broker_url=self.broker_url, guest_id=GUEST_ID, platform_export=self.export,
+        prepare_domain_file(source, broker_url=self.broker_url, guest_id=guest_id, platform_export=self.export,
                             socket=str(socket_path), timeout=timeout, token_file=self.token, output=prepared)
         if not resume:
             text = prepared.read_text().replace("<sevhook:attestation ", "<sevhook:attestation resume='no' ", 1)

@@ -67,7 +67,7 @@ def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
     source = _plain_sev_domain(tmp_path / "web1.xml")
     out = tmp_path / "web1.prepared.xml"
     args = ["prepare-domain", str(source), "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
-            str(world.export.parent), "--token-file", str(world.token), "--timeout", "12", "-o", str(out)]
+            str(world.export), "--token-file", str(world.token), "--timeout", "12", "-o", str(out)]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr

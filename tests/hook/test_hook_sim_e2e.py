@@ -5,6 +5,7 @@ without its secret and not running, with one line on stderr naming the step."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import socket
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sevhook.monitor.qmp import QmpMonitor
-from tests.hook.sim_world import PASSPHRASE, SimWorld, free_port, stop
+from tests.hook.sim_world import PASSPHRASE, SimWorld, free_port, sevhook, stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,6 +92,24 @@ def test_changed_firmware_is_refused_and_gets_no_secret(world, run_hook, guests,
     assert len(result.stderr.splitlines()) == 1
     assert world.secrets("fwchanged") == []
     assert _status(socket_path) == "prelaunch"
+
+
+def test_firmware_without_a_secret_area_gets_no_secret(world, run_hook, guests, short_dir, shared):
+    """A stock OVMF (its secret-area entry is empty) would take the secret at guest address 0: the hook
+    reads the loader file before injecting and refuses, naming the firmware and the AmdSev build."""
+    stock = shared / "vectors/sev-snp-measure/ovmf_OvmfX64_suffix.bin"
+    sevhook("broker", "add-guest", "stock", "--digest", hashlib.sha256(stock.read_bytes()).hexdigest(),
+            "--policy", "0x1", "--disk-passphrase", str(world.root / "passphrase"),
+            "--data-dir", str(world.root / "broker"))
+    socket_path = short_dir / "stock.qmp"
+    prepared = world.prepare("stock", socket_path, firmware=stock, guest_id="stock")
+    guests.append(world.start_standalone(prepared, firmware=stock))
+    result = run_hook("stock", "started", prepared.read_text())
+    assert result.returncode == 1
+    assert result.stderr.startswith("sevhook: stock: inject: ") and "OvmfPkg/AmdSev" in result.stderr
+    assert str(stock) in result.stderr
+    assert world.secrets("stock") == []
+    assert _status(socket_path) != "running"
 
 
 def test_broker_down(world, run_hook, guests, short_dir):

@@ -204,3 +204,15 @@ def test_fuzz_open_session_rejects_garbage(pdh_pair, godh: bytes, blob: bytes, p
     """The firmware side parses untrusted GODH and session bytes: only SessionRejected comes out."""
     with pytest.raises(SessionRejected):
         open_session(pdh_pair[0], godh, blob, policy)
+
+
+def test_a_godh_with_a_bad_point_is_named_as_the_godh(pdh_pair) -> None:
+    """The GODH has usage PDH, but the firmware's error must name the owner's GODH, not the platform's PDH."""
+    key, pdh = pdh_pair
+    session = create_session(pdh, 1)
+    godh = bytearray(session.godh_cert)
+    godh[0x14] ^= 0x01  # the first byte of qx: the point leaves the curve
+    with pytest.raises(SessionRejected) as caught:
+        open_session(key, bytes(godh), session.session, 1)
+    assert caught.value.message.startswith("invalid GODH certificate: ")
+    assert "not a point on its curve" in caught.value.message and "PDH" not in caught.value.message

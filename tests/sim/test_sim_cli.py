@@ -41,8 +41,8 @@ def test_export_layouts_verify_with_the_owner_tools(platform: SoftwarePlatform, 
     state = str(platform.state.path)
     sevhook("sim", "platform", "export", "--state-dir", state, "--out-dir", str(tmp_path))
     sizes = {name: (tmp_path / name).stat().st_size for name in
-             ("full_chain.bin", "pdh.cert", "cert_chain.bin", "ask_ark.cert", "ark.cert")}
-    assert sizes["pdh.cert"] == 2084 and sizes["cert_chain.bin"] == 3 * 2084
+             ("full_chain.bin", "pdh.cert", "cert_chain.cert", "chip_id.hex", "ask_ark.cert", "ark.cert")}
+    assert sizes["pdh.cert"] == 2084 and sizes["cert_chain.cert"] == 3 * 2084
     assert sizes["full_chain.bin"] == 4 * 2084 + sizes["ask_ark.cert"]
     verified = sevhook("owner", "verify-chain", str(tmp_path / "full_chain.bin"), "--trust-anchor",
                        str(tmp_path / "ark.cert"))

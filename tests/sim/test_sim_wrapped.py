@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
+from sevhook.flow.firmware import demo_firmware
 from sevhook.sev.launch_digest import sev_launch_digest
 from sevhook.sev.measurement import LaunchMeasurement, verify_measurement
+from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SECRET_TABLE_GUID, SecretTable
+from sevhook.sev.secret_area import read_secret_area
 from sevhook.sim.platform import SoftwarePlatform
 from tests.sim.sim_support import OVMF, SIM_QEMU, children_of, make_session, pid_alive, run, sev_object, start_stand_in
 from tests.sim.test_sim_standalone import raw_exchange, secret_args, sim_secrets
@@ -24,10 +27,10 @@ from tests.sim.test_sim_standalone import raw_exchange, secret_args, sim_secrets
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
 
-def guest_args(directory: Path, session, name: str = "wrapped") -> list[str]:
+def guest_args(directory: Path, session, name: str = "wrapped", firmware: Path = OVMF) -> list[str]:
     return ["-name", f"guest={name},debug-threads=on", "-S", "-nodefaults", "-display", "none", "-m", "128",
             "-machine", "q35,accel=kvm,confidential-guest-support=lsec0", "-cpu", "host",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware}",
             "-object", sev_object(directory, session)]
 
 
@@ -70,6 +73,44 @@ def test_owner_flow_through_the_real_qemu(platform: SoftwarePlatform, short_dir:
     run(flow())
     assert stand_in.process.wait(15) == 0
     assert sim_secrets(platform.state.path, "wrapped")[0]["secrets"][0]["table"][0]["length"] == 8
+
+
+def test_the_secret_table_lands_in_the_guest_memory_at_the_secret_area(platform: SoftwarePlatform, short_dir: Path,
+                                                                       stand_ins) -> None:
+    """LAUNCH_SECRET writes the decrypted table into the TCG guest's RAM at the firmware's secret area:
+    read back over QMP (pmemsave, answered by the real QEMU), it holds the table header and each secret."""
+    firmware = short_dir / "OVMF.amdsev.fd"  # a build with a secret area in its footer table
+    firmware.write_bytes(demo_firmware())
+    area = read_secret_area(firmware)
+    assert area is not None and area.base and area.size
+    session = make_session(platform)
+    stand_in = start_stand_in(short_dir, guest_args(short_dir, session, "memory", firmware), standalone=False,
+                              state=platform.state)
+    stand_ins.append(stand_in)
+    dump = short_dir / "area.bin"
+    value = b"correct horse battery staple\0"
+
+    async def flow() -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(stand_in.sockets[0])
+        try:
+            blob = LaunchMeasurement.parse((await qmp.execute("query-sev-launch-measure"))["data"])
+            await qmp.execute("sev-inject-launch-secret", secret_args(session, blob.measurement, value))
+            await qmp.execute("pmemsave", {"val": area.base, "size": area.size, "filename": str(dump)})
+            await qmp.execute("quit")
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+
+    run(flow())
+    assert stand_in.process.wait(15) == 0
+    memory = dump.read_bytes()
+    table = SecretTable(((DISK_PASSPHRASE_GUID, value),)).build()
+    assert memory[:16] == SECRET_TABLE_GUID.bytes_le
+    assert memory[:len(table)] == table
+    entry = memory.index(DISK_PASSPHRASE_GUID.bytes_le)
+    assert memory[entry + 20:entry + 20 + len(value)] == value
+    assert sim_secrets(platform.state.path, "memory")[0]["secrets"][0]["gpa"] == area.base
 
 
 def test_pipelined_commands_keep_their_order(platform: SoftwarePlatform, short_dir: Path, stand_ins) -> None:
