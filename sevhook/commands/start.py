@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sevhook.console import Console  # noqa: PLC0415
     from sevhook.flow.report import StepPrinter, format_seconds  # noqa: PLC0415
-    from sevhook.flow.steps import StepFailed, Steps  # noqa: PLC0415
+    from sevhook.launch.steps import StepFailed, Steps  # noqa: PLC0415
 
     logging.getLogger().addHandler(logging.NullHandler())  # library retry warnings: the step line says it all
     console = None if args.json else Console()

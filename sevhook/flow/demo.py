@@ -20,9 +20,8 @@ import hashlib
 import secrets
 import shutil
 import tempfile
-import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,7 @@ from sevhook.console import Console
 from sevhook.errors import SevhookError
 from sevhook.flow.firmware import demo_firmware, tampered
 from sevhook.flow.report import StepPrinter, format_seconds
-from sevhook.flow.steps import FAILED, OK, StepFailed, StepResult, Steps
-from sevhook.hook.steplog import StepLog
+from sevhook.launch.steps import FAILED, StepFailed, StepResult, Steps
 
 if TYPE_CHECKING:
     from sevhook.broker.client import LaunchGrant
@@ -65,19 +63,6 @@ class DemoResult:
 class LaunchResult:
     attested: bool
     refused_reason: str = ""
-
-
-class HookSteps(StepLog):
-    """The hook's step log, shown as demo steps instead of written to the hook's log file."""
-
-    def __init__(self, steps: Steps, domain: str) -> None:
-        super().__init__(domain, "started", lambda _line: None)
-        self.steps = steps
-
-    def line(self, step: str, outcome: str, begin: float, detail: str = "") -> None:
-        status = OK if outcome == "ok" else FAILED
-        reason = detail.removeprefix(f"{step}: ")  # a HookFailure's message repeats its step
-        self.steps.record(StepResult(f"hook {step}", status, time.monotonic() - begin, " ".join(reason.split())))
 
 
 def _fingerprint(data: bytes) -> str:
@@ -334,25 +319,29 @@ class Demo:
                 "-display", "none", "-qmp", f"unix:{socket_path},server=on,wait=off", "-S"]
 
     def _attest(self, domain: Domain, socket_path: Path, expect_refusal: bool) -> str | None:
-        """The hook's `started` sequence, exactly as the hook runs it. Returns None, or the broker's
-        refusal of the measurement when one is expected; any other failure is a StepFailed."""
-        from sevhook.hook.attest import AttestedLaunch  # noqa: PLC0415
-        from sevhook.hook.plan import Deadline, HookFailure, managed_guest  # noqa: PLC0415
+        """The hook's `started` sequence (sevhook.launch over the private QMP monitor), its steps shown
+        as "hook ..." lines. Returns None, or the broker's refusal of the measurement when one is
+        expected; any other failure is a StepFailed."""
+        from sevhook.hook.plan import launch_request, managed_guest  # noqa: PLC0415
+        from sevhook.launch.checks import Deadline  # noqa: PLC0415
+        from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415
+        from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
         from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
 
         guest = managed_guest(domain)
         assert guest is not None
-        log = HookSteps(self.steps, guest.name)
-        deadline = Deadline(guest.attestation.timeout)
+        request = launch_request(guest)
+        deadline = Deadline(request.timeout)
+        hook_steps = Steps(lambda result: self.steps.record(replace(result, name=f"hook {result.name}")))
         with self.steps.step("hook monitor") as note:
             monitor = QmpMonitor(socket_path, timeout=deadline.remaining("monitor"))
             note.detail = "connected to the private QMP monitor, as the libvirt hook does"
         try:
-            AttestedLaunch(guest, monitor, deadline, log).run()
-        except HookFailure as failure:
+            AttestedLaunch(request, MonitorPort(monitor), hook_steps, deadline).run()
+        except StepFailed as failure:
             if expect_refusal and failure.step == "attest" and "measurement-mismatch" in failure.reason:
                 return failure.message
-            raise StepFailed(f"hook {failure.step}", failure.reason) from None
+            raise StepFailed(f"hook {failure.step}", failure.reason) from failure
         finally:
             monitor.close()
         return None
