@@ -78,7 +78,7 @@ def work_directory() -> Path:
         return Path(tempfile.mkdtemp(prefix="sevhook-demo-", dir=base))
     except OSError as exc:
         raise SevhookError(f"cannot create a temporary directory in {base}: {exc.strerror or exc}; "
-                           "point TMPDIR at a writable directory") from None
+                           "point TMPDIR at a writable directory") from exc
 
 
 class Demo:

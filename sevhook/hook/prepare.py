@@ -136,7 +136,7 @@ def exported_platform(path: Path) -> tuple[str, str]:
         data = maybe_base64(path.read_bytes())
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the platform export ({exc.strerror or exc}); write one with "
-                         "`sevhook sim platform export`") from None
+                         "`sevhook sim platform export`") from exc
     parts = [data[i * SEV_CERT_SIZE:(i + 1) * SEV_CERT_SIZE] for i in range(len(SEV_CHAIN_ORDER))]
     for index, (part, usage) in enumerate(zip(parts, SEV_CHAIN_ORDER)):
         name = f"{path} certificate {index + 1}"
@@ -210,4 +210,4 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         write_private_file(path, data, mode=0o644)
     except UnwritableFileError as exc:
-        raise UsageError(f"{path}: cannot write the prepared domain ({exc.reason})") from None
+        raise UsageError(f"{path}: cannot write the prepared domain ({exc.reason})") from exc

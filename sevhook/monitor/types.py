@@ -49,7 +49,7 @@ def decode_base64(text: object, what: str, command: str) -> bytes:
     try:
         return strict_base64(text)
     except FormatError as exc:
-        raise MonitorProtocolError(f"{command}: {what} is not valid base64 ({exc.message})", command=command) from None
+        raise MonitorProtocolError(f"{command}: {what} is not valid base64 ({exc.message})", command=command) from exc
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def parse_measurement(answer: object) -> LaunchMeasurement:
     try:
         return LaunchMeasurement.parse(str(data), what=f"{cmd} data")
     except FormatError as exc:
-        raise MonitorProtocolError(exc.message, command=cmd) from None
+        raise MonitorProtocolError(exc.message, command=cmd) from exc
 
 
 def parse_report(answer: object) -> bytes:
