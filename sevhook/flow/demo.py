@@ -25,17 +25,39 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sevhook.broker.service import GuestSpec
 from sevhook.console import Console
+from sevhook.encoding import decode_base64
 from sevhook.errors import SevhookError
+from sevhook.files import write_private_file
 from sevhook.flow.firmware import demo_firmware, tampered
 from sevhook.flow.report import StepPrinter, format_seconds
+from sevhook.hook.plan import launch_request, managed_guest
+from sevhook.hook.prepare import PreparedLaunch, apply_launch, serialize
+from sevhook.launch.checks import Deadline
+from sevhook.launch.qmp_port import MonitorPort
+from sevhook.launch.sequence import AttestedLaunch, create_launch
 from sevhook.launch.steps import FAILED, StepFailed, StepResult, Steps
+from sevhook.monitor.qmp import QmpMonitor
+from sevhook.qemu_cmdline.libdir import write_files
+from sevhook.qemu_cmdline.qemu_version import QemuVersion
+from sevhook.qemu_cmdline.translate import CmdlineOptions, translate
+from sevhook.sev.certs import AmdCertificate
+from sevhook.sev.chain import CertificateChain, verify_chain
+from sevhook.sev.launch_digest import sev_launch_digest
+from sevhook.sev.ovmf import OvmfFooter
+from sevhook.sev.roots import TrustAnchor
+from sevhook.sev.secret import DISK_PASSPHRASE_GUID
+from sevhook.sim.guest import GuestRecorder
+from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
+from sevhook.sim.state import StateDir
+from sevhook.sim.world import LocalBroker, StandIn
+from sevhook.xml import load_domain
+from sevhook.xml.models import BrokerRef
+from sevhook.xml.parsing import parse_document
 
 if TYPE_CHECKING:
     from sevhook.broker.client import LaunchGrant
-    from sevhook.flow.local_broker import LocalBroker
-    from sevhook.sim.platform import SoftwarePlatform
-    from sevhook.sim.state import StateDir
     from sevhook.xml.models import Domain
 
 GUEST_ID = "demo-guest"
@@ -101,8 +123,6 @@ class Demo:
 
     # -- the whole demo ------------------------------------------------------------------------
     def run(self) -> DemoResult:
-        from sevhook.flow.local_broker import LocalBroker  # noqa: PLC0415
-
         good = bad = LaunchResult(False)
         self.console.line("sevhook demo: an attested SEV launch on a simulated platform "
                           "(no SEV hardware, no libvirt, no network)", "step")
@@ -150,12 +170,6 @@ class Demo:
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup_platform_and_firmware(self) -> Path:
-        from sevhook.sev.certs import AmdCertificate  # noqa: PLC0415
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-        from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
-        from sevhook.sim.platform import PlatformConfig, init_platform  # noqa: PLC0415
-        from sevhook.sim.state import StateDir  # noqa: PLC0415
-
         with self.steps.step("platform") as note:
             # RSA-2048 roots (as on Naples) keep the demo fast; `sevhook sim platform init` makes RSA-4096 ones.
             self._platform, _ = init_platform(StateDir(self.sim_dir), PlatformConfig(), rsa_bits=2048)
@@ -173,11 +187,6 @@ class Demo:
         return firmware
 
     def _setup_broker(self, broker: LocalBroker, firmware: Path) -> str:
-        from sevhook.broker.service import GuestSpec  # noqa: PLC0415
-        from sevhook.files import write_private_file  # noqa: PLC0415
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-        from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
-
         service = broker.service
         url = broker.start()
         platform = self.platform
@@ -192,10 +201,6 @@ class Demo:
                 f"(sha256 {_fingerprint(self.secret_value)})")
 
     def _verify_chain(self) -> None:
-        from sevhook.sev.certs import AmdCertificate  # noqa: PLC0415
-        from sevhook.sev.chain import CertificateChain, verify_chain  # noqa: PLC0415
-        from sevhook.sev.roots import TrustAnchor  # noqa: PLC0415
-
         platform = self.platform
         with self.steps.step("chain") as note:
             chain = CertificateChain.from_full(platform.full_chain())
@@ -208,8 +213,6 @@ class Demo:
                            f"{report.root}; without that explicit anchor: refused")
 
     def _tamper(self, firmware: Path) -> Path:
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-
         with self.steps.step("firmware") as note:
             changed = self.work / "OVMF.tampered.fd"
             changed.write_bytes(tampered(firmware.read_bytes()))
@@ -221,14 +224,9 @@ class Demo:
     # -- one launch -----------------------------------------------------------------------------
     def _launch(self, label: str, firmware: Path, broker_url: str, show_cmdline: bool,
                 expect_refusal: bool = False) -> LaunchResult:
-        from sevhook.flow.standin import StandIn  # noqa: PLC0415
-        from sevhook.sim.state import StateDir  # noqa: PLC0415
-
         name = GUEST_ID
         socket_path = self.work / f"{label}.qmp"
-        with self.steps.step("session") as note:
-            grant = self._new_launch(broker_url)
-            note.detail = f"launch {grant.launch_id} from the broker: GODH certificate and session for this PDH"
+        grant = self._new_launch(broker_url)
         with self.steps.step("domain XML") as note:
             domain_file, domain = self._write_domain(label, grant, firmware, broker_url, socket_path)
             note.detail = f"{domain_file.name} written and validated with sevhook's schemas: valid"
@@ -259,20 +257,15 @@ class Demo:
             standin.stop()
 
     def _new_launch(self, broker_url: str) -> LaunchGrant:
-        from sevhook.broker.client import BrokerClient  # noqa: PLC0415
-
+        """The `session` step of sevhook.launch, as `sevhook start` and prepare-domain take it."""
         export = self.platform.pdh_cert_export()
-        with BrokerClient(broker_url, token_file=self.token_file, timeout=ATTESTATION_TIMEOUT) as client:
-            return client.create_launch(GUEST_ID, base64.b64encode(export.pdh).decode(),
-                                        base64.b64encode(export.cert_chain).decode())
+        broker = BrokerRef(broker_url, token_file=str(self.token_file))
+        return create_launch(self.steps, broker, GUEST_ID, base64.b64encode(export.pdh).decode(),
+                             base64.b64encode(export.cert_chain).decode(), Deadline(ATTESTATION_TIMEOUT))
 
     def _write_domain(self, label: str, grant: LaunchGrant, firmware: Path, broker_url: str,
                       socket_path: Path) -> tuple[Path, Domain]:
         """What `sevhook prepare-domain` makes of a plain SEV domain, checked with sevhook's validator."""
-        from sevhook.hook.prepare import PreparedLaunch, apply_launch, serialize  # noqa: PLC0415
-        from sevhook.xml import load_domain  # noqa: PLC0415
-        from sevhook.xml.parsing import parse_document  # noqa: PLC0415
-
         config = self.platform.config
         base = f"""<domain type='kvm'>
   <name>{GUEST_ID}</name>
@@ -302,10 +295,6 @@ class Demo:
         return path, load_domain(path).require_valid()
 
     def _qemu_argv(self, domain: Domain, label: str, firmware: Path, socket_path: Path, show: bool) -> list[str]:
-        from sevhook.qemu_cmdline.libdir import write_files  # noqa: PLC0415
-        from sevhook.qemu_cmdline.qemu_version import QemuVersion  # noqa: PLC0415
-        from sevhook.qemu_cmdline.translate import CmdlineOptions, translate  # noqa: PLC0415
-
         lib_dir = self.work / f"lib-{label}"
         options = CmdlineOptions(qemu_version=QemuVersion(*QEMU_VERSION), lib_dir=str(lib_dir))
         translation = translate(domain, options)
@@ -322,12 +311,6 @@ class Demo:
         """The hook's `started` sequence (sevhook.launch over the private QMP monitor), its steps shown
         as "hook ..." lines. Returns None, or the broker's refusal of the measurement when one is
         expected; any other failure is a StepFailed."""
-        from sevhook.hook.plan import launch_request, managed_guest  # noqa: PLC0415
-        from sevhook.launch.checks import Deadline  # noqa: PLC0415
-        from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415
-        from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
-        from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
-
         guest = managed_guest(domain)
         assert guest is not None
         request = launch_request(guest)
@@ -348,8 +331,6 @@ class Demo:
 
     @staticmethod
     def _processor_record(state: StateDir, name: str) -> dict:
-        from sevhook.sim.guest import GuestRecorder  # noqa: PLC0415
-
         records = [record for record in GuestRecorder.all(state) if record.get("label") == name]
         if not records:
             raise SevhookError(f"the software processor has no record of guest {name}")
@@ -361,7 +342,7 @@ class Demo:
         if len(received) != 1 or not received[0].get("table"):
             raise SevhookError(f"the software processor received {len(received)} secret(s), expected one secret table")
         packet = received[0]
-        entries = {uuid.UUID(entry["guid"]): base64.b64decode(entry["value_b64"]) for entry in packet["table"]}
+        entries = {uuid.UUID(entry["guid"]): decode_base64(entry["value_b64"]) for entry in packet["table"]}
         values = list(entries.values())
         if values != [self.secret_value]:
             raise SevhookError("the secret the software processor received differs from the one registered")
