@@ -5,15 +5,25 @@ the private QMP monitor the hook talks to. The result is checked with sevhook's 
 
 from __future__ import annotations
 
+import base64
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
+from sevhook.broker.client import BrokerClient
 from sevhook.errors import UsageError
+from sevhook.files import UnwritableFileError, write_private_file
 from sevhook.hook.plan import private_monitor_arg
 from sevhook.hook.runtime import RUNTIME_DIR
+from sevhook.monitor.libvirt_monitor import host_capabilities
+from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate
+from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64
+from sevhook.virt import open_connection
+from sevhook.xml import load_domain
 from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
+from sevhook.xml.parsing import MAX_DOCUMENT_BYTES, parse_document, read_source
 
 DEFAULT_SOCKET_DIR = RUNTIME_DIR
 _QEMU = f"{{{QEMU_NS}}}"
@@ -121,10 +131,6 @@ def exported_platform(path: Path) -> tuple[str, str]:
     (raw or base64) as `sevhook sim platform export` and `sevctl export --full` write it, or the
     directory `sevhook sim platform export --out-dir` filled. Each certificate is parsed and its
     usage checked, so a wrong file fails here rather than at the broker."""
-    import base64  # noqa: PLC0415
-
-    from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate  # noqa: PLC0415
-    from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64  # noqa: PLC0415
 
     if path.is_dir():
         found = [path / name for name in FULL_CHAIN_NAMES if (path / name).is_file()]
@@ -149,8 +155,6 @@ def exported_platform(path: Path) -> tuple[str, str]:
 
 def host_platform(uri: str | None) -> tuple[str, str]:
     """(pdh_b64, cert_chain_b64) of this host's SEV platform, from libvirt's getSEVInfo."""
-    from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
-    from sevhook.virt import open_connection  # noqa: PLC0415
 
     connection = open_connection(uri)  # virNodeGetSEVInfo is refused on a read-only connection
     try:
@@ -165,18 +169,12 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
                         token_file: Path | None = None, ca_file: Path | None = None,
                         output: Path | None = None) -> list[str]:
     """The whole command: returns the validator's warnings; raises on any error."""
-    import sys  # noqa: PLC0415
-
-    from sevhook.broker.client import BrokerClient  # noqa: PLC0415
-    from sevhook.xml import load_domain  # noqa: PLC0415
-    from sevhook.xml.parsing import parse_document, read_source  # noqa: PLC0415
 
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout {timeout:g}: give the hook between 0 and 3600 seconds")
     if socket is not None and not socket.startswith("/"):
         raise UsageError(f"--socket {socket}: the private monitor socket needs an absolute path")
     if str(domain_xml) == "-":
-        from sevhook.xml.parsing import MAX_DOCUMENT_BYTES  # noqa: PLC0415
 
         data, filename = read_source(sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1), "<stdin>")
     else:
@@ -205,7 +203,6 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    from sevhook.files import UnwritableFileError, write_private_file  # noqa: PLC0415
 
     try:
         write_private_file(path, data, mode=0o644)

@@ -1,8 +1,8 @@
 """One hook call for a domain sevhook manages: load the domain, then do what the operation needs
 (plan.action_for; for a start-mode domain, one without <sevhook:monitor>, plan.start_mode_action
-after looking for a live `sevhook start`'s marker). Failures print one line per reason on stderr, `sevhook: NAME: STEP: REASON`,
-which libvirt shows in virsh's error, and exit 1; nothing is printed on stdout (for migrate and
-restore, stdout would replace the domain XML)."""
+after looking for a live `sevhook start`'s marker). Failures print one line per reason on stderr,
+`sevhook: NAME: STEP: REASON`, which libvirt shows in virsh's error, and exit 1; nothing is
+printed on stdout (for migrate and restore, stdout would replace the domain XML)."""
 
 from __future__ import annotations
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sevhook.errors import FormatError
 from sevhook.monitor.errors import MonitorError, MonitorProtocolError
 from sevhook.monitor.types import SevCapabilities, SevInfo, VmStatus, parse_report
+from sevhook.sev.measurement import LaunchMeasurement
 from sevhook.virt import libvirt_module
-
-if TYPE_CHECKING:
-    from sevhook.sev.measurement import LaunchMeasurement
 
 MNONCE_SIZE = 16
 # virDomainState values -> names (libvirt's enum is stable ABI).
@@ -95,9 +94,6 @@ class LibvirtMonitor:
         return SevInfo.from_qmp(self.execute("query-sev"))
 
     def launch_measurement(self) -> LaunchMeasurement:
-        from sevhook.errors import FormatError  # noqa: PLC0415
-        from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
-
         info = self._call("launchSecurityInfo", self.domain.launchSecurityInfo)
         data = info.get("sev-measurement")
         if not isinstance(data, str):

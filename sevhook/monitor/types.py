@@ -136,8 +136,7 @@ class SevCapabilities:
 
 def parse_measurement(answer: object) -> LaunchMeasurement:
     """`query-sev-launch-measure` -> {"data": base64(measurement || mnonce)}."""
-    from sevhook.errors import FormatError  # noqa: PLC0415
-    from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
+    from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415  (the hook's hot path: at measure only)
 
     cmd = "query-sev-launch-measure"
     data = _field(_mapping(answer, cmd), "data", str, cmd)

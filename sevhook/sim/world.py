@@ -185,7 +185,8 @@ def sev_domain_xml(name: str, firmware: Path, vars_file: Path, emulator: str) ->
   <name>{name}</name>
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>{firmware}</loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{vars_file}</nvram></os>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>{firmware}</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{vars_file}</nvram></os>
   <features><acpi/></features>
   <devices><emulator>{emulator}</emulator></devices>
   <launchSecurity type='sev'><cbitpos>47</cbitpos><reducedPhysBits>1</reducedPhysBits>
