@@ -86,6 +86,12 @@ class StandIn:
         except OSError:
             return ""
 
+    def kill(self, timeout: float = STANDIN_STOP_TIMEOUT) -> int:
+        """SIGKILL, as a crash would end it; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.kill()
+        return self.process.wait(timeout)
+
     def stop(self, timeout: float = STANDIN_STOP_TIMEOUT) -> int:
         """Terminate (QEMU's SIGTERM behaviour), then kill; returns the exit status."""
         if self.process.poll() is None:
@@ -300,5 +306,6 @@ class SimWorld:
 
 
 def stop(standins: Sequence[StandIn]) -> None:
+    """Kill the stand-ins, as after a crash (their monitor sockets stay behind)."""
     for standin in standins:
-        standin.stop()
+        standin.kill()
