@@ -25,11 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sevhook.broker.service import GuestSpec
 from sevhook.console import Console
 from sevhook.encoding import decode_base64
 from sevhook.errors import SevhookError
-from sevhook.files import write_private_file
 from sevhook.flow.firmware import demo_firmware, tampered
 from sevhook.flow.report import StepPrinter, format_seconds
 from sevhook.hook.plan import launch_request, managed_guest
@@ -47,11 +45,8 @@ from sevhook.sev.chain import CertificateChain, verify_chain
 from sevhook.sev.launch_digest import sev_launch_digest
 from sevhook.sev.ovmf import OvmfFooter
 from sevhook.sev.roots import TrustAnchor
-from sevhook.sev.secret import DISK_PASSPHRASE_GUID
-from sevhook.sim.guest import GuestRecorder
-from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
-from sevhook.sim.state import StateDir
-from sevhook.sim.world import LocalBroker, StandIn
+from sevhook.sim.platform import SoftwarePlatform
+from sevhook.sim.world import LocalWorld, StandIn
 from sevhook.xml import load_domain
 from sevhook.xml.models import BrokerRef
 from sevhook.xml.parsing import parse_document
@@ -61,8 +56,6 @@ if TYPE_CHECKING:
     from sevhook.xml.models import Domain
 
 GUEST_ID = "demo-guest"
-HOST_NAME = "demo-host"
-ROOT_NAME = "simulated-platform"
 POLICY = 0x0003  # NODBG | NOKS: no debugging, no key sharing
 DOMAIN_UUID = "5e7d3c2a-9b1f-4e6d-8a0c-2f4b6d8e0a1c"
 ATTESTATION_TIMEOUT = 10.0
@@ -110,16 +103,16 @@ class Demo:
         self.console = console
         self.work = work
         self.steps = Steps(StepPrinter(console))
-        self.sim_dir = work / "sim"
-        self.token_file = work / "host.token"
-        self.secret_value = b""
-        self._platform: SoftwarePlatform | None = None
+        self.world = LocalWorld(work)
+        self.secret_value = secrets.token_urlsafe(24).encode() + b"\0"  # a disk passphrase, NUL-terminated
 
     @property
     def platform(self) -> SoftwarePlatform:
-        if self._platform is None:
-            raise SevhookError("the simulated platform is not set up yet")
-        return self._platform
+        return self.world.platform
+
+    @property
+    def sim_dir(self) -> Path:
+        return self.world.sim_dir
 
     # -- the whole demo ------------------------------------------------------------------------
     def run(self) -> DemoResult:
@@ -130,24 +123,23 @@ class Demo:
             self._section("1. the guest owner and the host")
             firmware = self._setup_platform_and_firmware()
             with self.steps.step("broker") as note:
-                broker = LocalBroker(self.work / "broker")
-                try:
-                    note.detail = self._setup_broker(broker, firmware)
-                except BaseException:
-                    broker.stop()
-                    raise
-            with broker:
-                self._verify_chain()
-                self._section("2. attested launch of the guest")
-                good = self._launch("good", firmware, broker.url, show_cmdline=True)
-                self._section("3. the same guest with tampered firmware")
-                changed = self._tamper(firmware)
-                bad = self._launch("tampered", changed, broker.url, show_cmdline=False, expect_refusal=True)
+                url = self.world.start_broker(GUEST_ID, firmware, POLICY, self.secret_value)
+                note.detail = (f"key broker on {url} (SQLite); guest {GUEST_ID} registered with the firmware's "
+                               f"launch digest, policy {POLICY:#06x} and a {len(self.secret_value)}-byte disk "
+                               f"passphrase (sha256 {_fingerprint(self.secret_value)})")
+            self._verify_chain()
+            self._section("2. attested launch of the guest")
+            good = self._launch("good", firmware, url, show_cmdline=True)
+            self._section("3. the same guest with tampered firmware")
+            changed = self._tamper(firmware)
+            bad = self._launch("tampered", changed, url, show_cmdline=False, expect_refusal=True)
         except StepFailed:
             pass  # the step's line already says what failed; the summary says what it means
         except Exception as exc:  # noqa: BLE001  a bug or a broken installation: one line, no traceback
             self.steps.record(StepResult(self.steps.current or "demo", FAILED, 0.0,
                                          f"internal error ({exc.__class__.__name__}: {exc})"))
+        finally:
+            self.world.close()
         result = DemoResult(good.attested, not bad.attested and bool(bad.refused_reason), self.steps.elapsed)
         self._summary(result)
         return result
@@ -171,8 +163,7 @@ class Demo:
     # -- setup ----------------------------------------------------------------------------------
     def _setup_platform_and_firmware(self) -> Path:
         with self.steps.step("platform") as note:
-            # RSA-2048 roots (as on Naples) keep the demo fast; `sevhook sim platform init` makes RSA-4096 ones.
-            self._platform, _ = init_platform(StateDir(self.sim_dir), PlatformConfig(), rsa_bits=2048)
+            self.world.create_platform()
             config = self.platform.config
             ark = AmdCertificate.parse(self.platform.cert("ark"))
             note.detail = (f"software SEV firmware {config.api_major}.{config.api_minor} build {config.build_id} "
@@ -185,20 +176,6 @@ class Demo:
             note.detail = (f"{firmware.stat().st_size // 1024} KiB image with an OVMF footer table, secret area "
                            f"{area.base:#x}; launch digest {sev_launch_digest(firmware).hex()[:16]}")
         return firmware
-
-    def _setup_broker(self, broker: LocalBroker, firmware: Path) -> str:
-        service = broker.service
-        url = broker.start()
-        platform = self.platform
-        service.add_root(ROOT_NAME, platform.cert("ask") + platform.cert("ark"), test=True)
-        write_private_file(self.token_file, (service.add_host(HOST_NAME) + "\n").encode())
-        self.secret_value = secrets.token_urlsafe(24).encode() + b"\0"  # a disk passphrase, NUL-terminated
-        service.add_guest(GuestSpec(
-            guest_id=GUEST_ID, digests=(sev_launch_digest(firmware),), policies=(POLICY,),
-            secrets=((DISK_PASSPHRASE_GUID, self.secret_value),), digest_labels=(f"computed from {firmware.name}",)))
-        return (f"key broker on {url} (SQLite); guest {GUEST_ID} registered with the firmware's launch digest, "
-                f"policy {POLICY:#06x} and a {len(self.secret_value)}-byte disk passphrase "
-                f"(sha256 {_fingerprint(self.secret_value)})")
 
     def _verify_chain(self) -> None:
         platform = self.platform
@@ -241,10 +218,10 @@ class Demo:
             refusal = self._attest(domain, socket_path, expect_refusal)
             if not expect_refusal:
                 with self.steps.step("secret") as note:
-                    note.detail = self._check_secret(self._processor_record(StateDir(self.sim_dir), name))
+                    note.detail = self._check_secret(self.world.processor_record(name))
                 return LaunchResult(True)
             with self.steps.step("refused") as note:
-                record = self._processor_record(StateDir(self.sim_dir), name)
+                record = self.world.processor_record(name)
                 if refusal is None:
                     raise SevhookError("the tampered launch was attested: the broker accepted a wrong measurement")
                 if record.get("secrets"):
@@ -259,7 +236,7 @@ class Demo:
     def _new_launch(self, broker_url: str) -> LaunchGrant:
         """The `session` step of sevhook.launch, as `sevhook start` and prepare-domain take it."""
         export = self.platform.pdh_cert_export()
-        broker = BrokerRef(broker_url, token_file=str(self.token_file))
+        broker = BrokerRef(broker_url, token_file=str(self.world.token_file))
         return create_launch(self.steps, broker, GUEST_ID, base64.b64encode(export.pdh).decode(),
                              base64.b64encode(export.cert_chain).decode(), Deadline(ATTESTATION_TIMEOUT))
 
@@ -289,7 +266,7 @@ class Demo:
         root = parse_document(base.encode(), str(path)).getroot()
         launch = PreparedLaunch(broker_url=broker_url, guest_id=GUEST_ID, launch_id=grant.launch_id,
                                 godh_b64=grant.godh_b64, session_b64=grant.session_b64, policy=grant.policy,
-                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT, token_file=str(self.token_file))
+                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT, token_file=str(self.world.token_file))
         apply_launch(root, launch, str(path))
         path.write_bytes(serialize(root))
         return path, load_domain(path).require_valid()
@@ -329,14 +306,7 @@ class Demo:
             monitor.close()
         return None
 
-    @staticmethod
-    def _processor_record(state: StateDir, name: str) -> dict:
-        records = [record for record in GuestRecorder.all(state) if record.get("label") == name]
-        if not records:
-            raise SevhookError(f"the software processor has no record of guest {name}")
-        return records[0]
-
-    def _check_secret(self, record: dict) -> str:
+    def _check_secret(self, record: dict[str, object]) -> str:
         """`sevhook sim secrets`, compared with what the owner registered."""
         received = record.get("secrets") or []
         if len(received) != 1 or not received[0].get("table"):

@@ -7,6 +7,9 @@ and the guest GUEST_ID registered with its firmware's launch digest and a disk p
 QEMU stand-in started with the arguments libvirt would give it for a prepared domain. A simulated
 AMD KDS is started through the `kds` argument of SimWorld.create, when one is given.
 
+LocalWorld: the same world inside this process, for the demo, which runs without a network and
+without child processes other than the stand-in: the platform, and the broker as a LocalBroker.
+
 StandIn: one stand-in QEMU process (`sevhook-sim-qemu --sim-standalone`), up once its monitor
 socket exists, always stopped within a bound. LocalBroker: the real broker (SQLite, the FastAPI
 app, uvicorn) served from a thread of this process, for the demo, which runs without a network."""
@@ -31,15 +34,24 @@ from lxml import etree
 
 from sevhook.broker.app import Limits, create_app, wrap_limits
 from sevhook.broker.server import open_broker
+from sevhook.broker.service import GuestSpec
 from sevhook.broker.vault import admin_token_digest
 from sevhook.errors import SevhookError
+from sevhook.files import write_private_file
 from sevhook.hook.prepare import prepare_domain_file
+from sevhook.sev.launch_digest import sev_launch_digest
+from sevhook.sev.secret import DISK_PASSPHRASE_GUID
+from sevhook.sim.guest import GuestRecorder
+from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
+from sevhook.sim.state import StateDir
 from sevhook.xml.models import SEVHOOK_NS
 
 SEVHOOK = [sys.executable, "-m", "sevhook.cli"]
 SIM_QEMU = str(Path(sys.executable).with_name("sevhook-sim-qemu"))  # the stand-in's console script
 PASSPHRASE = "correct horse battery staple"
 GUEST_ID = "vm"  # the one guest SimWorld registers at its broker; every domain is a launch of it
+SIM_ROOT_NAME = "simulated-platform"  # the broker's name for the simulated ARK/ASK
+HOST_NAME = "sim-host"
 BROKER_START_TIMEOUT = 30.0
 LOCAL_BROKER_START_TIMEOUT = 10.0
 LOCAL_BROKER_STOP_TIMEOUT = 5.0
@@ -309,3 +321,62 @@ def stop(standins: Sequence[StandIn]) -> None:
     """Kill the stand-ins, as after a crash (their monitor sockets stay behind)."""
     for standin in standins:
         standin.kill()
+
+
+class LocalWorld:
+    """The simulated world in this process, under `work`: `create_platform`, then `start_broker`;
+    `close` stops the broker. `kds`, when given, starts a simulated AMD KDS for the platform."""
+
+    def __init__(self, work: Path, kds: KdsStarter | None = None) -> None:
+        self.work = work
+        self.sim_dir = work / "sim"
+        self.token_file = work / "host.token"
+        self.kds = kds
+        self.kds_url: str | None = None
+        self.broker: LocalBroker | None = None
+        self._platform: SoftwarePlatform | None = None
+
+    @property
+    def platform(self) -> SoftwarePlatform:
+        if self._platform is None:
+            raise SevhookError("the simulated platform is not set up yet: call create_platform() first")
+        return self._platform
+
+    def create_platform(self, rsa_bits: int = 2048) -> SoftwarePlatform:
+        """A new software SEV platform with its own root of trust (RSA-2048 roots, as on Naples, are
+        fast to make; `sevhook sim platform init` makes RSA-4096 ones by default)."""
+        self._platform, _ = init_platform(StateDir(self.sim_dir), PlatformConfig(), rsa_bits=rsa_bits)
+        if self.kds is not None:
+            self.kds_url = self.kds(self.sim_dir)
+        return self._platform
+
+    def start_broker(self, guest_id: str, firmware: Path, policy: int, secret: bytes) -> str:
+        """The guest owner's broker on loopback, trusting the simulated ARK, with a host token in
+        `token_file` and `guest_id` registered with the firmware's launch digest, `policy` and
+        `secret` as its disk passphrase; returns its URL."""
+        broker = LocalBroker(self.work / "broker")
+        try:
+            url = broker.start()
+            service = broker.service
+            service.add_root(SIM_ROOT_NAME, self.platform.cert("ask") + self.platform.cert("ark"), test=True)
+            write_private_file(self.token_file, (service.add_host(HOST_NAME) + "\n").encode())
+            service.add_guest(GuestSpec(guest_id=guest_id, digests=(sev_launch_digest(firmware),), policies=(policy,),
+                                        secrets=((DISK_PASSPHRASE_GUID, secret),),
+                                        digest_labels=(f"computed from {firmware.name}",)))
+        except BaseException:
+            broker.stop()
+            raise
+        self.broker = broker
+        return url
+
+    def processor_record(self, name: str) -> dict[str, object]:
+        """What the software processor recorded for guest `name` (its launch, state and secrets)."""
+        records = [record for record in GuestRecorder.all(StateDir(self.sim_dir)) if record.get("label") == name]
+        if not records:
+            raise SevhookError(f"the software processor has no record of guest {name}")
+        return records[0]
+
+    def close(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
