@@ -103,7 +103,6 @@ class AttestedLaunch:
         self.steps = steps
         self.deadline = deadline or Deadline(request.timeout)
         self.broker_factory = broker_factory
-        self.failed_closed = ""  # what fail_closed did after a failure, if anything
 
     @contextmanager
     def _step(self, name: str) -> Iterator[StepNote]:
@@ -125,7 +124,7 @@ class AttestedLaunch:
         try:
             return self._attest()
         except BaseException:  # any failure, expected or not: the vCPUs must not run without a verdict
-            self._fail_closed()
+            fail_closed(self.port, self.steps)
             raise
 
     def _attest(self) -> AttestedGuest:
@@ -179,24 +178,20 @@ class AttestedLaunch:
         finally:
             broker.close()
 
-    def _fail_closed(self) -> None:
-        self.failed_closed = fail_closed(self.port, self.steps)
 
-
-def fail_closed(port: LaunchPort, steps: Steps) -> str:
+def fail_closed(port: LaunchPort, steps: Steps) -> None:
     """Best effort after a failure: the port stops, destroys or quits the guest. What it did is
     recorded as a step of its own (nothing, when there was nothing to do); a failure there is
-    recorded too, but the first failure is the one the caller raises. Returns what the port did."""
+    recorded too, but the first failure is the one the caller raises."""
     begin = time.monotonic()
     try:
         port.timeout = FAIL_CLOSED_TIMEOUT
         done = port.fail_closed()
     except SevhookError as exc:  # the caller's failure still makes libvirt (or the wrapper) end the guest
         steps.record(StepResult(port.fail_closed_step, FAILED, time.monotonic() - begin, exc.message))
-        return ""
+        return
     if done:
         steps.record(StepResult(port.fail_closed_step, OK, time.monotonic() - begin, done))
-    return done
 
 
 def create_launch(steps: Steps, broker: BrokerRef, guest_id: str, pdh_b64: str, chain_b64: str,
