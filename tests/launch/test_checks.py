@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sevhook.launch import checks
 from sevhook.launch.checks import Deadline
@@ -73,3 +75,14 @@ def test_deadline_is_shared_by_the_steps():
     with pytest.raises(StepFailed, match="5 s budget") as caught:
         deadline.remaining("inject")
     assert caught.value.step == "inject"
+
+
+@given(st.text(max_size=120), st.text(max_size=120))
+def test_any_packet_is_accepted_or_refused_as_an_inject_failure(header_b64, secret_b64):
+    """Whatever the broker sends, the check answers with a size or one clear inject failure."""
+    try:
+        size = checks.check_secret_packet(header_b64, secret_b64)
+    except StepFailed as failure:
+        assert failure.step == "inject" and failure.reason
+    else:
+        assert size > 0
