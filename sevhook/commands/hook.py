@@ -103,12 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _hooks_dir(args: argparse.Namespace) -> Path:
-
     return args.hooks_dir or DEFAULT_HOOKS_DIR
 
 
 def _install(args: argparse.Namespace) -> int:
-
     path = install(_hooks_dir(args), log_target=args.log)
     print(f"installed {path}")
     print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
@@ -117,7 +115,6 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-
     path = uninstall(_hooks_dir(args))
     if path is None:
         print("no sevhook hook is installed there; nothing to do")

@@ -56,7 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     logging.getLogger().addHandler(logging.NullHandler())  # library retry warnings: the step line says it all
     console = None if args.json else Console()
     steps = Steps(StepPrinter(console) if console else None)

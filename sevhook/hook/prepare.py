@@ -12,17 +12,17 @@ from pathlib import Path
 
 from lxml import etree
 
-from sevhook.broker.client import BrokerClient
 from sevhook.errors import UsageError
 from sevhook.files import UnwritableFileError, write_private_file
 from sevhook.hook.plan import private_monitor_arg
 from sevhook.hook.runtime import RUNTIME_DIR
+from sevhook.launch.broker import SESSION_RETRIES, open_broker
 from sevhook.monitor.libvirt_monitor import host_capabilities
 from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate
 from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64
 from sevhook.virt import open_connection
 from sevhook.xml import load_domain
-from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
+from sevhook.xml.models import QEMU_NS, SEVHOOK_NS, BrokerRef
 from sevhook.xml.parsing import MAX_DOCUMENT_BYTES, parse_document, read_source
 
 DEFAULT_SOCKET_DIR = RUNTIME_DIR
@@ -169,21 +169,24 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
                         token_file: Path | None = None, ca_file: Path | None = None,
                         output: Path | None = None) -> list[str]:
     """The whole command: returns the validator's warnings; raises on any error."""
-
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout {timeout:g}: give the hook between 0 and 3600 seconds")
     if socket is not None and not socket.startswith("/"):
         raise UsageError(f"--socket {socket}: the private monitor socket needs an absolute path")
     if str(domain_xml) == "-":
-
         data, filename = read_source(sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1), "<stdin>")
     else:
         data, filename = read_source(str(domain_xml))
     root = parse_document(data, filename).getroot()
     name = domain_name(root, filename)
     pdh_b64, chain_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
-    with BrokerClient(broker_url, token_file=token_file, ca_file=ca_file, timeout=min(timeout, 60.0)) as broker:
+    ref = BrokerRef(broker_url, ca_file=str(ca_file) if ca_file else None,
+                    token_file=str(token_file) if token_file else None)
+    broker = open_broker(ref, timeout, SESSION_RETRIES)
+    try:
         grant = broker.create_launch(guest_id, pdh_b64, chain_b64)
+    finally:
+        broker.close()
     launch = PreparedLaunch(
         broker_url=broker_url, guest_id=guest_id, launch_id=grant.launch_id, godh_b64=grant.godh_b64,
         session_b64=grant.session_b64, policy=grant.policy, socket=socket or default_socket(name),
@@ -203,7 +206,6 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-
     try:
         write_private_file(path, data, mode=0o644)
     except UnwritableFileError as exc:
