@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the test suite's attested-launch world (tests/hook/sim_world.py)
+from common import Figure, figure
+from sevhook.hook.install import install
+from sevhook.sim.world import SimWorld, stop
 
-from common import Figure, figure  # noqa: E402
-from sevhook.hook.install import install  # noqa: E402
-from tests.hook.sim_world import SimWorld, stop  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PLAIN_DOMAIN = b"<domain type='kvm'><name>plain</name><memory unit='MiB'>512</memory><vcpu>1</vcpu></domain>\n"
 NO_SEV_RATIO_TARGET = 2.0

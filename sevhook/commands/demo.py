@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sevhook.console import Console
+
 EPILOG = """examples:
   sevhook demo
   sevhook demo --keep          keep the temporary directory (domain XML, firmware, logs) for a look
@@ -35,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sevhook.console import Console  # noqa: PLC0415
-    from sevhook.flow.demo import run_demo  # noqa: PLC0415
+    from sevhook.flow.demo import run_demo  # noqa: PLC0415  (the broker, uvicorn, cryptography)
 
     return 0 if run_demo(Console(), keep=args.keep).passed else 1

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sevhook.hook.install import DEFAULT_HOOKS_DIR, install, uninstall
+
 HOOK_EPILOG = """examples:
   sevhook hook install                      # /etc/libvirt/hooks/qemu.d/50-sevhook, then restart libvirtd
   sevhook hook install --log /var/log/sevhook/hook.log
@@ -103,14 +105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _hooks_dir(args: argparse.Namespace) -> Path:
-    from sevhook.hook.install import DEFAULT_HOOKS_DIR  # noqa: PLC0415
-
     return args.hooks_dir or DEFAULT_HOOKS_DIR
 
 
 def _install(args: argparse.Namespace) -> int:
-    from sevhook.hook.install import install  # noqa: PLC0415
-
     path = install(_hooks_dir(args), log_target=args.log)
     print(f"installed {path}")
     print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
@@ -119,8 +117,6 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    from sevhook.hook.install import uninstall  # noqa: PLC0415
-
     path = uninstall(_hooks_dir(args))
     if path is None:
         print("no sevhook hook is installed there; nothing to do")
@@ -130,13 +126,13 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sevhook.hook.fast import main  # noqa: PLC0415
+    from sevhook.hook.fast import main  # noqa: PLC0415  (the hook's hot path: nothing else loaded)
 
     return main([args.hook_name, args.hook_op, args.hook_subop, args.hook_extra])
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from sevhook.hook.prepare import prepare_domain_file  # noqa: PLC0415
+    from sevhook.hook.prepare import prepare_domain_file  # noqa: PLC0415  (lxml, cryptography, the broker client)
 
     warnings = prepare_domain_file(
         args.domain_xml, broker_url=args.broker, guest_id=args.guest, uri=args.connect,

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from sevhook.console import Console
+from sevhook.flow.report import StepPrinter, format_seconds
+from sevhook.launch.steps import StepFailed, Steps
 
 EPILOG = """examples:
   sevhook start web1
@@ -51,12 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging  # noqa: PLC0415
-
-    from sevhook.console import Console  # noqa: PLC0415
-    from sevhook.flow.report import StepPrinter, format_seconds  # noqa: PLC0415
-    from sevhook.flow.steps import StepFailed, Steps  # noqa: PLC0415
-
     logging.getLogger().addHandler(logging.NullHandler())  # library retry warnings: the step line says it all
     console = None if args.json else Console()
     steps = Steps(StepPrinter(console) if console else None)
@@ -122,6 +122,4 @@ def is_local(uri: str) -> bool:
     """Whether libvirtd (and so its hook) runs on this machine: a URI without a host part. The start
     marker is a local file; set for a remote libvirtd it could only let a local start of a domain of
     the same name through unattested, so it is not set (a hook on the remote host then refuses)."""
-    from urllib.parse import urlsplit  # noqa: PLC0415
-
     return not urlsplit(uri).netloc

@@ -1,7 +1,7 @@
 """The user-facing flows: `sevhook start` (the attested launch through libvirt's own APIs) and
-`sevhook demo` (the whole attested launch on a simulated platform).
+`sevhook demo` (the whole attested launch on a simulated platform). Both are shells over
+sevhook.launch (the steps, the checks and the attested-launch sequence).
 
-steps: timed, named steps and the one failure type that names its step; report: printing them
-(terminal, plain lines, JSON); start: the start sequence over injected libvirt and broker ports;
-libvirt_domain: the real libvirt port; firmware: the demo's OVMF-like image; local_broker: a
-broker served in-process on loopback; standin: the QEMU stand-in process; demo: the demo."""
+report: printing steps (terminal, plain lines, JSON); start: reading, redefining and starting the
+domain, then sevhook.launch over DomainLaunchPort; libvirt_domain: the real libvirt DomainPort;
+firmware: the demo's OVMF-like image; demo: the demo, on sevhook.sim.world's broker and stand-in."""

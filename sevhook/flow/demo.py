@@ -20,30 +20,42 @@ import hashlib
 import secrets
 import shutil
 import tempfile
-import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sevhook.console import Console
+from sevhook.encoding import decode_base64
 from sevhook.errors import SevhookError
 from sevhook.flow.firmware import demo_firmware, tampered
 from sevhook.flow.report import StepPrinter, format_seconds
-from sevhook.flow.steps import FAILED, OK, StepFailed, StepResult, Steps
-from sevhook.hook.steplog import StepLog
+from sevhook.hook.plan import launch_request, managed_guest
+from sevhook.hook.prepare import PreparedLaunch, apply_launch, serialize
+from sevhook.launch.checks import Deadline
+from sevhook.launch.qmp_port import MonitorPort
+from sevhook.launch.sequence import AttestedLaunch, create_launch
+from sevhook.launch.steps import FAILED, StepFailed, StepResult, Steps
+from sevhook.monitor.qmp import QmpMonitor
+from sevhook.qemu_cmdline.libdir import write_files
+from sevhook.qemu_cmdline.qemu_version import QemuVersion
+from sevhook.qemu_cmdline.translate import CmdlineOptions, translate
+from sevhook.sev.certs import AmdCertificate
+from sevhook.sev.chain import CertificateChain, verify_chain
+from sevhook.sev.launch_digest import sev_launch_digest
+from sevhook.sev.ovmf import OvmfFooter
+from sevhook.sev.roots import TrustAnchor
+from sevhook.sim.platform import SoftwarePlatform
+from sevhook.sim.world import LocalWorld, StandIn
+from sevhook.xml import load_domain
+from sevhook.xml.models import BrokerRef
+from sevhook.xml.parsing import parse_document
 
 if TYPE_CHECKING:
     from sevhook.broker.client import LaunchGrant
-    from sevhook.flow.local_broker import LocalBroker
-    from sevhook.sim.kds import SimulatedKds
-    from sevhook.sim.platform import SoftwarePlatform
-    from sevhook.sim.state import StateDir
     from sevhook.xml.models import Domain
 
 GUEST_ID = "demo-guest"
-HOST_NAME = "demo-host"
-ROOT_NAME = "simulated-platform"
 POLICY = 0x0003  # NODBG | NOKS: no debugging, no key sharing
 DOMAIN_UUID = "5e7d3c2a-9b1f-4e6d-8a0c-2f4b6d8e0a1c"
 ATTESTATION_TIMEOUT = 10.0
@@ -68,19 +80,6 @@ class LaunchResult:
     refused_reason: str = ""
 
 
-class HookSteps(StepLog):
-    """The hook's step log, shown as demo steps instead of written to the hook's log file."""
-
-    def __init__(self, steps: Steps, domain: str) -> None:
-        super().__init__(domain, "started", lambda _line: None)
-        self.steps = steps
-
-    def line(self, step: str, outcome: str, begin: float, detail: str = "") -> None:
-        status = OK if outcome == "ok" else FAILED
-        reason = detail.removeprefix(f"{step}: ")  # a HookFailure's message repeats its step
-        self.steps.record(StepResult(f"hook {step}", status, time.monotonic() - begin, " ".join(reason.split())))
-
-
 def _fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -94,7 +93,7 @@ def work_directory() -> Path:
         return Path(tempfile.mkdtemp(prefix="sevhook-demo-", dir=base))
     except OSError as exc:
         raise SevhookError(f"cannot create a temporary directory in {base}: {exc.strerror or exc}; "
-                           "point TMPDIR at a writable directory") from None
+                           "point TMPDIR at a writable directory") from exc
 
 
 class Demo:
@@ -104,22 +103,19 @@ class Demo:
         self.console = console
         self.work = work
         self.steps = Steps(StepPrinter(console))
-        self.sim_dir = work / "sim"
-        self.token_file = work / "host.token"
-        self.secret_value = b""
-        self._platform: SoftwarePlatform | None = None
-        self._kds: SimulatedKds | None = None  # AMD's KDS for the simulated chip: the signed CEK's only source
+        self.world = LocalWorld(work)
+        self.secret_value = secrets.token_urlsafe(24).encode() + b"\0"  # a disk passphrase, NUL-terminated
 
     @property
     def platform(self) -> SoftwarePlatform:
-        if self._platform is None:
-            raise SevhookError("the simulated platform is not set up yet")
-        return self._platform
+        return self.world.platform
+
+    @property
+    def sim_dir(self) -> Path:
+        return self.world.sim_dir
 
     # -- the whole demo ------------------------------------------------------------------------
     def run(self) -> DemoResult:
-        from sevhook.flow.local_broker import LocalBroker  # noqa: PLC0415
-
         good = bad = LaunchResult(False)
         self.console.line("sevhook demo: an attested SEV launch on a simulated platform "
                           "(no SEV hardware, no libvirt, no network)", "step")
@@ -127,26 +123,23 @@ class Demo:
             self._section("1. the guest owner and the host")
             firmware = self._setup_platform_and_firmware()
             with self.steps.step("broker") as note:
-                broker = LocalBroker(self.work / "broker")
-                try:
-                    note.detail = self._setup_broker(broker, firmware)
-                except BaseException:
-                    broker.stop()
-                    raise
-            with broker:
-                self._verify_chain()
-                self._section("2. attested launch of the guest")
-                good = self._launch("good", firmware, broker.url, show_cmdline=True)
-                self._section("3. the same guest with tampered firmware")
-                changed = self._tamper(firmware)
-                bad = self._launch("tampered", changed, broker.url, show_cmdline=False, expect_refusal=True)
+                url = self.world.start_broker(GUEST_ID, firmware, POLICY, self.secret_value)
+                note.detail = (f"key broker on {url} (SQLite); guest {GUEST_ID} registered with the firmware's "
+                               f"launch digest, policy {POLICY:#06x} and a {len(self.secret_value)}-byte disk "
+                               f"passphrase (sha256 {_fingerprint(self.secret_value)})")
+            self._verify_chain()
+            self._section("2. attested launch of the guest")
+            good = self._launch("good", firmware, url, show_cmdline=True)
+            self._section("3. the same guest with tampered firmware")
+            changed = self._tamper(firmware)
+            bad = self._launch("tampered", changed, url, show_cmdline=False, expect_refusal=True)
         except StepFailed:
             pass  # the step's line already says what failed; the summary says what it means
         except Exception as exc:  # noqa: BLE001  a bug or a broken installation: one line, no traceback
             self.steps.record(StepResult(self.steps.current or "demo", FAILED, 0.0,
                                          f"internal error ({exc.__class__.__name__}: {exc})"))
-        if self._kds is not None:
-            self._kds.stop()
+        finally:
+            self.world.close()
         result = DemoResult(good.attested, not bad.attested and bool(bad.refused_reason), self.steps.elapsed)
         self._summary(result)
         return result
@@ -169,15 +162,8 @@ class Demo:
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup_platform_and_firmware(self) -> Path:
-        from sevhook.sev.certs import AmdCertificate  # noqa: PLC0415
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-        from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
-        from sevhook.sim.platform import PlatformConfig, init_platform  # noqa: PLC0415
-        from sevhook.sim.state import StateDir  # noqa: PLC0415
-
         with self.steps.step("platform") as note:
-            # RSA-2048 roots (as on Naples) keep the demo fast; `sevhook sim platform init` makes RSA-4096 ones.
-            self._platform, _ = init_platform(StateDir(self.sim_dir), PlatformConfig(), rsa_bits=2048)
+            self.world.create_platform()
             config = self.platform.config
             ark = AmdCertificate.parse(self.platform.cert("ark"))
             note.detail = (f"software SEV firmware {config.api_major}.{config.api_minor} build {config.build_id} "
@@ -191,34 +177,7 @@ class Demo:
                            f"{area.base:#x}; launch digest {sev_launch_digest(firmware).hex()[:16]}")
         return firmware
 
-    def _setup_broker(self, broker: LocalBroker, firmware: Path) -> str:
-        from sevhook.broker.rules import GuestSpec  # noqa: PLC0415
-        from sevhook.files import write_private_file  # noqa: PLC0415
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-        from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
-
-        from sevhook.sim.kds import SimulatedKds  # noqa: PLC0415
-
-        service = broker.service.admin
-        url = broker.start()
-        platform = self.platform
-        self._kds = SimulatedKds([platform.state]).start()
-        broker.service.store.ceks.configure(self._kds.url)  # the firmware exports its CEK unsigned, as real SEV firmware does
-        service.add_root(ROOT_NAME, platform.cert("ask") + platform.cert("ark"), test=True)
-        write_private_file(self.token_file, (service.add_host(HOST_NAME) + "\n").encode())
-        self.secret_value = secrets.token_urlsafe(24).encode() + b"\0"  # a disk passphrase, NUL-terminated
-        service.add_guest(GuestSpec(
-            guest_id=GUEST_ID, digests=(sev_launch_digest(firmware),), policies=(POLICY,),
-            secrets=((DISK_PASSPHRASE_GUID, self.secret_value),), digest_labels=(f"computed from {firmware.name}",)))
-        return (f"key broker on {url} (SQLite); guest {GUEST_ID} registered with the firmware's launch digest, "
-                f"policy {POLICY:#06x} and a {len(self.secret_value)}-byte disk passphrase "
-                f"(sha256 {_fingerprint(self.secret_value)})")
-
     def _verify_chain(self) -> None:
-        from sevhook.sev.certs import AmdCertificate  # noqa: PLC0415
-        from sevhook.sev.chain import CertificateChain, verify_chain  # noqa: PLC0415
-        from sevhook.sev.roots import TrustAnchor  # noqa: PLC0415
-
         platform = self.platform
         with self.steps.step("chain") as note:
             chain = CertificateChain.from_full(platform.full_chain())
@@ -231,8 +190,6 @@ class Demo:
                            f"{report.root}; without that explicit anchor: refused")
 
     def _tamper(self, firmware: Path) -> Path:
-        from sevhook.sev.launch_digest import sev_launch_digest  # noqa: PLC0415
-
         with self.steps.step("firmware") as note:
             changed = self.work / "OVMF.tampered.fd"
             changed.write_bytes(tampered(firmware.read_bytes()))
@@ -244,14 +201,9 @@ class Demo:
     # -- one launch -----------------------------------------------------------------------------
     def _launch(self, label: str, firmware: Path, broker_url: str, show_cmdline: bool,
                 expect_refusal: bool = False) -> LaunchResult:
-        from sevhook.flow.standin import StandIn  # noqa: PLC0415
-        from sevhook.sim.state import StateDir  # noqa: PLC0415
-
         name = GUEST_ID
         socket_path = self.work / f"{label}.qmp"
-        with self.steps.step("session") as note:
-            grant = self._new_launch(broker_url)
-            note.detail = f"launch {grant.launch_id} from the broker: GODH certificate and session for this PDH"
+        grant = self._new_launch(broker_url)
         with self.steps.step("domain XML") as note:
             domain_file, domain = self._write_domain(label, grant, firmware, broker_url, socket_path)
             note.detail = f"{domain_file.name} written and validated with sevhook's schemas: valid"
@@ -266,10 +218,10 @@ class Demo:
             refusal = self._attest(domain, socket_path, expect_refusal)
             if not expect_refusal:
                 with self.steps.step("secret") as note:
-                    note.detail = self._check_secret(self._processor_record(StateDir(self.sim_dir), name))
+                    note.detail = self._check_secret(self.world.processor_record(name))
                 return LaunchResult(True)
             with self.steps.step("refused") as note:
-                record = self._processor_record(StateDir(self.sim_dir), name)
+                record = self.world.processor_record(name)
                 if refusal is None:
                     raise SevhookError("the tampered launch was attested: the broker accepted a wrong measurement")
                 if record.get("secrets"):
@@ -282,21 +234,16 @@ class Demo:
             standin.stop()
 
     def _new_launch(self, broker_url: str) -> LaunchGrant:
-        from sevhook.broker.client import BrokerClient  # noqa: PLC0415
-
+        """The `session` step of sevhook.launch, as `sevhook start` and prepare-domain take it."""
         export = self.platform.pdh_cert_export()
-        with BrokerClient(broker_url, token_file=self.token_file, timeout=ATTESTATION_TIMEOUT) as client:
-            return client.create_launch(GUEST_ID, base64.b64encode(export.pdh).decode(),
-                                        base64.b64encode(export.cert_chain).decode(),
-                                        base64.b64encode(self.platform.get_id()).decode())
+        broker = BrokerRef(broker_url, token_file=str(self.world.token_file))
+        return create_launch(self.steps, broker, GUEST_ID, base64.b64encode(export.pdh).decode(),
+                             base64.b64encode(export.cert_chain).decode(), Deadline(ATTESTATION_TIMEOUT),
+                             cpu0_id_b64=base64.b64encode(self.platform.get_id()).decode())
 
     def _write_domain(self, label: str, grant: LaunchGrant, firmware: Path, broker_url: str,
                       socket_path: Path) -> tuple[Path, Domain]:
         """What `sevhook prepare-domain` makes of a plain SEV domain, checked with sevhook's validator."""
-        from sevhook.hook.prepare import PreparedLaunch, apply_launch, serialize  # noqa: PLC0415
-        from sevhook.xml import load_domain  # noqa: PLC0415
-        from sevhook.xml.parsing import parse_document  # noqa: PLC0415
-
         config = self.platform.config
         base = f"""<domain type='kvm'>
   <name>{GUEST_ID}</name>
@@ -320,16 +267,12 @@ class Demo:
         root = parse_document(base.encode(), str(path)).getroot()
         launch = PreparedLaunch(broker_url=broker_url, guest_id=GUEST_ID, launch_id=grant.launch_id,
                                 godh_b64=grant.godh_b64, session_b64=grant.session_b64, policy=grant.policy,
-                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT, token_file=str(self.token_file))
+                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT, token_file=str(self.world.token_file))
         apply_launch(root, launch, str(path))
         path.write_bytes(serialize(root))
         return path, load_domain(path).require_valid()
 
     def _qemu_argv(self, domain: Domain, label: str, firmware: Path, socket_path: Path, show: bool) -> list[str]:
-        from sevhook.qemu_cmdline.libdir import write_files  # noqa: PLC0415
-        from sevhook.qemu_cmdline.qemu_version import QemuVersion  # noqa: PLC0415
-        from sevhook.qemu_cmdline.translate import CmdlineOptions, translate  # noqa: PLC0415
-
         lib_dir = self.work / f"lib-{label}"
         options = CmdlineOptions(qemu_version=QemuVersion(*QEMU_VERSION), lib_dir=str(lib_dir))
         translation = translate(domain, options)
@@ -343,45 +286,34 @@ class Demo:
                 "-display", "none", "-qmp", f"unix:{socket_path},server=on,wait=off", "-S"]
 
     def _attest(self, domain: Domain, socket_path: Path, expect_refusal: bool) -> str | None:
-        """The hook's `started` sequence, exactly as the hook runs it. Returns None, or the broker's
-        refusal of the measurement when one is expected; any other failure is a StepFailed."""
-        from sevhook.hook.attest import AttestedLaunch  # noqa: PLC0415
-        from sevhook.hook.plan import Deadline, HookFailure, managed_guest  # noqa: PLC0415
-        from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
-
+        """The hook's `started` sequence (sevhook.launch over the private QMP monitor), its steps shown
+        as "hook ..." lines. Returns None, or the broker's refusal of the measurement when one is
+        expected; any other failure is a StepFailed."""
         guest = managed_guest(domain)
         assert guest is not None
-        log = HookSteps(self.steps, guest.name)
-        deadline = Deadline(guest.attestation.timeout)
+        request = launch_request(guest)
+        deadline = Deadline(request.timeout)
+        hook_steps = Steps(lambda result: self.steps.record(replace(result, name=f"hook {result.name}")))
         with self.steps.step("hook monitor") as note:
             monitor = QmpMonitor(socket_path, timeout=deadline.remaining("monitor"))
             note.detail = "connected to the private QMP monitor, as the libvirt hook does"
         try:
-            AttestedLaunch(guest, monitor, deadline, log).run()
-        except HookFailure as failure:
+            AttestedLaunch(request, MonitorPort(monitor), hook_steps, deadline).run()
+        except StepFailed as failure:
             if expect_refusal and failure.step == "attest" and "measurement-mismatch" in failure.reason:
                 return failure.message
-            raise StepFailed(f"hook {failure.step}", failure.reason) from None
+            raise StepFailed(f"hook {failure.step}", failure.reason) from failure
         finally:
             monitor.close()
         return None
 
-    @staticmethod
-    def _processor_record(state: StateDir, name: str) -> dict:
-        from sevhook.sim.guest import GuestRecorder  # noqa: PLC0415
-
-        records = [record for record in GuestRecorder.all(state) if record.get("label") == name]
-        if not records:
-            raise SevhookError(f"the software processor has no record of guest {name}")
-        return records[0]
-
-    def _check_secret(self, record: dict) -> str:
+    def _check_secret(self, record: dict[str, object]) -> str:
         """`sevhook sim secrets`, compared with what the owner registered."""
         received = record.get("secrets") or []
         if len(received) != 1 or not received[0].get("table"):
             raise SevhookError(f"the software processor received {len(received)} secret(s), expected one secret table")
         packet = received[0]
-        entries = {uuid.UUID(entry["guid"]): base64.b64decode(entry["value_b64"]) for entry in packet["table"]}
+        entries = {uuid.UUID(entry["guid"]): decode_base64(entry["value_b64"]) for entry in packet["table"]}
         values = list(entries.values())
         if values != [self.secret_value]:
             raise SevhookError("the secret the software processor received differs from the one registered")

@@ -1,4 +1,4 @@
-"""The start sequence's DomainPort on a real libvirt connection, using only libvirt's public SEV
+"""`sevhook start`'s DomainPort on a real libvirt connection, using only libvirt's public SEV
 APIs (no QEMU monitor passthrough, so the domain is not tainted), and the host's platform
 certificates from virNodeGetSEVInfo or from an exported chain file."""
 
@@ -9,11 +9,11 @@ from typing import Any
 
 from sevhook.errors import SevhookError
 from sevhook.flow.start import LaunchInfo, PlatformSource
+from sevhook.hook.prepare import exported_platform as read_export
+from sevhook.hook.runtime import RUNTIME_DIR
+from sevhook.monitor.libvirt_monitor import host_capabilities, state_name
 from sevhook.virt import LibvirtError, libvirt_module
 
-# virDomainState values (stable libvirt ABI)
-_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
-           7: "pmsuspended"}
 _HOOK_FAILED = "Hook script execution failed"
 
 
@@ -33,18 +33,18 @@ class LibvirtDomain:
         except self._libvirt.libvirtError as exc:
             if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
                 raise LibvirtError(f"domain {name} is not defined on this connection: define it first "
-                                   f"(virsh define {name}.xml) or pass -c URI") from None
-            raise LibvirtError(f"cannot look up domain {name}: {_message(exc)}") from None
+                                   f"(virsh define {name}.xml) or pass -c URI") from exc
+            raise LibvirtError(f"cannot look up domain {name}: {_message(exc)}") from exc
 
     def _call(self, what: str, function: Any, *args: Any) -> Any:
         try:
             return function(*args)
         except self._libvirt.libvirtError as exc:
-            raise LibvirtError(f"libvirt refused {what}: {_message(exc)}") from None
+            raise LibvirtError(f"libvirt refused {what}: {_message(exc)}") from exc
 
     def state(self) -> str:
         state, _reason = self._call("virDomainGetState", self.domain.state)
-        return _STATES.get(state, f"state {state}")
+        return state_name(state)
 
     def inactive_xml(self) -> str:
         if not self._call("virDomainIsPersistent", self.domain.isPersistent):
@@ -63,12 +63,10 @@ class LibvirtDomain:
             message = _message(exc)
             hint = ""
             if _HOOK_FAILED in message:
-                from sevhook.hook.runtime import RUNTIME_DIR  # noqa: PLC0415
-
                 hint = ("; a libvirt hook refused the start: sevhook's own hook lets sevhook start through only "
                         "when sevhook start runs as root on the libvirt host itself (it marks the launch in "
                         f"{RUNTIME_DIR})")
-            raise LibvirtError(f"libvirt refused to start the domain: {message}{hint}") from None
+            raise LibvirtError(f"libvirt refused to start the domain: {message}{hint}") from exc
 
     def launch_info(self) -> LaunchInfo:
         info = self._call("virDomainGetLaunchSecurityInfo", self.domain.launchSecurityInfo)
@@ -99,8 +97,6 @@ def host_platform(connection: Any) -> PlatformSource:
     """The host's PDH and chain from virNodeGetSEVInfo (needs libvirt to see SEV on this host)."""
 
     def read() -> tuple[str, str, str | None]:
-        from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
-
         capabilities = host_capabilities(connection)
         return capabilities.pdh_b64, capabilities.cert_chain_b64, capabilities.cpu0_id_b64
 
@@ -111,8 +107,6 @@ def exported_platform(path: Path) -> PlatformSource:
     """The PDH and chain from a platform export (`sevctl export`, `sevhook sim platform export`)."""
 
     def read() -> tuple[str, str, str | None]:
-        from sevhook.hook.prepare import exported_platform as read_export  # noqa: PLC0415
-
         return read_export(path)
 
     return read

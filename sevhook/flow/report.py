@@ -4,7 +4,7 @@ itself (rich), otherwise one plain, greppable line per step (sevhook.console dec
 from __future__ import annotations
 
 from sevhook.console import STYLES, Console
-from sevhook.flow.steps import FAILED, INFO, OK, StepResult
+from sevhook.launch.steps import FAILED, INFO, OK, StepResult
 
 _MARKS_TERMINAL = {OK: "✓", FAILED: "✗", INFO: "·"}
 _MARKS_PLAIN = {OK: "ok", FAILED: "FAILED", INFO: "--"}

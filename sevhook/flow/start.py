@@ -1,5 +1,7 @@
 """`sevhook start`: the attested launch through libvirt's own APIs, with no private monitor and no
-custom QEMU arguments. The sequence is pure: libvirt (DomainPort), the host's platform certificates
+custom QEMU arguments. What is its own: reading the defined domain, writing the broker's launch
+session into it and starting it paused; the session, measure, attest, inject and resume steps are
+sevhook.launch's, over DomainLaunchPort. libvirt (DomainPort), the host's platform certificates
 (PlatformSource) and the key broker (BrokerFactory) are injected, so tests can drive every path.
 
     metadata  read the defined domain: <launchSecurity type='sev'> and <sevhook:attestation>
@@ -21,27 +23,28 @@ marker (LaunchClaim), so an installed hook lets this start through and refuses a
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from lxml import etree
 
+from sevhook.broker.client import LaunchGrant
 from sevhook.errors import SevhookError
-from sevhook.flow.steps import StepFailed, Steps
-from sevhook.hook.plan import Deadline, check_secret_packet
-from sevhook.sev.secret_area import check_injection_target
-from sevhook.xml.models import SEVHOOK_NS, Attestation, BrokerRef, SevLaunchSecurity
+from sevhook.hook.install import DEFAULT_HOOKS_DIR, script_path
+from sevhook.hook.runtime import start_marker
+from sevhook.launch.broker import BrokerFactory, open_broker
+from sevhook.launch.checks import Deadline
+from sevhook.launch.sequence import AttestedLaunch, LaunchRequest, MeasuredLaunch, create_launch, fail_closed
+from sevhook.launch.steps import Steps
+from sevhook.monitor.types import SevInfo, VmStatus
+from sevhook.sev.measurement import LaunchMeasurement
+from sevhook.xml import load_domain
+from sevhook.xml.models import SEVHOOK_NS, Attestation, SevLaunchSecurity
+from sevhook.xml.parsing import parse_document
 
-if TYPE_CHECKING:
-    from sevhook.broker.client import LaunchGrant, SecretGrant
-
-MAX_BROKER_TIMEOUT = 60.0
-MEASUREMENT_SIZE = 48  # measurement(32) || mnonce(16)
 _GUEST = f"{{{SEVHOOK_NS}}}attestation/{{{SEVHOOK_NS}}}guest"
 
 
@@ -78,20 +81,7 @@ class DomainPort(Protocol):
     def destroy(self) -> bool: ...  # True when it was running
 
 
-class BrokerPort(Protocol):
-    """The key broker as the host sees it (sevhook.broker.client.BrokerClient)."""
-
-    def create_launch(self, guest: str, pdh_b64: str, cert_chain_b64: str,
-                      cpu0_id_b64: str | None = None) -> LaunchGrant: ...
-
-    def attest(self, launch_id: str, measurement_b64: str, api_major: int, api_minor: int, build_id: int,
-               policy: int) -> SecretGrant: ...
-
-    def close(self) -> None: ...
-
-
 PlatformSource = Callable[[], "tuple[str, str, str | None]"]  # -> (pdh_b64, cert_chain_b64, cpu0_id_b64)
-BrokerFactory = Callable[[BrokerRef, float, int], BrokerPort]  # (ref, timeout, retries)
 LaunchClaim = Callable[[str], AbstractContextManager[object]]  # held (domain name) while libvirt starts it
 
 
@@ -100,9 +90,6 @@ def claim_for_the_hook(name: str) -> Iterator[None]:
     """Hold the marker that tells sevhook's libvirt hook that this process attests the launch
     (sevhook.hook.runtime.start_marker); an installed hook refuses the start without it. When it
     cannot be written (not root, say) and no hook is installed, there is nobody to tell."""
-    from sevhook.hook.install import DEFAULT_HOOKS_DIR, script_path  # noqa: PLC0415
-    from sevhook.hook.runtime import start_marker  # noqa: PLC0415
-
     with ExitStack() as held:
         try:
             held.enter_context(start_marker(name))
@@ -110,12 +97,6 @@ def claim_for_the_hook(name: str) -> Iterator[None]:
             if script_path(DEFAULT_HOOKS_DIR).exists():
                 raise
         yield
-
-
-def open_broker(ref: BrokerRef, timeout: float, retries: int) -> BrokerPort:
-    from sevhook.broker.client import BrokerClient  # noqa: PLC0415  (only when asked)
-
-    return BrokerClient(ref.url, ca_file=ref.ca_file, token_file=ref.token_file, timeout=timeout, retries=retries)
 
 
 @dataclass(frozen=True)
@@ -141,8 +122,6 @@ class ManagedDomain:
 
 def read_domain(name: str, xml: str) -> ManagedDomain:
     """The domain's SEV launch security and sevhook metadata, or the reason it cannot be attested."""
-    from sevhook.xml import load_domain  # noqa: PLC0415
-
     document = load_domain(xml, filename=f"domain {name}")
     if document.errors:
         listed = "; ".join(f"line {p.line}: {p.message}" for p in document.errors[:3])
@@ -166,8 +145,6 @@ def read_domain(name: str, xml: str) -> ManagedDomain:
 def with_launch(xml: str, grant: LaunchGrant, filename: str) -> str:
     """The domain XML with the broker's launch: policy, dhCert and session in <launchSecurity> (the
     session is MACed with the broker's policy, so they must agree) and launch='...' in the metadata."""
-    from sevhook.xml.parsing import parse_document  # noqa: PLC0415
-
     root = parse_document(xml.encode("utf-8"), filename).getroot()
     security = root.find("launchSecurity")
     guest = root.find(f"metadata/{_GUEST}")
@@ -185,16 +162,40 @@ def with_launch(xml: str, grant: LaunchGrant, filename: str) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
-def measurement_fingerprint(measurement_b64: str) -> str:
-    """A short, non-secret name for a measurement in progress lines: SHA-256 of its bytes."""
-    try:
-        data = base64.b64decode(measurement_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise SevhookError("libvirt returned a sev-measurement that is not base64") from None
-    if len(data) != MEASUREMENT_SIZE:
-        raise SevhookError(f"libvirt returned a {len(data)}-byte sev-measurement, expected {MEASUREMENT_SIZE} "
-                           "(measurement and mnonce)")
-    return hashlib.sha256(data).hexdigest()
+class DomainLaunchPort:
+    """sevhook.launch's LaunchPort on a DomainPort: libvirt's public SEV APIs cannot read the launch
+    state (query-sev), so the sequence checks that libvirt reports the domain paused instead; failing
+    closed destroys the domain."""
+
+    reads_launch_state = False
+    fail_closed_step = "destroy"
+
+    def __init__(self, domain: DomainPort) -> None:
+        self.domain = domain
+        self.timeout = 0.0  # libvirt bounds its own calls (job timeouts)
+        self.destroyed = False  # set when failing closed destroyed a running domain
+
+    def status(self) -> VmStatus:
+        state = self.domain.state()
+        return VmStatus(state, state == "running")
+
+    def launch_state(self) -> SevInfo:
+        raise SevhookError("libvirt's public API does not report the SEV launch state")
+
+    def measured_launch(self, info: SevInfo | None) -> MeasuredLaunch:
+        launch = self.domain.launch_info()
+        measurement = LaunchMeasurement.parse(launch.measurement_b64, what="libvirt's sev-measurement")
+        return MeasuredLaunch(measurement, launch.api_major, launch.api_minor, launch.build_id, launch.policy)
+
+    def inject_secret(self, header_b64: str, secret_b64: str) -> None:
+        self.domain.inject(header_b64, secret_b64)
+
+    def resume(self) -> None:
+        self.domain.resume()
+
+    def fail_closed(self) -> str:
+        self.destroyed = self.domain.destroy()
+        return "the guest was destroyed without its secret" if self.destroyed else "the domain is not running"
 
 
 class StartSequence:
@@ -203,22 +204,18 @@ class StartSequence:
     def __init__(self, domain: DomainPort, platform: PlatformSource, steps: Steps,
                  broker_factory: BrokerFactory = open_broker, claim: LaunchClaim = claim_for_the_hook) -> None:
         self.domain = domain
+        self.port = DomainLaunchPort(domain)
         self.platform = platform
         self.steps = steps
         self.broker_factory = broker_factory
         self.claim = claim
-        self._started = False
-        self.destroyed = False  # set when a failure made it destroy the guest it started
+
+    @property
+    def destroyed(self) -> bool:
+        """Whether a failure made it destroy the guest it started."""
+        return self.port.destroyed
 
     def run(self) -> StartedGuest:
-        try:
-            return self._run()
-        except BaseException:  # a failed step, and also an interruption or a bug: never leave it half-started
-            if self._started:
-                self._destroy()
-            raise
-
-    def _run(self) -> StartedGuest:
         name = self.domain.name
         with self.steps.step("metadata") as note:
             state = self.domain.state()
@@ -232,80 +229,25 @@ class StartSequence:
         with self.steps.step("platform") as note:
             pdh_b64, chain_b64, cpu0_id_b64 = self.platform()
             note.detail = "PDH and certificate chain of this host's SEV platform"
-        with self.steps.step("session") as note:
-            grant = self._create_launch(attestation, deadline, pdh_b64, chain_b64, cpu0_id_b64)
-            note.detail = f"launch {grant.launch_id}, policy {grant.policy:#06x}"
+        grant = create_launch(self.steps, attestation.broker, attestation.guest_id, pdh_b64, chain_b64, deadline,
+                              self.broker_factory, cpu0_id_b64)
         with self.steps.step("define") as note:
             deadline.remaining("define")
             prepared = with_launch(managed.xml, grant, f"domain {name}")
             read_domain(name, prepared)  # what libvirt gets must still be a valid managed domain
             self.domain.redefine(prepared)
             note.detail = "dhCert and session of the new launch written into the domain"
-        with self.steps.step("start") as note:
-            deadline.remaining("start")
-            self._started = True
-            with self.claim(name):  # the hook's prepare/start/started calls all run inside start_paused
-                self.domain.start_paused()
-            note.detail = "started paused; QEMU measured the launch"
-        with self.steps.step("measure") as note:
-            deadline.remaining("measure")
-            state = self.domain.state()
-            if state != "paused":
-                raise SevhookError(f"the domain is {state} instead of paused, so its launch may have finished "
-                                   "without a verdict")
-            info = self.domain.launch_info()
-            fingerprint = measurement_fingerprint(info.measurement_b64)
-            if info.policy != grant.policy:
-                raise SevhookError(f"the guest was launched with policy {info.policy:#06x}, the broker's session "
-                                   f"is for {grant.policy:#06x}")
-            note.detail = (f"firmware API {info.api_major}.{info.api_minor} build {info.build_id}, "
-                           f"measurement sha256 {fingerprint[:16]}")
-        with self.steps.step("attest") as note:
-            secret = self._attest(attestation, deadline, grant.launch_id, info)
-            note.detail = "the key broker accepted the measurement and released the secret"
-        with self.steps.step("inject") as note:
-            deadline.remaining("inject")
-            check_secret_packet(secret.header_b64, secret.secret_b64)
-            check_injection_target(managed.loader, secret.secret_b64)
-            self.domain.inject(secret.header_b64, secret.secret_b64)
-            note.detail = f"{len(base64.b64decode(secret.secret_b64))}-byte secret packet injected"
-        if attestation.resume:
-            with self.steps.step("resume") as note:
-                self.domain.resume()
-                note.detail = "running"
-        else:
-            self.steps.info("resume", "left paused as the metadata asks (resume='no')")
-        return StartedGuest(name, attestation.guest_id, grant.launch_id, fingerprint, attestation.resume)
-
-    def _create_launch(self, attestation: Attestation, deadline: Deadline, pdh_b64: str, chain_b64: str,
-                       cpu0_id_b64: str | None) -> LaunchGrant:
-        timeout = min(deadline.remaining("session"), MAX_BROKER_TIMEOUT)
-        broker = self.broker_factory(attestation.broker, timeout, 2)  # nothing is spent: retrying is safe
         try:
-            return broker.create_launch(attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
-        finally:
-            broker.close()
-
-    def _attest(self, attestation: Attestation, deadline: Deadline, launch_id: str, info: LaunchInfo
-                ) -> SecretGrant:
-        timeout = min(deadline.remaining("attest"), MAX_BROKER_TIMEOUT)
-        broker = self.broker_factory(attestation.broker, timeout, 0)  # a measurement is sent once only
-        try:
-            return broker.attest(launch_id, info.measurement_b64, info.api_major, info.api_minor, info.build_id,
-                                 info.policy)
-        finally:
-            broker.close()
-
-    def _destroy(self) -> None:
-        """Best effort: the failure being raised is the reason; a failed destroy is reported too."""
-        failed_step = self.steps.current
-        try:
-            with self.steps.step("destroy") as note:
-                was_running = self.domain.destroy()
-                self.destroyed = was_running
-                note.detail = ("the guest was destroyed without its secret" if was_running
-                               else "the domain is not running")
-        except StepFailed:
-            pass
-        finally:
-            self.steps.current = failed_step
+            with self.steps.step("start") as note:
+                deadline.remaining("start")
+                with self.claim(name):  # the hook's prepare/start/started calls all run inside start_paused
+                    self.domain.start_paused()
+                note.detail = "started paused; QEMU measured the launch"
+        except BaseException:  # a start that failed half-way may have left QEMU running
+            fail_closed(self.port, self.steps)
+            raise
+        request = LaunchRequest(name, grant.launch_id, grant.policy, attestation.broker, attestation.timeout,
+                                attestation.resume, managed.loader)
+        attested = AttestedLaunch(request, self.port, self.steps, deadline, self.broker_factory).run()
+        fingerprint = hashlib.sha256(attested.measurement.to_bytes()).hexdigest()
+        return StartedGuest(name, attestation.guest_id, grant.launch_id, fingerprint, attested.resumed)

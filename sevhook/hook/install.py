@@ -67,9 +67,9 @@ def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, log_target: str | None = None) 
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_private_file(target, render_script(log_target=log_target), mode=0o755)
     except UnwritableFileError as exc:
-        raise UsageError(f"cannot write {target}: {exc.reason}; run as root or pass --hooks-dir") from None
+        raise UsageError(f"cannot write {target}: {exc.reason}; run as root or pass --hooks-dir") from exc
     except OSError as exc:  # the directory
-        raise UsageError(f"cannot write {target}: {exc.strerror or exc}; run as root or pass --hooks-dir") from None
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}; run as root or pass --hooks-dir") from exc
     return target
 
 
@@ -83,5 +83,5 @@ def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> Path | None:
     try:
         target.unlink()
     except OSError as exc:
-        raise UsageError(f"cannot remove {target}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot remove {target}: {exc.strerror or exc}") from exc
     return target

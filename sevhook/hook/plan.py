@@ -1,22 +1,17 @@
-"""The hook's decisions, free of I/O: what each libvirt operation means for a guest, whether what
-QEMU and the broker said allows the next step, and how much time is left. Every refusal is a
-HookFailure naming the step, so the administrator reads in virsh's error where the launch stopped."""
+"""The hook's decisions, free of I/O: what each libvirt operation means for a guest, which guests it
+manages, and what their attested launch asks for (the launch itself, its checks and its time budget
+are sevhook.launch's). Every refusal is a HookFailure naming the step, so the administrator reads in
+virsh's error where the launch stopped."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from sevhook.errors import StepError
-from sevhook.monitor.types import LAUNCH_SECRET, SevInfo, VmStatus
+from sevhook.launch.sequence import LaunchRequest
 from sevhook.xml.models import Attestation, Domain, SevLaunchSecurity
-
-PACKET_HEADER_SIZE = 52  # flags(4) || iv(16) || mac(32), sev-inject-launch-secret's packet-header
 
 
 class Action(Enum):
@@ -118,72 +113,10 @@ def private_monitor_arg(socket: str) -> str:
     return f"unix:{socket},server=on,wait=off"
 
 
-def check_paused(guest: ManagedGuest, status: VmStatus) -> None:
-    """A guest that already runs finished its launch without a verdict: it must not keep running."""
-    if status.running:
-        raise HookFailure("paused-check", f"the guest was started running (QEMU status '{status.status}'), so "
-                          "its launch was finished before it could be attested; start it with "
-                          f"`virsh start --paused {guest.name}`")
-
-
-def check_launch_state(guest: ManagedGuest, info: SevInfo) -> None:
-    """QEMU must hold an SEV launch waiting for its secret, with the policy the domain asked for."""
-    if not info.enabled:
-        raise HookFailure("query-sev", "QEMU reports SEV is not enabled for this guest (not a sev-guest, or no "
-                          "SEV platform); refusing to attest a guest that is not encrypted")
-    if info.sev_type != "sev":
-        raise HookFailure("query-sev", f"QEMU runs a {info.sev_type} guest; sevhook attests SEV/SEV-ES only")
-    if info.state != LAUNCH_SECRET:
-        raise HookFailure("query-sev", f"SEV launch state is '{info.state}', expected '{LAUNCH_SECRET}' (measured "
-                          "and waiting for its secret); was the guest started paused?")
-    wanted = guest.launch_security.policy.value
-    if info.policy != wanted:
-        raise HookFailure("query-sev", f"QEMU launched with policy {info.policy:#06x} but the domain asks for "
-                          f"{wanted:#06x}")
-
-
-def launch_id(guest: ManagedGuest) -> str:
+def launch_request(guest: ManagedGuest) -> LaunchRequest:
+    """What the attested launch of this guest asks for (the launch was registered by prepare-domain)."""
     if not guest.attestation.launch_id:
         raise HookFailure("metadata", "<sevhook:guest> has no launch='...': run `sevhook prepare-domain`")
-    return guest.attestation.launch_id
-
-
-def check_secret_packet(header_b64: str, secret_b64: str) -> None:
-    """The broker's packet must be well-formed before it goes to QEMU (whose errors are vaguer)."""
-    try:
-        header = base64.b64decode(header_b64, validate=True)
-        secret = base64.b64decode(secret_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise HookFailure("inject", "the key broker's secret packet is not valid base64") from None
-    if len(header) != PACKET_HEADER_SIZE:
-        raise HookFailure("inject", f"the key broker's packet header is {len(header)} bytes, expected "
-                          f"{PACKET_HEADER_SIZE}")
-    if not secret:
-        raise HookFailure("inject", "the key broker sent an empty secret")
-
-
-def check_after_inject(info: SevInfo) -> None:
-    """After a successful injection the launch must still wait in launch-secret for LAUNCH_FINISH."""
-    if info.state != LAUNCH_SECRET:
-        raise HookFailure("verify", f"SEV launch state is '{info.state}' after the secret was injected, "
-                          f"expected '{LAUNCH_SECRET}'")
-
-
-class Deadline:
-    """The attestation's whole time budget (sevhook:attestation timeout), shared by all steps."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self._clock = clock
-        self._end = clock() + seconds
-
-    def expired(self) -> bool:
-        return self._clock() >= self._end
-
-    def remaining(self, step: str) -> float:
-        """Seconds left for `step`; none left is a failure of that step."""
-        left = self._end - self._clock()
-        if left <= 0:
-            raise HookFailure(step, f"timed out: the attestation took longer than its {self.seconds:g} s budget "
-                              "(<sevhook:attestation timeout=...>)")
-        return left
+    return LaunchRequest(guest.name, guest.attestation.launch_id, guest.launch_security.policy.value,
+                         guest.attestation.broker, guest.attestation.timeout, guest.attestation.resume,
+                         guest.loader)

@@ -5,16 +5,26 @@ the private QMP monitor the hook talks to. The result is checked with sevhook's 
 
 from __future__ import annotations
 
+import base64
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
 from sevhook.errors import UsageError
-from sevhook.files import read_input_file
+from sevhook.files import UnwritableFileError, read_input_file, write_private_file
 from sevhook.hook.plan import private_monitor_arg
 from sevhook.hook.runtime import default_monitor_socket
-from sevhook.xml.models import QEMU_NS, SEVHOOK_NS
+from sevhook.launch.broker import SESSION_RETRIES, open_broker
+from sevhook.monitor.libvirt_monitor import host_capabilities
+from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate
+from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64
+from sevhook.sev.platform_export import CHAIN_FILE, DEFAULT_PLATFORM_DIR, FULL_CHAIN_FILE, read_export
+from sevhook.virt import open_connection
+from sevhook.xml import load_domain
+from sevhook.xml.models import QEMU_NS, SEVHOOK_NS, BrokerRef
+from sevhook.xml.parsing import MAX_DOCUMENT_BYTES, parse_document, read_source
 
 MAX_EXPORT_BYTES = 64 * 1024  # a full chain is six certificates of 2084 bytes, base64 a third more
 _QEMU = f"{{{QEMU_NS}}}"
@@ -123,11 +133,6 @@ def exported_platform(path: Path) -> tuple[str, str, str | None]:
     directory `sevhook platform export` or `sevhook sim platform export --out-dir` filled (with the chip
     id, so the broker can fetch the signed CEK). Each certificate is parsed and its usage checked, so a
     wrong file fails here rather than at the broker."""
-    import base64  # noqa: PLC0415
-
-    from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate  # noqa: PLC0415
-    from sevhook.sev.chain import SEV_CHAIN_ORDER, maybe_base64  # noqa: PLC0415
-    from sevhook.sev.platform_export import CHAIN_FILE, FULL_CHAIN_FILE, read_export  # noqa: PLC0415
 
     if path.is_dir() and ((path / CHAIN_FILE).is_file() or (path / FULL_CHAIN_FILE).is_file()):
         return read_export(path).launch_fields()
@@ -151,12 +156,8 @@ def exported_platform(path: Path) -> tuple[str, str, str | None]:
 def host_platform(uri: str | None) -> tuple[str, str, str | None]:
     """(pdh_b64, cert_chain_b64, cpu0_id_b64) of this host's SEV platform: the platform cache
     (`sevhook platform export`) when no URI is given and it exists, else libvirt's getSEVInfo."""
-    from sevhook.sev.platform_export import DEFAULT_PLATFORM_DIR, read_export  # noqa: PLC0415
-
-    if uri is None and (DEFAULT_PLATFORM_DIR / "cert_chain.cert").is_file():
+    if uri is None and (DEFAULT_PLATFORM_DIR / CHAIN_FILE).is_file():
         return read_export(DEFAULT_PLATFORM_DIR).launch_fields()
-    from sevhook.monitor.libvirt_monitor import host_capabilities  # noqa: PLC0415
-    from sevhook.virt import open_connection  # noqa: PLC0415
 
     connection = open_connection(uri)  # virNodeGetSEVInfo is refused on a read-only connection
     try:
@@ -171,27 +172,24 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
                         token_file: Path | None = None, ca_file: Path | None = None,
                         output: Path | None = None) -> list[str]:
     """The whole command: returns the validator's warnings; raises on any error."""
-    import sys  # noqa: PLC0415
-
-    from sevhook.broker.client import BrokerClient  # noqa: PLC0415
-    from sevhook.xml import load_domain  # noqa: PLC0415
-    from sevhook.xml.parsing import parse_document, read_source  # noqa: PLC0415
-
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout {timeout:g}: give the hook between 0 and 3600 seconds")
     if socket is not None and not socket.startswith("/"):
         raise UsageError(f"--socket {socket}: the private monitor socket needs an absolute path")
     if str(domain_xml) == "-":
-        from sevhook.xml.parsing import MAX_DOCUMENT_BYTES  # noqa: PLC0415
-
         data, filename = read_source(sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1), "<stdin>")
     else:
         data, filename = read_source(str(domain_xml))
     root = parse_document(data, filename).getroot()
     name = domain_name(root, filename)
     pdh_b64, chain_b64, cpu0_id_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
-    with BrokerClient(broker_url, token_file=token_file, ca_file=ca_file, timeout=min(timeout, 60.0)) as broker:
+    ref = BrokerRef(broker_url, ca_file=str(ca_file) if ca_file else None,
+                    token_file=str(token_file) if token_file else None)
+    broker = open_broker(ref, timeout, SESSION_RETRIES)
+    try:
         grant = broker.create_launch(guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+    finally:
+        broker.close()
     launch = PreparedLaunch(
         broker_url=broker_url, guest_id=guest_id, launch_id=grant.launch_id, godh_b64=grant.godh_b64,
         session_b64=grant.session_b64, policy=grant.policy, socket=socket or default_socket(name),
@@ -211,9 +209,7 @@ def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    from sevhook.files import UnwritableFileError, write_private_file  # noqa: PLC0415
-
     try:
         write_private_file(path, data, mode=0o644)
     except UnwritableFileError as exc:
-        raise UsageError(f"{path}: cannot write the prepared domain ({exc.reason})") from None
+        raise UsageError(f"{path}: cannot write the prepared domain ({exc.reason})") from exc

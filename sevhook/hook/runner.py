@@ -1,8 +1,8 @@
 """One hook call for a domain sevhook manages: load the domain, then do what the operation needs
 (plan.action_for; for a start-mode domain, one without <sevhook:monitor>, plan.start_mode_action
-after looking for a live `sevhook start`'s marker). Failures print one line per reason on stderr, `sevhook: NAME: STEP: REASON`,
-which libvirt shows in virsh's error, and exit 1; nothing is printed on stdout (for migrate and
-restore, stdout would replace the domain XML)."""
+after looking for a live `sevhook start`'s marker). Failures print one line per reason on stderr,
+`sevhook: NAME: STEP: REASON`, which libvirt shows in virsh's error, and exit 1; nothing is
+printed on stdout (for migrate and restore, stdout would replace the domain XML)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sevhook.errors import SevhookError
+from sevhook.errors import SevhookError, StepError
 from sevhook.hook import plan
-from sevhook.hook.plan import Action, Deadline, HookFailure, ManagedGuest
+from sevhook.hook.plan import Action, HookFailure, ManagedGuest
 from sevhook.hook.steplog import StepLog
+from sevhook.launch.checks import Deadline
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from sevhook.xml.domain import DomainDocument
 
 USAGE = "usage: sevhook hook run NAME OP SUBOP EXTRA < domain.xml (as libvirtd calls it)"
 
@@ -30,18 +33,20 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
     if action is Action.NOTHING:
         return 0
     log = StepLog.open(name, operation)
+    steps = log.steps
     try:
-        with log.step("load"):
-            guest, errors = _load(name, domain_xml, decode_certificates=action is Action.VALIDATE)
+        with steps.step("load"):
+            document = _load(name, domain_xml, decode_certificates=action is Action.VALIDATE)
+        guest, errors = _managed(document)
         if guest is not None and guest.attestation.socket is None:
             from sevhook.hook import runtime  # noqa: PLC0415  (runtime files: not needed to attest)
 
-            with log.step("owner"):
+            with steps.step("owner"):
                 owned = runtime.start_marker_state(guest.name) is runtime.MarkerState.LIVE
             action = plan.start_mode_action(action, owned)
         if guest is not None:
             _perform(action, guest, errors, log)
-    except HookFailure as failure:
+    except StepError as failure:
         log.total("failed")
         for reason in failure.reason.splitlines():
             print(f"sevhook: {name}: {failure.step}: {reason}", file=sys.stderr)
@@ -67,18 +72,21 @@ def _quiet_library_logging() -> None:
     logging.getLogger().addHandler(logging.NullHandler())
 
 
-def _load(name: str, domain_xml: bytes, *, decode_certificates: bool) -> tuple[ManagedGuest | None, list[str]]:
-    """The managed guest (None if sevhook has nothing to do) and the XML's validation errors.
-    Decoding <dhCert>'s certificate costs the import of cryptography: `prepare` does it, before QEMU
-    starts; later operations check the same document without it (at `started` the firmware has
-    accepted the certificate already)."""
-    from sevhook.xml import load_domain  # noqa: PLC0415
+def _load(name: str, domain_xml: bytes, *, decode_certificates: bool) -> DomainDocument:
+    """The domain XML, read with sevhook's validator. Decoding <dhCert>'s certificate costs the
+    import of cryptography: `prepare` does it, before QEMU starts; later operations check the same
+    document without it (at `started` the firmware has accepted the certificate already)."""
+    from sevhook.xml import load_domain  # noqa: PLC0415  (the hook's hot path: managed guests only)
 
     try:
-        document = load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)",
-                               decode_certificates=decode_certificates)
+        return load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)",
+                           decode_certificates=decode_certificates)
     except SevhookError as exc:
-        raise HookFailure("load", exc.message) from None
+        raise HookFailure("load", exc.message) from exc
+
+
+def _managed(document: DomainDocument) -> tuple[ManagedGuest | None, list[str]]:
+    """The managed guest (None if sevhook has nothing to do) and the XML's validation errors."""
     errors = [str(problem) for problem in document.errors]
     guest = plan.managed_guest(document.domain)
     if guest is None and errors:  # it names sevhook's namespace but its metadata could not be read
@@ -89,28 +97,28 @@ def _load(name: str, domain_xml: bytes, *, decode_certificates: bool) -> tuple[M
 def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLog) -> None:
     if action is Action.ATTEST:
         if errors:  # `prepare` refused this document already; whatever happened since, never attest it
-            with log.step("validate"):
+            with log.steps.step("validate"):
                 raise HookFailure("validate", "\n".join(errors))
         _attest(guest, log)
         return
     from sevhook.hook import runtime  # noqa: PLC0415  (the runtime files of the other operations)
 
     if action is Action.VALIDATE:
-        with log.step("validate"):
+        with log.steps.step("validate"):
             problems = errors + plan.readiness_problems(guest)
             if problems:
                 raise HookFailure("validate", "\n".join(problems))
     elif action is Action.PREPARE_RUNTIME:
-        with log.step("runtime-dir"):
+        with log.steps.step("runtime-dir"):
             runtime.prepare_monitor_directory(guest.socket)
     elif action is Action.CLEAN_UP:
-        with log.step("clean-up"):
+        with log.steps.step("clean-up"):
             runtime.remove_socket(guest.socket, "clean-up")
     elif action is Action.REFUSE_START_MODE:
         runtime.remove_stale_start_marker(guest.name, "metadata")
         raise plan.start_mode_refusal(guest.name)
     elif action is Action.REMOVE_STALE_MARKER:
-        with log.step("clean-up"):
+        with log.steps.step("clean-up"):
             runtime.remove_stale_start_marker(guest.name, "clean-up")
     elif action is Action.REFUSE_MOVE:
         raise HookFailure(log.operation, "an attested SEV guest cannot be migrated or restored: its encryption "
@@ -119,19 +127,23 @@ def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLo
 
 
 def _attest(guest: ManagedGuest, log: StepLog) -> None:
-    from sevhook.hook.attest import AttestedLaunch  # noqa: PLC0415
+    """The attested launch (sevhook.launch) over the guest's private QMP monitor. A failure leaves
+    the vCPUs stopped; the hook's exit status 1 makes libvirt destroy the guest."""
+    from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415  (the hook's hot path: `started` only)
+    from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
     from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
     from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
 
     _quiet_library_logging()
-    deadline = Deadline(guest.attestation.timeout)
-    with log.step("monitor"):
+    request = plan.launch_request(guest)
+    deadline = Deadline(request.timeout)
+    with log.steps.step("monitor"):
         try:
             monitor = QmpMonitor(guest.socket, timeout=deadline.remaining("monitor"))
         except MonitorError as exc:
-            raise HookFailure("monitor", exc.message + _monitor_hint(guest.socket)) from None
+            raise HookFailure("monitor", exc.message + _monitor_hint(guest.socket)) from exc
     try:
-        AttestedLaunch(guest, monitor, deadline, log).run()
+        AttestedLaunch(request, MonitorPort(monitor), log.steps, deadline).run()
     finally:
         monitor.close()
 

@@ -1,6 +1,7 @@
-"""One log line per hook step, with the domain and the time the step took, so an administrator can
-see where a launch spent its time or stopped. Lines never carry secrets: callers log step names
-and reasons only (reasons are built from QEMU/broker error texts, never from packets or keys).
+"""The hook's listener for sevhook.launch.steps: one log line per step, with the domain and the time
+the step took, so an administrator can see where a launch spent its time or stopped. Lines never
+carry secrets: steps record names and reasons only (reasons are built from QEMU/broker error texts,
+never from packets or keys).
 
 Where: $SEVHOOK_HOOK_LOG if set (a file path, or 'syslog'), else /var/log/sevhook/hook.log, and
 syslog when that file cannot be opened. libvirtd clears a hook's environment, so `sevhook hook
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TextIO
+
+from sevhook.launch.steps import StepResult, Steps
 
 LOG_ENV = "SEVHOOK_HOOK_LOG"
 DEFAULT_LOG = "/var/log/sevhook/hook.log"
@@ -20,13 +22,14 @@ SYSLOG = "syslog"
 
 
 class StepLog:
-    """Writes `<time> sevhook[pid] <domain> <op> <step> ok|failed <ms> [reason]` lines."""
+    """Writes `<time> sevhook[pid] <domain> <op> <step> ok|failed <ms> [reason]` lines for the steps
+    of one hook call (`steps`)."""
 
     def __init__(self, domain: str, operation: str, write: Callable[[str], None]) -> None:
         self.domain = domain
         self.operation = operation
         self._write = write
-        self._started = time.monotonic()
+        self.steps = Steps(self.write_result)
 
     @classmethod
     def open(cls, domain: str, operation: str, target: str | None = None) -> StepLog:
@@ -37,21 +40,12 @@ class StepLog:
                 return cls(domain, operation, lambda line: _append(stream, line))
         return cls(domain, operation, _syslog_writer())
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        """Time the block; log it as ok, or as failed with the error's message, and re-raise."""
-        begin = time.monotonic()
-        try:
-            yield
-        except BaseException as exc:
-            self.line(name, "failed", begin, str(exc) or exc.__class__.__name__)
-            raise
-        self.line(name, "ok", begin)
+    def write_result(self, result: StepResult) -> None:
+        self.line(result.name, result.status, result.seconds, result.detail)
 
-    def line(self, step: str, outcome: str, begin: float, detail: str = "") -> None:
-        elapsed_ms = (time.monotonic() - begin) * 1000
+    def line(self, step: str, outcome: str, seconds: float, detail: str = "") -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
-        text = f"{stamp} sevhook[{os.getpid()}] {self.domain} {self.operation} {step} {outcome} {elapsed_ms:.1f}ms"
+        text = f"{stamp} sevhook[{os.getpid()}] {self.domain} {self.operation} {step} {outcome} {seconds * 1000:.1f}ms"
         if detail:
             text += " " + " ".join(detail.split())  # one line, whatever the reason contained
         try:
@@ -60,7 +54,7 @@ class StepLog:
             pass  # logging must never change the hook's verdict
 
     def total(self, outcome: str) -> None:
-        self.line("total", outcome, self._started)
+        self.line("total", outcome, self.steps.elapsed)
 
 
 def _open_file(path: str) -> TextIO | None:
@@ -78,7 +72,7 @@ def _append(stream: TextIO, line: str) -> None:
 
 
 def _syslog_writer() -> Callable[[str], None]:
-    import syslog  # noqa: PLC0415
+    import syslog  # noqa: PLC0415  (the hook's hot path: only when the log file cannot be opened)
 
     syslog.openlog("sevhook-hook", 0, syslog.LOG_DAEMON)
     return lambda line: syslog.syslog(syslog.LOG_INFO, line)

@@ -1,25 +1,32 @@
-"""The launch operations through libvirt, for callers that own a libvirt connection rather than a
-QMP socket (`sevhook start`). libvirt's own calls are used where they exist; query-sev and the
-attestation report, which libvirt does not wrap, go through libvirt_qemu.qemuMonitorCommand.
-Never use this from inside a libvirt hook: a hook must not call back into libvirtd."""
+"""libvirt's view of a domain for sevhook: the names of libvirt's domain states (the one table, also
+used by `sevhook start`'s adapter, sevhook.flow.libvirt_domain), the host's SEV platform
+(virNodeGetSEVInfo), and LibvirtMonitor, the LaunchMonitor interface over a libvirt domain handle.
+LibvirtMonitor uses libvirt's own calls where they exist, and for query-sev and the attestation
+report, which libvirt does not wrap, QEMU monitor passthrough (libvirt_qemu.qemuMonitorCommand),
+which marks the domain tainted; `sevhook start` therefore does not use it. Never call libvirt from
+inside a libvirt hook: a hook must not call back into libvirtd."""
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sevhook.errors import FormatError
 from sevhook.monitor.errors import MonitorError, MonitorProtocolError
 from sevhook.monitor.types import SevCapabilities, SevInfo, VmStatus, parse_report
+from sevhook.sev.measurement import LaunchMeasurement
 from sevhook.virt import libvirt_module
 
-if TYPE_CHECKING:
-    from sevhook.sev.measurement import LaunchMeasurement
-
 MNONCE_SIZE = 16
-# virDomainState values -> QEMU-like status names (libvirt's enum is stable ABI).
+# virDomainState values -> names (libvirt's enum is stable ABI).
 _STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
            7: "pmsuspended"}
+
+
+def state_name(state: int) -> str:
+    """The name of a virDomainState value ("paused", "running", "shutoff", ...)."""
+    return _STATES.get(state, f"state-{state}")
 
 
 def host_capabilities(connection: Any) -> SevCapabilities:
@@ -31,7 +38,7 @@ def host_capabilities(connection: Any) -> SevCapabilities:
         desc = exc.get_error_message() or str(exc)
         raise MonitorError(f"libvirt cannot report the host's SEV platform (getSEVInfo): {desc}; does this host "
                            "have SEV (virsh domcapabilities shows <sev supported='yes'>)?",
-                           command="getSEVInfo", desc=desc) from None
+                           command="getSEVInfo", desc=desc) from exc
     return SevCapabilities.from_qmp({
         "pdh": info.get("pdh"),
         "cert-chain": info.get("cert-chain"),
@@ -55,7 +62,7 @@ class LibvirtMonitor:
         except self._libvirt.libvirtError as exc:
             desc = exc.get_error_message() or str(exc)
             raise MonitorError(f"libvirt refused {what} for domain {self.domain.name()}: {desc}",
-                               command=what, desc=desc) from None
+                               command=what, desc=desc) from exc
 
     def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
         """A raw QMP command via libvirt-qemu; QMP errors keep their class and description."""
@@ -67,8 +74,8 @@ class LibvirtMonitor:
         raw = self._call(command, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
         try:
             reply = json.loads(raw)
-        except ValueError:
-            raise MonitorProtocolError(f"{command}: libvirt passed back non-JSON from QEMU", command=command) from None
+        except ValueError as exc:
+            raise MonitorProtocolError(f"{command}: libvirt passed back non-JSON from QEMU", command=command) from exc
         if not isinstance(reply, dict):
             raise MonitorProtocolError(f"{command}: QEMU's reply is not an object", command=command)
         error = reply.get("error")
@@ -80,16 +87,13 @@ class LibvirtMonitor:
 
     def status(self) -> VmStatus:
         state, _reason = self._call("state", self.domain.state)
-        name = _STATES.get(state, f"state-{state}")
+        name = state_name(state)
         return VmStatus(status=name, running=name == "running")
 
     def query_sev(self) -> SevInfo:
         return SevInfo.from_qmp(self.execute("query-sev"))
 
     def launch_measurement(self) -> LaunchMeasurement:
-        from sevhook.errors import FormatError  # noqa: PLC0415
-        from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
-
         info = self._call("launchSecurityInfo", self.domain.launchSecurityInfo)
         data = info.get("sev-measurement")
         if not isinstance(data, str):
@@ -98,7 +102,7 @@ class LibvirtMonitor:
         try:
             return LaunchMeasurement.parse(data, what="libvirt sev-measurement")
         except FormatError as exc:
-            raise MonitorProtocolError(exc.message, command="launchSecurityInfo") from None
+            raise MonitorProtocolError(exc.message, command="launchSecurityInfo") from exc
 
     def capabilities(self) -> SevCapabilities:
         return host_capabilities(self.domain.connect())

@@ -45,12 +45,12 @@ class AsyncQmpMonitor:
     async def connect(self) -> None:
         try:
             await asyncio.wait_for(self._qmp.connect(self.path), self.timeout)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
             await self.close()
             raise MonitorTimeout(f"QEMU monitor {self.path} accepted no QMP session within {self.timeout:g} s; "
-                                 "is another client holding it, or is QEMU hung?") from None
+                                 "is another client holding it, or is QEMU hung?") from exc
         except ConnectError as exc:
-            raise MonitorUnavailable(f"cannot connect to the QEMU monitor {self.path}: {_cause(exc)}") from None
+            raise MonitorUnavailable(f"cannot connect to the QEMU monitor {self.path}: {_cause(exc)}") from exc
 
     @property
     def qemu_version(self) -> tuple[int, int, int] | None:
@@ -81,17 +81,17 @@ class AsyncQmpMonitor:
     async def _bounded(self, operation: Awaitable[_T], command: str) -> _T:
         try:
             return await asyncio.wait_for(operation, self.timeout)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
             raise MonitorTimeout(f"QEMU did not answer {command} within {self.timeout:g} s on {self.path}",
-                                 command=command) from None
+                                 command=command) from exc
         except ExecuteError as exc:
             desc = str(exc)
             raise MonitorError(f"QEMU refused {command}: {desc} ({exc.error_class})", command=command,
-                               qmp_class=exc.error_class, desc=desc) from None
+                               qmp_class=exc.error_class, desc=desc) from exc
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
             raise MonitorUnavailable(f"the QEMU monitor {self.path} went away during {command} "
                                      f"({exc.__class__.__name__}); QEMU has probably exited",
-                                     command=command) from None
+                                     command=command) from exc
 
     async def status(self) -> VmStatus:
         return VmStatus.from_qmp(await self.execute("query-status"))

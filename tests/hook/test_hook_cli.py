@@ -14,7 +14,7 @@ from lxml import etree
 
 from sevhook.xml import load_domain
 from tests.hook.domains import domain_xml
-from tests.hook.sim_world import GUEST_ID, SimWorld, free_port
+from sevhook.sim.world import GUEST_ID, SimWorld, free_port
 
 pytestmark = pytest.mark.timeout(120)
 SEVHOOK = [sys.executable, "-m", "sevhook.cli"]

@@ -1,15 +1,12 @@
-"""The hook's pure decisions: operations to actions, paused and launch-state checks, the broker's
-packet, readiness before QEMU starts, and the shared time budget."""
+"""The hook's pure decisions: operations to actions, managed guests, readiness before QEMU starts and
+the launch a guest asks for (the launch's own checks are tests/launch/test_checks.py's)."""
 
 from __future__ import annotations
-
-import base64
 
 import pytest
 
 from sevhook.hook import plan
-from sevhook.hook.plan import Action, Deadline, HookFailure, ManagedGuest
-from sevhook.monitor.types import SevInfo, VmStatus
+from sevhook.hook.plan import Action, HookFailure, ManagedGuest
 from sevhook.sev.policy import SevPolicy, SnpPolicy
 from sevhook.xml.models import Attestation, BrokerRef, Domain, SevLaunchSecurity, SevSnpLaunchSecurity
 
@@ -20,13 +17,6 @@ def _guest(policy: int = 1, launch_id: str | None = "L1", blobs: bool = True) ->
     attestation = Attestation(broker=BrokerRef("http://127.0.0.1:1"), guest_id="g", launch_id=launch_id,
                               socket="/run/sevhook/g.qmp")
     return ManagedGuest("g", security, attestation)
-
-
-def _info(**changes: object) -> SevInfo:
-    values: dict[str, object] = dict(enabled=True, api_major=1, api_minor=49, build_id=6, state="launch-secret",
-                                     sev_type="sev", policy=1, handle=1)
-    values.update(changes)
-    return SevInfo(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -63,65 +53,12 @@ def test_readiness_names_what_prepare_domain_adds():
     assert all("sevhook prepare-domain" in problem for problem in problems)
 
 
-def test_running_guest_fails_the_paused_check_with_the_way_out():
-    plan.check_paused(_guest(), VmStatus("prelaunch", False))
-    with pytest.raises(HookFailure) as caught:
-        plan.check_paused(_guest(), VmStatus("running", True))
-    assert caught.value.step == "paused-check"
-    assert "virsh start --paused g" in caught.value.reason and "sevhook start" not in caught.value.reason
-
-
-@pytest.mark.parametrize(
-    ("info", "words"),
-    [
-        (_info(enabled=False, state="uninit"), "not enabled"),
-        (_info(sev_type="sev-snp", policy=None, snp_policy=0x30000), "sev-snp"),
-        (_info(state="running"), "'running'"),
-        (_info(policy=5), "policy 0x0005"),
-    ],
-)
-def test_launch_state_checks(info, words):
-    with pytest.raises(HookFailure, match=words) as caught:
-        plan.check_launch_state(_guest(), info)
-    assert caught.value.step == "query-sev"
-
-
-def test_waiting_sev_launch_passes():
-    plan.check_launch_state(_guest(), _info())
-    plan.check_after_inject(_info())
-    with pytest.raises(HookFailure, match="after the secret"):
-        plan.check_after_inject(_info(state="running"))
-
-
-def test_secret_packet_shape():
-    header = base64.b64encode(bytes(52)).decode()
-    plan.check_secret_packet(header, base64.b64encode(bytes(32)).decode())
-    with pytest.raises(HookFailure, match="51 bytes"):
-        plan.check_secret_packet(base64.b64encode(bytes(51)).decode(), "AAAA")
-    with pytest.raises(HookFailure, match="base64"):
-        plan.check_secret_packet(header, "not base64!")
-    with pytest.raises(HookFailure, match="empty"):
-        plan.check_secret_packet(header, "")
-
-
 def test_missing_launch_id_is_a_metadata_failure():
-    assert plan.launch_id(_guest()) == "L1"
+    request = plan.launch_request(_guest(policy=3))
+    assert (request.name, request.launch_id, request.policy, request.broker.url) == ("g", "L1", 3,
+                                                                                    "http://127.0.0.1:1")
     with pytest.raises(HookFailure, match="prepare-domain"):
-        plan.launch_id(_guest(launch_id=None))
-
-
-def test_deadline_is_shared_by_the_steps():
-    now = [100.0]
-    deadline = Deadline(5, clock=lambda: now[0])
-    assert deadline.remaining("monitor") == 5
-    now[0] = 103.5
-    assert deadline.remaining("attest") == pytest.approx(1.5)
-    assert not deadline.expired()
-    now[0] = 105.0
-    assert deadline.expired()
-    with pytest.raises(HookFailure, match="5 s budget") as caught:
-        deadline.remaining("inject")
-    assert caught.value.step == "inject"
+        plan.launch_request(_guest(launch_id=None))
 
 
 def test_private_monitor_argument():

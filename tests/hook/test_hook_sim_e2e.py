@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sevhook.monitor.qmp import QmpMonitor
-from tests.hook.sim_world import PASSPHRASE, SimWorld, free_port, sevhook, stop
+from sevhook.sim.world import PASSPHRASE, SimWorld, StandIn, free_port, sevhook, stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,8 +28,8 @@ def world(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
 
 
 @pytest.fixture
-def guests() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
+def guests() -> Iterator[list[StandIn]]:
+    started: list[StandIn] = []
     yield started
     stop(started)
 
