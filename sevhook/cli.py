@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from sevhook import __version__
 from sevhook.commands import COMMANDS
+from sevhook.commands.arguments import apply_config
 from sevhook.errors import SevhookError
 
 
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        apply_config(args)
         return int(args.func(args) or 0)
     except SevhookError as exc:
         print(f"sevhook: error: {exc.message}", file=sys.stderr)

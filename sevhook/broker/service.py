@@ -199,7 +199,7 @@ CACHE_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class GuestMaterial:
-    """A guest's launch digests and sealed secrets; rows that never change once registered."""
+    """A guest's launch digests and sealed secrets (changed only by `update-guest`)."""
 
     digests: tuple[bytes, ...]
     secrets: tuple[tuple[str, bytes], ...] = field(repr=False)
@@ -238,7 +238,7 @@ class Broker:
         self._chains = _ChainCache()
         self._hosts = _Expiring()
         self._roots = _Expiring(max_entries=1)
-        self._materials: dict[str, GuestMaterial] = {}
+        self._materials: dict[str, tuple[float, GuestMaterial]] = {}
         # SQLite has one writer at a time and its busy wait sleeps up to 100 ms; queue writers here instead
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
 
@@ -516,8 +516,18 @@ class Broker:
                           status=404)
         return row
 
+    def forget_guest(self, guest_id: str) -> None:
+        """Drop this replica's cached digests and secrets of a guest its owner just changed."""
+        self._materials.pop(guest_id, None)
+
+    def forget_host_tokens(self) -> None:
+        """Drop this replica's token cache after a token changed, so the old one is refused at once."""
+        self._hosts = _Expiring()
+
     def _material(self, guest_id: str) -> GuestMaterial:
-        material = self._materials.get(guest_id)
+        # cached CACHE_SECONDS: `update-guest` (another process, or another replica) adds and removes digests
+        cached = self._materials.get(guest_id)
+        material = cached[1] if cached and time.monotonic() - cached[0] <= CACHE_SECONDS else None
         if material is None:
             with self.engine.connect() as conn:
                 digests = tuple(conn.execute(_DIGESTS_OF, {"guest_id": guest_id}).scalars().all())
@@ -525,7 +535,7 @@ class Broker:
             material = GuestMaterial(digests, tuple((r.guid, r.value_sealed) for r in secret_rows))
             if len(self._materials) > 10000:
                 self._materials.clear()
-            self._materials[guest_id] = material
+            self._materials[guest_id] = (time.monotonic(), material)
         return material
 
     def attest(self, host: str, launch_id: str, measurement_b64: str, api_major: int, api_minor: int,
