@@ -19,7 +19,6 @@ from sevhook.errors import UsageError
 
 DEFAULT_PATH = Path("/etc/sevhook/sevhook.toml")
 CONFIG_ENV = "SEVHOOK_CONFIG"
-MODES = ("hook", "start")
 
 
 def _default_data_dir() -> Path:
@@ -68,12 +67,6 @@ def _listen(text: str, where: str) -> str:
     return text
 
 
-def _mode(text: str, where: str) -> str:
-    if text not in MODES:
-        raise UsageError(f"{where}: {text!r}: use one of {', '.join(MODES)}")
-    return text
-
-
 @dataclass(frozen=True)
 class Setting:
     """One key of the file: its section, name, how its text is checked, its built-in default and meaning."""
@@ -106,7 +99,6 @@ SETTINGS = {setting.name: setting for setting in (
     Setting("host", "ca-file", _absolute_path, lambda: None, "the CA that signed the broker's TLS certificate"),
     Setting("host", "platform-export", _absolute_path, lambda: None,
             "directory (or file) with this host's exported PDH and certificate chain"),
-    Setting("host", "mode", _mode, lambda: "hook", "how attested guests start: hook (virsh start) or start"),
 )}
 
 

@@ -14,4 +14,7 @@ COMMANDS = {
     "start": "start",
     "demo": "demo",
     "doctor": "doctor",
+    "config": "config",
+    "status": "status",
+    "completion": "completion",
 }

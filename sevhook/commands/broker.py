@@ -14,15 +14,21 @@ from typing import Any
 from sevhook.commands.arguments import config_defaults, number_type, read_input
 
 EPILOG = """examples:
-  sevhook broker init --data-dir /var/lib/sevhook-broker
+  sevhook broker init --tls --san kbs.example.org
   sevhook broker add-root milan --ca ask_ark_milan.cert
   sevhook broker add-host host1 --token-file host1.token
   sevhook broker list-hosts
   sevhook broker revoke-host host1
+  sevhook broker rotate-host-token host1 --token-file host1.token.new
   sevhook broker add-guest web1 --firmware OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\
-      --cmdline 'console=ttyS0' --policy 0x1 --disk-passphrase luks.pass
-  sevhook broker serve --listen 0.0.0.0:8700 --tls-cert broker.crt --tls-key broker.key
-  sevhook broker audit --limit 20"""
+      --cmdline 'console=ttyS0' --policy 0x3 --disk-passphrase luks.pass
+  sevhook broker update-guest web1 --add-firmware OVMF.new.fd --kernel vmlinuz --initrd initrd.img \\
+      --cmdline 'console=ttyS0'
+  sevhook broker serve --listen 0.0.0.0:8700
+  sevhook broker audit --limit 20
+
+Every command reads its data directory, database and serve options from the [broker] section of
+/etc/sevhook/sevhook.toml ($SEVHOOK_CONFIG) when no flag gives them (`sevhook config show`)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = _sub(sub, "serve", "serve the host API (/v1) and the admin API (/admin) over HTTP(S)",
                  "sevhook broker serve --listen 127.0.0.1:8700 --tls-cert broker.crt --tls-key broker.key")
     serve.add_argument("--listen", metavar="ADDR:PORT", help="default 127.0.0.1:8700")
-    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file (default "
+                       "DATA_DIR/tls/server.crt when `broker init --tls` made it)")
     serve.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key file")
     config_defaults(serve, listen="broker.listen", tls_cert="broker.tls-cert", tls_key="broker.tls-key")
     serve.add_argument("--max-body", type=int, default=64 * 1024, metavar="BYTES",
@@ -73,7 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
-                "sevhook broker init --data-dir /var/lib/sevhook-broker")
+                "sevhook broker init --tls --san kbs.example.org")
+    init.add_argument("--tls", action="store_true",
+                      help="also make a CA and a server certificate in DATA_DIR/tls (EC P-256); serve uses them")
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="a DNS name or IP address hosts use to reach the broker (repeatable; default: this "
+                           "machine's names, localhost, 127.0.0.1 and ::1)")
     init.set_defaults(func=run_init)
 
     root = _sub(sub, "add-root", "trust a root (ARK) for platform chains, given as its ASK|ARK bundle",
@@ -199,6 +211,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_body < 1024 or args.burst < 1 or args.rate_limit < 0 or args.launch_ttl <= 0:
         raise UsageError("--max-body must be >= 1024, --burst >= 1, --rate-limit >= 0 and --launch-ttl > 0")
+    if args.tls_cert is None and args.tls_key is None:
+        from sevhook.broker.tls import tls_files  # noqa: PLC0415
+
+        made = tls_files(args.data_dir)  # `broker init --tls` made them: serve HTTPS by default
+        if made.complete():
+            args.tls_cert, args.tls_key = made.server_cert, made.server_key
     return serve(ServeOptions(
         data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=Limits(args.max_body, args.rate_limit, args.burst),
@@ -208,13 +226,29 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_init(args: argparse.Namespace) -> int:
     from sevhook.broker.server import open_broker  # noqa: PLC0415
     from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
 
     data_dir = _data_dir(args)
+    if args.san and not args.tls:
+        raise UsageError("--san names the TLS server certificate: give --tls with it")
+    if args.tls:
+        from sevhook.broker.tls import check_names, default_names  # noqa: PLC0415
+
+        names = args.san or default_names()
+        check_names(names)  # before anything is created
     created = init_keys(data_dir)
     open_broker(data_dir, _db_url(args))
     token_path = data_dir / ADMIN_TOKEN_FILE
     state = "created" if created else "kept the existing"
     print(f"broker data directory {data_dir}: {state} admin token in {token_path} (0600); tables ready")
+    if args.tls:
+        from sevhook.broker.tls import make_tls  # noqa: PLC0415
+
+        files, made = make_tls(data_dir, names)
+        what = "made" if made else "kept the existing"
+        print(f"TLS: {what} server certificate {files.server_cert} (key 0600), signed by the CA {files.ca_cert}")
+        print(f"give {files.ca_cert} to every host (ca-file in [host] of its sevhook.toml); "
+              "`sevhook broker serve` uses the server certificate by default")
     return 0
 
 

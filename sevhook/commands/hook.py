@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sevhook.commands.arguments import config_defaults
+
 HOOK_EPILOG = """examples:
   sevhook hook install                      # /etc/libvirt/hooks/qemu.d/50-sevhook, then restart libvirtd
   sevhook hook install --log /var/log/sevhook/hook.log
@@ -83,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("domain_xml", metavar="DOMAIN.xml", help="the domain XML to prepare, or - for "
                          "standard input (e.g. from `virsh dumpxml --inactive`)")
-    prepare.add_argument("--broker", required=True, metavar="URL", help="the guest owner's key broker")
+    prepare.add_argument("--broker", metavar="URL", help="the guest owner's key broker (default: [host] broker-url)")
     prepare.add_argument("--guest", required=True, metavar="ID", help="the guest's id at the broker")
     source = prepare.add_mutually_exclusive_group()
     source.add_argument("-c", "--connect", metavar="URI", help="libvirt URI to read the host's SEV platform from "
@@ -98,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--ca-file", type=Path, metavar="F", help="CA certificate (PEM) of an https broker")
     prepare.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here (default: standard output)")
     prepare.set_defaults(func=_prepare)
+    config_defaults(prepare, required=("broker",), broker="host.broker-url", token_file="host.token-file",
+                    ca_file="host.ca-file", platform_export="host.platform-export")
 
 
 def _hooks_dir(args: argparse.Namespace) -> Path:

@@ -9,6 +9,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from sevhook.commands.arguments import config_defaults
+
 EPILOG = """examples:
   sevhook start web1
   sevhook start web1 -c qemu+ssh://root@host1/system
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "libvirt's getSEVInfo")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end (see below)")
     parser.set_defaults(func=run)
+    config_defaults(parser, platform="host.platform-export")
 
 
 def run(args: argparse.Namespace) -> int:
