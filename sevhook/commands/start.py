@@ -80,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sequence is not None:
             sequence.domain.connection.close()
+    if sequence is not None:  # the domain was found: this was an attestation, whatever its verdict
+        from sevhook.status import record_verdict  # noqa: PLC0415
+
+        record_verdict(args.domain, mode="start", ok=outcome["ok"], step=outcome["failed_step"],
+                       reason=outcome["error"], launch_id=outcome["launch_id"])
     outcome["total_seconds"] = round(steps.elapsed, 4)
     outcome["steps"] = [result.to_json() for result in steps.results]
     if args.json:
