@@ -111,10 +111,15 @@ def _hooks_dir(args: argparse.Namespace) -> Path:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from sevhook.hook.install import install  # noqa: PLC0415
+    from sevhook.hook.install import checkout_install, install  # noqa: PLC0415
 
     path = install(_hooks_dir(args), log_target=args.log)
-    print(f"installed {path}")
+    print(f"installed {path} (runs {sys.executable})")
+    checkout = checkout_install()
+    if checkout is not None:
+        print(f"sevhook: warning: the hook runs sevhook from the checkout {checkout} (an editable install), so "
+              "changing or moving the checkout changes the hook; for real use install sevhook with "
+              "scripts/install and run /usr/local/bin/sevhook hook install", file=sys.stderr)
     print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
           "then start attested guests with `virsh start --paused NAME`")
     return 0

@@ -3,7 +3,11 @@
 The script is a few lines of Python run with `-I -S`: no site module, no .pth processing, no
 environment. It puts sevhook's own directory and the interpreter's site-packages on sys.path itself
 and runs sevhook.hook.fast, which exits after a byte search for guests sevhook does not manage.
-That keeps the hook's cost close to a bare interpreter start for every other guest on the host."""
+That keeps the hook's cost close to a bare interpreter start for every other guest on the host.
+
+The script runs the interpreter that runs `sevhook hook install`: /usr/local/bin/sevhook after
+scripts/install is the virtualenv under /opt/sevhook, so the hook uses that installed copy. Run from
+a checkout's editable install, the hook would follow the checkout: `checkout_install` says so."""
 
 from __future__ import annotations
 
@@ -33,6 +37,13 @@ def _import_paths() -> list[str]:
         if path not in paths:
             paths.append(path)
     return paths
+
+
+def checkout_install() -> Path | None:
+    """The checkout sevhook runs from when it is an editable install (not under site-packages), else None."""
+    package = Path(__file__).resolve().parent.parent
+    site = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    return None if any(package.is_relative_to(path) for path in site) else package.parent
 
 
 def render_script(python: str | None = None, log_target: str | None = None) -> str:
