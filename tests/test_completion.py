@@ -81,3 +81,11 @@ def test_every_command_has_examples_in_its_help() -> None:
         if not has_children and "example" not in text:
             missing.append(path or "sevhook")
     assert not missing, f"commands whose --help has no example: {missing}"
+
+
+def test_the_stand_in_help_names_its_own_options() -> None:
+    stand_in = Path(sys.executable).with_name("sevhook-sim-qemu")
+    result = subprocess.run([str(stand_in), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("sevhook-sim-qemu: ")
+    for option in ("--sim-state-dir", "--sim-qemu-binary", "--sim-standalone", "--sim-qemu-version"):
+        assert option in result.stdout

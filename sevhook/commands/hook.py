@@ -19,8 +19,9 @@ Start attested guests paused, so that the hook can attest them before their firs
 See docs/hook.md."""
 
 PREPARE_EPILOG = """examples:
-  sevhook prepare-domain guest1.xml --broker https://kbs.example:8443 --guest guest1 \\
-      --token-file /etc/sevhook/host.token --ca-file /etc/sevhook/kbs-ca.pem -o guest1.prepared.xml
+  sevhook prepare-domain guest1.xml --broker https://kbs.example.org:8700 --guest guest1 \\
+      --token-file /etc/sevhook/host1.token --ca-file /etc/sevhook/kbs-ca.pem -o guest1.prepared.xml
+  sevhook prepare-domain guest1.xml --guest guest1 -o guest1.prepared.xml   # the rest from [host] in sevhook.toml
   sevhook prepare-domain guest1.xml --broker http://127.0.0.1:8700 --guest guest1 \\
       --platform-export /var/lib/sevhook-sim/export -o guest1.prepared.xml
   virsh define guest1.prepared.xml && virsh start --paused guest1
