@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke_host.set_defaults(func=run_revoke_host)
 
     guest = _sub(sub, "add-guest", "register a guest: its launch digests, rules and secrets",
-                 "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x1 --secret GUID:FILE")
+                 "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x3 --secret GUID:FILE")
     guest.add_argument("guest_id", metavar="ID")
     guest.add_argument("--digest", action="append", default=[], metavar="HEX",
                        help="an allowed launch digest, 64 hex digits (repeatable)")
