@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from sevhook.errors import StepError
+from sevhook.errors import SevhookError, StepError
 from sevhook.files import UnwritableFileError, write_private_file
 
 STATUS_DIR_ENV = "SEVHOOK_STATUS_DIR"
@@ -96,8 +96,8 @@ def recording(domain: str, mode: str, launch_id: str | None) -> Iterator[None]:
         record_verdict(domain, mode=mode, ok=False, step=failure.step, reason=failure.reason, launch_id=launch_id)
         raise
     except Exception as exc:
-        record_verdict(domain, mode=mode, ok=False, step="internal", reason=f"{exc.__class__.__name__}: {exc}",
-                       launch_id=launch_id)
+        reason = exc.message if isinstance(exc, SevhookError) else f"{exc.__class__.__name__}: {exc}"
+        record_verdict(domain, mode=mode, ok=False, step="internal", reason=reason, launch_id=launch_id)
         raise
     record_verdict(domain, mode=mode, ok=True, launch_id=launch_id)
 

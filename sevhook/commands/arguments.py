@@ -62,7 +62,7 @@ def config_defaults(parser: argparse.ArgumentParser, *, required: tuple[str, ...
     """Take these options' defaults from sevhook.toml: `dest="section.key"`. A flag on the command line
     wins; an option in `required` must then come from the flag or the file. Its argparse default must be
     None, so "not given" can be told from "given" (`apply_config` fills it after parsing)."""
-    flags = {}
+    flags: dict[str, tuple[str, str, bool, list[str]]] = {}
     for dest, name in settings.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
         if action is None or action.default is not None:

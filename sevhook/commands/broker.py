@@ -185,10 +185,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.set_defaults(func=run_audit)
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    return args.data_dir
-
-
 def _db_url(args: argparse.Namespace) -> str | None:
     from sevhook.broker.admin_ops import database_url  # noqa: PLC0415
     from sevhook.config import load  # noqa: PLC0415
@@ -201,7 +197,7 @@ def _broker(args: argparse.Namespace) -> Any:
     from sevhook.broker.server import open_broker  # noqa: PLC0415
 
     require_initialised(args.data_dir, getattr(args, "_config_sources", {}).get("data_dir", "default"))
-    return open_broker(_data_dir(args), _db_url(args))
+    return open_broker(args.data_dir, _db_url(args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -218,7 +214,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if made.complete():
             args.tls_cert, args.tls_key = made.server_cert, made.server_key
     return serve(ServeOptions(
-        data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
+        data_dir=args.data_dir, db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=Limits(args.max_body, args.rate_limit, args.burst),
         launch_ttl=args.launch_ttl, access_log=args.access_log, init=args.init))
 
@@ -228,7 +224,7 @@ def run_init(args: argparse.Namespace) -> int:
     from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys  # noqa: PLC0415
     from sevhook.errors import UsageError  # noqa: PLC0415
 
-    data_dir = _data_dir(args)
+    data_dir = args.data_dir
     if args.san and not args.tls:
         raise UsageError("--san names the TLS server certificate: give --tls with it")
     if args.tls:
