@@ -149,3 +149,29 @@ def test_a_required_option_comes_from_the_flag_or_the_file(tmp_path: Path) -> No
                     config_file=configured)
     assert "--broker is required" not in later.stderr and "Traceback" not in later.stderr
     assert later.returncode != 0
+
+
+def test_one_option_name_for_the_platform_export() -> None:
+    from sevhook.cli import build_parser
+
+    for command in (["start", "web1"], ["prepare-domain", "web1.xml", "--guest", "g"]):
+        parsed = build_parser(command[0]).parse_args([*command, "--platform-export", "/x/export"])
+        assert (getattr(parsed, "platform", None) or parsed.platform_export) == Path("/x/export")
+    assert build_parser("start").parse_args(["start", "web1", "--platform", "/x/f"]).platform == Path("/x/f")
+
+
+def test_the_platform_export_comes_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sevhook.cli import build_parser
+    from sevhook.commands.arguments import apply_config
+
+    monkeypatch.setenv("SEVHOOK_CONFIG", str(write(tmp_path / "s.toml",
+                                                   '[host]\nplatform-export = "/var/lib/sevhook/platform"\n')))
+    args = build_parser("start").parse_args(["start", "web1"])
+    apply_config(args)
+    assert args.platform == Path("/var/lib/sevhook/platform")
+    assert args._config_sources["platform"] == f"{tmp_path / 's.toml'}: host.platform-export"
+    prepared = build_parser("prepare-domain").parse_args(["prepare-domain", "d.xml", "--guest", "g", "-c", "qemu:///x",
+                                                          "--broker", "http://127.0.0.1:1"])
+    apply_config(prepared)
+    assert prepared.platform_export is None  # -c chose libvirt: the file's export does not override it
+    assert prepared._config_sources["broker"] == "flag --broker"

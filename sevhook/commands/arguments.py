@@ -70,7 +70,8 @@ def config_defaults(parser: argparse.ArgumentParser, *, required: tuple[str, ...
         # an option in a mutually exclusive group is not filled in when another member was given
         rivals = [a.dest for group in parser._mutually_exclusive_groups if action in group._group_actions
                   for a in group._group_actions if a is not action]
-        flags[dest] = (name, action.option_strings[-1] if action.option_strings else dest, dest in required, rivals)
+        flag = max(action.option_strings, key=len) if action.option_strings else dest
+        flags[dest] = (name, flag, dest in required, rivals)
     parser.set_defaults(**{CONFIG_DESTS: {**(parser.get_default(CONFIG_DESTS) or {}), **flags}})
 
 

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("domain", metavar="DOMAIN", help="name of a defined (persistent), shut-off domain")
     parser.add_argument("-c", "--connect", metavar="URI", default=None,
                         help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's default)")
-    parser.add_argument("--platform", type=Path, metavar="FILE",
+    parser.add_argument("--platform-export", "--platform", dest="platform", type=Path, metavar="FILE",
                         help="take the host's PDH and certificate chain from this export (a directory of "
                              "sevctl-named certificates or one PDH|PEK|OCA|CEK[|ASK|ARK] file) instead of "
                              "libvirt's getSEVInfo")
