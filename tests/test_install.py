@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from sevhook.hook.install import installed_python
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install"
 pytestmark = pytest.mark.timeout(900)
@@ -64,10 +66,24 @@ def test_the_hook_runs_the_installed_interpreter(installed: tuple[Path, Path], t
     assert refused.returncode == 1 and refused.stderr.startswith("sevhook: m: "), refused.stderr
 
 
+@pytest.mark.skipif(installed_python() is not None, reason="sevhook is installed in /opt/sevhook on this machine")
 def test_the_checkout_install_warns_that_the_hook_follows_the_checkout(tmp_path: Path) -> None:
     result = run(sys.executable, "-m", "sevhook", "hook", "install", "--hooks-dir", tmp_path / "hooks")
     assert result.returncode == 0
     assert "editable install" in result.stderr and "scripts/install" in result.stderr
+
+
+def test_the_checkout_writes_a_hook_for_an_installed_interpreter(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    prefix, _bin_dir = installed
+    result = run(sys.executable, "-m", "sevhook", "hook", "install", "--hooks-dir", tmp_path / "hooks",
+                 "--python", prefix / "bin" / "python")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    text = (tmp_path / "hooks" / "qemu.d" / "50-sevhook").read_text()
+    assert text.startswith(f"#!{prefix}/bin/python -IS") and str(ROOT) not in text
+    wrong = run(sys.executable, "-m", "sevhook", "hook", "install", "--hooks-dir", tmp_path / "other",
+                "--python", "/usr/bin/python3")
+    assert wrong.returncode == 2 and "it cannot import sevhook" in wrong.stderr
+    assert not (tmp_path / "other" / "qemu.d" / "50-sevhook").exists()
 
 
 def test_bad_options_are_refused(tmp_path: Path) -> None:

@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     install.add_argument("--hooks-dir", type=Path, default=None, help="libvirt's hooks directory "
                          "(default /etc/libvirt/hooks)")
+    install.add_argument("--python", type=Path, metavar="PATH",
+                         help="the interpreter of the sevhook installation the hook runs (default: this one; from "
+                              "a checkout, /opt/sevhook/bin/python when scripts/install made it)")
     install.add_argument("--log", metavar="FILE|syslog", help="where the hook logs its steps "
                          "(default /var/log/sevhook/hook.log, syslog if that cannot be opened)")
     install.set_defaults(func=_install)
@@ -112,15 +115,16 @@ def _hooks_dir(args: argparse.Namespace) -> Path:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from sevhook.hook.install import checkout_install, install  # noqa: PLC0415
+    from sevhook.hook.install import DEFAULT_PREFIX, checkout_install, install, installed_python  # noqa: PLC0415
 
-    path = install(_hooks_dir(args), log_target=args.log)
-    print(f"installed {path} (runs {sys.executable})")
     checkout = checkout_install()
-    if checkout is not None:
+    python = args.python or (installed_python() if checkout is not None else None)
+    path = install(_hooks_dir(args), log_target=args.log, python=str(python) if python else None)
+    print(f"installed {path} (runs {python or sys.executable})")
+    if checkout is not None and python is None:
         print(f"sevhook: warning: the hook runs sevhook from the checkout {checkout} (an editable install), so "
               "changing or moving the checkout changes the hook; for real use install sevhook with "
-              "scripts/install and run /usr/local/bin/sevhook hook install", file=sys.stderr)
+              f"scripts/install (it goes to {DEFAULT_PREFIX}, which the hook then uses)", file=sys.stderr)
     print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
           "then start attested guests with `virsh start --paused NAME`")
     return 0
