@@ -49,6 +49,11 @@ def _http_url(text: str, where: str) -> str:
     return text.rstrip("/")
 
 
+def _kds_url(text: str, where: str) -> str:
+    """AMD's KDS, a mirror, or `none` for an air-gapped broker (signed CEKs then come from add-cek)."""
+    return text if text == "none" else _http_url(text, where)
+
+
 def _database_url(text: str, where: str) -> str:
     scheme, sep, rest = text.partition("://")
     if not sep or not scheme or not rest and scheme != "sqlite":
@@ -89,7 +94,8 @@ SETTINGS = {setting.name: setting for setting in (
     Setting("broker", "tls-cert", _absolute_path, lambda: None,
             "server certificate (default: DATA_DIR/tls/server.crt when `broker init --tls` made it)"),
     Setting("broker", "tls-key", _absolute_path, lambda: None, "server private key (as tls-cert)"),
-    Setting("broker", "kds-url", _http_url, lambda: "https://kdsintf.amd.com", "AMD's key distribution service"),
+    Setting("broker", "kds-url", _kds_url, lambda: "https://kdsintf.amd.com",
+            "AMD's key distribution service for signed CEKs, or none (air-gapped)"),
     Setting("broker", "database-url", _database_url, lambda: None,
             "database URL without a password (default sqlite:///DATA_DIR/broker.sqlite3)"),
     Setting("broker", "password-file", _absolute_path, lambda: None,
