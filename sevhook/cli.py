@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from sevhook import __version__
 from sevhook.commands import COMMANDS
+from sevhook.commands.arguments import apply_config
 from sevhook.console import DEBUG_ENV, debug_requested, report_error
 from sevhook.errors import SevhookError
 
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        apply_config(args)
         return int(args.func(args) or 0)
     except SevhookError as exc:
         report_error(exc, debug_requested(args))

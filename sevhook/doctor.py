@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +51,27 @@ class HostFacts:
     hook_installed: bool = False
     hook_mtime: float | None = None
     daemon_started: float | None = None  # start time of the running libvirtd, epoch seconds
+    emulator: Path | None = None  # --emulator: the QEMU binary (stand-in, wrapper) SEV guests will use
+    emulator_sev: str | None = None  # what its query-sev-capabilities answered
+    emulator_error: str | None = None
 
 
 def _version(v: tuple[int, int, int] | None) -> str:
     return "unknown" if v is None else ".".join(map(str, v))
+
+
+def _software_sev(f: HostFacts) -> bool:
+    """The given emulator provides SEV itself (the software platform, or a wrapper on SEV hardware)."""
+    return f.emulator is not None and f.emulator_sev is not None
+
+
+def _hardware(check: Check, f: HostFacts) -> Check:
+    """A failed hardware check is a warning when the emulator provides SEV: the software platform
+    stands in for it (to rehearse, never to protect real secrets)."""
+    if check.status != "fail" or not _software_sev(f):
+        return check
+    return Check(check.name, "warn", check.found, f"no SEV hardware: SEV comes from {f.emulator} (a software "
+                 "platform: for rehearsal, not for real secrets)")
 
 
 def check_cpu(f: HostFacts) -> Check:
@@ -102,7 +123,7 @@ def check_domcaps(f: HostFacts) -> Check:
     if f.domcaps_sev is None:
         return Check("domcapabilities", "fail", "could not read domain capabilities", "start libvirtd")
     if f.domcaps_sev:
-        return Check("domcapabilities", "ok", "<sev supported='yes'>")
+        return Check("domcapabilities", "ok", "<sev supported='yes'>" + (f" for {f.emulator}" if f.emulator else ""))
     return Check("domcapabilities", "fail", "<sev supported='no'>",
                  "libvirt probed QEMU without SEV: fix the checks above, then restart libvirtd "
                  "(it caches capabilities per QEMU binary in /var/cache/libvirt/qemu/capabilities)")
@@ -144,14 +165,23 @@ def check_hook(f: HostFacts) -> Check:
     return Check("sevhook hook", "ok", f"installed at {f.hook_path}")
 
 
+def check_emulator(f: HostFacts) -> Check:
+    if f.emulator_sev is not None:
+        return Check("emulator", "ok", f"{f.emulator}: {f.emulator_sev}")
+    return Check("emulator", "fail", f"{f.emulator}: {f.emulator_error or 'no answer'}",
+                 "give the QEMU binary the domains use in <emulator> (the stand-in sevhook-sim-qemu, or a "
+                 "wrapper script calling it with --sim-state-dir) and check that it starts on its own")
+
+
+HARDWARE_CHECKS: tuple[Callable[[HostFacts], Check], ...] = (check_cpu, check_kvm_amd, check_dev_sev)
 CHECKS: tuple[Callable[[HostFacts], Check], ...] = (
-    check_cpu, check_kvm_amd, check_dev_sev, check_libvirt, check_qemu, check_domcaps, check_firmware,
-    check_secret_area, check_hook,
+    *HARDWARE_CHECKS, check_libvirt, check_qemu, check_domcaps, check_firmware, check_secret_area, check_hook,
 )
 
 
 def run_checks(facts: HostFacts) -> list[Check]:
-    return [check(facts) for check in CHECKS]
+    checks = [_hardware(check(facts), facts) if check in HARDWARE_CHECKS else check(facts) for check in CHECKS]
+    return checks + ([check_emulator(facts)] if facts.emulator is not None else [])
 
 
 # --- gathering facts (the edge) -------------------------------------------------------------
@@ -218,9 +248,56 @@ def _process_start_time(pid: int) -> float | None:
 
 
 DEFAULT_DAEMON_PIDFILES = (Path("/run/libvirtd.pid"), Path("/run/virtqemud.pid"))
+PROBE_TIMEOUT = 30.0
 
 
-def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Path] = DEFAULT_DAEMON_PIDFILES) -> HostFacts:
+def probe_emulator(emulator: Path, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str | None]:
+    """Start `emulator` as libvirt probes it (-machine none, -S, a QMP socket) and ask
+    query-sev-capabilities: (what it answered, None) or (None, why not). The process is always stopped."""
+    from sevhook.errors import SevhookError  # noqa: PLC0415
+    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
+
+    if not (emulator.is_file() and os.access(emulator, os.X_OK)):
+        return None, "not an executable file"
+    directory = Path(tempfile.mkdtemp(prefix="sevhook-doctor-"))
+    socket, errors = directory / "probe.qmp", directory / "stderr"
+    try:
+        with errors.open("wb") as stderr:  # a file, not a pipe: a chatty emulator can never block on it
+            process = subprocess.Popen(
+                [str(emulator), "-S", "-no-user-config", "-nodefaults", "-nographic", "-machine",
+                 "none,accel=kvm:tcg", "-qmp", f"unix:{socket},server=on,wait=off"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    except OSError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None, f"cannot run it ({exc.strerror})"
+    try:
+        deadline = time.monotonic() + timeout
+        while not socket.exists():
+            if process.poll() is not None:
+                lines = errors.read_text(errors="replace").strip().splitlines()
+                return None, f"exited with status {process.returncode}" + (f": {lines[-1]}" if lines else "")
+            if time.monotonic() > deadline:
+                return None, f"no QMP socket within {timeout:g} s"
+            time.sleep(0.05)
+        try:
+            with QmpMonitor(socket, timeout=max(1.0, deadline - time.monotonic())) as monitor:
+                caps = monitor.capabilities()
+        except SevhookError as exc:
+            return None, f"query-sev-capabilities: {exc.message}"
+        return f"query-sev-capabilities answers (cbitpos {caps.cbitpos}, PDH and chain)", None
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Path] = DEFAULT_DAEMON_PIDFILES,
+                 emulator: Path | None = None) -> HostFacts:
     facts: dict[str, object] = {
         "cpu_flags": _cpu_flags(_read(Path("/proc/cpuinfo"))),
         "kvm_amd_sev": _read(Path("/sys/module/kvm_amd/parameters/sev")),
@@ -236,6 +313,9 @@ def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Pat
     facts["hook_path"] = hook
     facts["hook_installed"] = hook.is_file() and os.access(hook, os.X_OK)
     facts["hook_mtime"] = hook.stat().st_mtime if hook.exists() else None
+    if emulator is not None:
+        facts["emulator"] = emulator
+        facts["emulator_sev"], facts["emulator_error"] = probe_emulator(emulator)
     from sevhook.virt import LibvirtError, libvirt_module, open_connection  # noqa: PLC0415 - optional extra
 
     try:
@@ -247,7 +327,7 @@ def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Pat
     try:
         facts["libvirt_version"] = _split_version(conn.getLibVersion())
         facts["qemu_version"] = _split_version(conn.getVersion())
-        caps = conn.getDomainCapabilities(None, "x86_64", None, None, 0)
+        caps = conn.getDomainCapabilities(str(emulator) if emulator else None, "x86_64", None, None, 0)
         facts["domcaps_sev"] = "<sev supported='yes'" in caps
         for pidfile in daemon_pidfiles:
             text = _read(pidfile)

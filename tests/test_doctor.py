@@ -83,3 +83,72 @@ def test_doctor_plain_output_without_libvirt(tmp_path):
     assert proc.returncode == 1
     assert "host is NOT ready for SEV guests" in proc.stdout
     assert "Traceback" not in proc.stderr and "\x1b[" not in proc.stdout
+
+
+NO_HARDWARE = HostFacts(**{**READY.__dict__, "cpu_flags": frozenset({"svm"}), "kvm_amd_sev": None,
+                           "dev_sev": False})
+
+
+def test_a_software_platform_stands_in_for_missing_hardware():
+    assert {c.name for c in run_checks(NO_HARDWARE) if c.status == "fail"} == {"CPU", "kvm_amd sev parameter",
+                                                                               "/dev/sev"}
+    pointed = HostFacts(**{**NO_HARDWARE.__dict__, "emulator": Path("/usr/local/bin/qemu-sim"),
+                           "emulator_sev": "query-sev-capabilities answers"})
+    checks = by_name(pointed)
+    assert {c.status for c in checks.values()} == {"ok", "warn"}
+    assert checks["CPU"].status == "warn" and "software platform" in checks["CPU"].fix
+    assert checks["emulator"].status == "ok"
+    broken = HostFacts(**{**NO_HARDWARE.__dict__, "emulator": Path("/x"), "emulator_error": "exited with status 1"})
+    assert by_name(broken)["emulator"].status == "fail" and by_name(broken)["CPU"].status == "fail"
+
+
+def test_the_plain_output_fits_100_columns():
+    from sevhook.commands.doctor import render
+
+    long = HostFacts(**{**READY.__dict__, "firmware_features": {f"/usr/share/qemu/firmware/{n}-edk2.json":
+                                                                frozenset({"amd-sev"}) for n in range(40)}})
+    lines = render(run_checks(long) + run_checks(NO_HARDWARE))
+    assert lines and all(len(text) <= 100 for text, _status in lines)
+    assert lines[0][0].startswith("ok    CPU: ")
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """The software platform's QEMU stand-in behind a wrapper naming its state directory, as an
+    administrator points libvirt's <emulator> at it."""
+    root = tmp_path_factory.mktemp("doctor-sim")
+    subprocess.run([sys.executable, "-m", "sevhook.cli", "sim", "platform", "init", "--state-dir", str(root / "sim"),
+                    "--rsa-bits", "2048"], check=True, capture_output=True, timeout=120)
+    wrapper = root / "qemu-sim"
+    wrapper.write_text(f"#!/bin/sh\nexec {Path(sys.executable).with_name('sevhook-sim-qemu')} "
+                       f"--sim-state-dir {root / 'sim'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.libvirt
+def test_doctor_with_the_stand_in_says_ready(libvirt_uri, stand_in, tmp_path):
+    cmd = [sys.executable, "-m", "sevhook.cli", "doctor", "-c", libvirt_uri, "--hooks-dir", str(tmp_path),
+           "--emulator", str(stand_in)]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert plain.stdout.splitlines()[-1] == "host is ready for SEV guests"
+    assert all(len(line) <= 100 for line in plain.stdout.splitlines())
+    report = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120).stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["ready"] is True
+    assert checks["emulator"]["status"] == "ok" and "query-sev-capabilities answers" in checks["emulator"]["found"]
+    assert checks["domcapabilities"]["found"] == f"<sev supported='yes'> for {stand_in}"
+
+
+def test_doctor_with_an_emulator_without_sev(tmp_path):
+    fake = tmp_path / "qemu-broken"
+    fake.write_text("#!/bin/sh\necho 'qemu: no such machine' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "sevhook.cli", "doctor", "-c", "test:///nonexistent/x.xml",
+                           "--hooks-dir", str(tmp_path), "--emulator", str(fake), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert proc.returncode == 1
+    assert checks["emulator"]["found"] == f"{fake}: exited with status 1: qemu: no such machine"
+    assert checks["CPU"]["status"] == "fail"  # nothing stands in for the hardware

@@ -34,7 +34,6 @@ from sevhook.sev.session import create_session
 
 DEFAULT_LAUNCH_TTL = 3600.0
 CHAIN_CACHE_SIZE = 1024
-MATERIAL_CACHE_SIZE = 10000
 VOUCHED_SECONDS = 3600.0  # how long a token that authenticated keeps its holder clear of the address budget
 
 # Statements built once; each call only binds parameters (the hot paths run thousands of times a second).
@@ -68,7 +67,7 @@ class VerifiedPlatform:
 
 @dataclass(frozen=True)
 class GuestMaterial:
-    """A guest's launch digests and sealed secrets; rows that never change once registered."""
+    """A guest's launch digests and sealed secrets (changed only by `update-guest`)."""
 
     digests: tuple[bytes, ...]
     secrets: tuple[tuple[str, bytes], ...] = field(repr=False)
@@ -105,7 +104,6 @@ class LaunchService:
         self.store = store
         self.launch_ttl = launch_ttl
         self._chains = _ChainCache()
-        self._materials: dict[str, GuestMaterial] = {}
         self._vouched = Expiring(ttl=VOUCHED_SECONDS)  # digests of tokens that authenticated; never random ones
 
     # ---- host authentication -----------------------------------------------------------------
@@ -244,15 +242,14 @@ class LaunchService:
         return row
 
     def _material(self, guest_id: str) -> GuestMaterial:
-        material = self._materials.get(guest_id)
+        # cached CACHE_SECONDS: `update-guest` (another process, or another replica) adds and removes digests
+        material = self.store.materials.get(guest_id)
         if material is None:
             with self.store.read() as conn:
                 digests = tuple(conn.execute(_DIGESTS_OF, {"guest_id": guest_id}).scalars().all())
                 secret_rows = conn.execute(_SECRETS_OF, {"guest_id": guest_id}).all()
             material = GuestMaterial(digests, tuple((r.guid, r.value_sealed) for r in secret_rows))
-            if len(self._materials) > MATERIAL_CACHE_SIZE:
-                self._materials.clear()
-            self._materials[guest_id] = material
+            self.store.materials.put(guest_id, material)
         return material
 
     # ---- attestation and release -------------------------------------------------------------

@@ -81,6 +81,10 @@ class Expiring:
         with self._lock:
             self._entries.clear()
 
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
 
 class Store:
     """The engine, the vault and the caches both services use; thread-safe (one connection per call)."""
@@ -91,6 +95,7 @@ class Store:
         self.shown_url = engine.url.render_as_string(hide_password=True)
         self.host_tokens = Expiring()  # token digest -> host name, known tokens only
         self.roots = Expiring(max_entries=1)
+        self.materials = Expiring()  # guest id -> its digests and sealed secrets (launch.GuestMaterial)
         self.ceks = SignedCeks(engine)  # ASK-signed CEKs for platforms whose firmware exports them unsigned
         # SQLite has one writer at a time and its busy wait sleeps up to 100 ms; queue writers here instead
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None

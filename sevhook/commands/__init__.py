@@ -15,4 +15,7 @@ COMMANDS = {
     "start": "start",
     "demo": "demo",
     "doctor": "doctor",
+    "config": "config",
+    "status": "status",
+    "completion": "completion",
 }

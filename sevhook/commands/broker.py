@@ -12,30 +12,38 @@ from pathlib import Path
 from typing import Any
 
 from sevhook.broker.settings import Limits
-from sevhook.commands.arguments import number_type, read_input
+from sevhook.commands.arguments import config_defaults, number_type, read_input
 
 EPILOG = """examples:
-  sevhook broker init --data-dir /var/lib/sevhook-broker
+  sevhook broker init --tls --san kbs.example.org
   sevhook broker add-root milan --ca ask_ark_milan.cert
   sevhook broker add-host host1 --token-file host1.token
   sevhook broker list-hosts
   sevhook broker revoke-host host1
+  sevhook broker rotate-host-token host1 --token-file host1.token.new
   sevhook broker add-guest web1 --firmware OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\
-      --cmdline 'console=ttyS0' --policy 0x1 --disk-passphrase luks.pass
-  sevhook broker serve --listen 0.0.0.0:8700 --tls-cert broker.crt --tls-key broker.key
-  sevhook broker audit --limit 20"""
+      --cmdline 'console=ttyS0' --policy 0x3 --disk-passphrase luks.pass
+  sevhook broker update-guest web1 --add-firmware OVMF.new.fd --kernel vmlinuz --initrd initrd.img \\
+      --cmdline 'console=ttyS0'
+  sevhook broker serve --listen 0.0.0.0:8700
+  sevhook broker audit --limit 20
+
+Every command reads its data directory, database and serve options from the [broker] section of
+/etc/sevhook/sevhook.toml ($SEVHOOK_CONFIG) when no flag gives them (`sevhook config show`)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="broker data directory: storage key, admin token, SQLite file "
-                             "(default $XDG_DATA_HOME/sevhook/broker)")
+                        help="broker data directory: storage key, admin token, SQLite file (default: "
+                             "[broker] data-dir in sevhook.toml, else /var/lib/sevhook/broker for root)")
     parser.add_argument("--db", metavar="URL", default=None,
                         help="database URL without a password (default sqlite:///DATA_DIR/broker.sqlite3; replicas "
                              "share postgresql+psycopg://USER@HOST:PORT/DB)")
     parser.add_argument("--db-password-file", type=Path, metavar="FILE", default=None,
                         help="a 0600 file whose first line is the database password (or set $SEVHOOK_DB_PASSWORD); "
                              "a password in --db is refused: the process list shows it to every user")
+    config_defaults(parser, data_dir="broker.data-dir", db="broker.database-url",
+                    db_password_file="broker.password-file")
 
 
 def _sub(subparsers: argparse._SubParsersAction, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
@@ -57,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     serve = _sub(sub, "serve", "serve the host API (/v1) and the admin API (/admin) over HTTP(S)",
                  "sevhook broker serve --listen 127.0.0.1:8700 --tls-cert broker.crt --tls-key broker.key")
-    serve.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:8700", help="default 127.0.0.1:8700")
-    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file")
+    serve.add_argument("--listen", metavar="ADDR:PORT", help="default 127.0.0.1:8700")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain) file (default "
+                       "DATA_DIR/tls/server.crt when `broker init --tls` made it)")
     serve.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key file")
     defaults = Limits()
     serve.add_argument("--max-body", type=int, default=defaults.max_body, metavar="BYTES",
@@ -90,14 +99,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--init", action="store_true",
                        help="create the data directory, storage key, admin token and tables when missing (as "
                             "`sevhook broker init`); without it a data directory that was never initialised is refused")
-    serve.add_argument("--kds-url", metavar="URL", default="https://kdsintf.amd.com",
+    serve.add_argument("--kds-url", metavar="URL",
                        help="AMD's Key Distribution Service, for the signed CEK of hosts that send the "
                             "firmware's unsigned one (default https://kdsintf.amd.com; `none`: air-gapped, "
                             "imported CEKs only, see add-cek)")
+    config_defaults(serve, listen="broker.listen", tls_cert="broker.tls-cert", tls_key="broker.tls-key",
+                    kds_url="broker.kds-url")
     serve.set_defaults(func=run_serve)
 
     init = _sub(sub, "init", "create the data directory, storage key, admin token and tables",
-                "sevhook broker init --data-dir /var/lib/sevhook-broker")
+                "sevhook broker init --tls --san kbs.example.org")
+    init.add_argument("--tls", action="store_true",
+                      help="also make a CA and a server certificate in DATA_DIR/tls (EC P-256); serve uses them")
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="a DNS name or IP address hosts use to reach the broker (repeatable; default: this "
+                           "machine's names, localhost, 127.0.0.1 and ::1)")
     init.set_defaults(func=run_init)
 
     root = _sub(sub, "add-root", "trust a root (ARK) for platform chains, given as its ASK|ARK bundle",
@@ -137,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke_host.set_defaults(func=run_revoke_host)
 
     guest = _sub(sub, "add-guest", "register a guest: its launch digests, rules and secrets",
-                 "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x1 --secret GUID:FILE")
+                 "sevhook broker add-guest web1 --digest 6faa...64ea --policy 0x3 --secret GUID:FILE")
     guest.add_argument("guest_id", metavar="ID")
     guest.add_argument("--digest", action="append", default=[], metavar="HEX",
                        help="an allowed launch digest, 64 hex digits (repeatable)")
@@ -158,6 +174,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a launch may be attested more than once (default: single use)")
     guest.set_defaults(func=run_add_guest)
 
+    upd = _sub(sub, "update-guest", "roll a guest forward: add or remove launch digests, change its rules, "
+               "rotate its secrets", "sevhook broker update-guest web1 --add-firmware OVMF.new.fd --kernel vmlinuz")
+    upd.add_argument("guest_id", metavar="ID")
+    upd.add_argument("--add-firmware", type=Path, action="append", default=[], metavar="FILE",
+                     help="allow the digest of this OVMF image with --kernel/--initrd/--cmdline (repeatable)")
+    upd.add_argument("--kernel", type=Path, help="direct-boot kernel measured with each --add-firmware")
+    upd.add_argument("--initrd", type=Path, help="direct-boot initrd measured with each --add-firmware")
+    upd.add_argument("--cmdline", help="direct-boot kernel command line measured with each --add-firmware")
+    upd.add_argument("--add-digest", action="append", default=[], metavar="HEX",
+                     help="allow this launch digest, 64 hex digits (repeatable)")
+    upd.add_argument("--remove-digest", action="append", default=[], metavar="HEX",
+                     help="stop allowing this launch digest (repeatable); the guest keeps at least one")
+    upd.add_argument("--policy", action="append", default=[], metavar="N", type=number_type("--policy"),
+                     help="replace the allowed policies (repeatable; the first is the default)")
+    upd.add_argument("--min-api", metavar="X.Y", help="new minimum platform SEV API version")
+    upd.add_argument("--min-build", metavar="N", type=number_type("--min-build"), help="new minimum firmware build")
+    upd.add_argument("--secret", action="append", default=[], metavar="GUID:FILE",
+                     help="set (or rotate) the secret under GUID to FILE's bytes (repeatable)")
+    upd.add_argument("--disk-passphrase", type=Path, metavar="FILE", help="set (or rotate) the disk passphrase")
+    upd.set_defaults(func=run_update_guest)
+
+    rotate = _sub(sub, "rotate-host-token", "give a host a new token in a new 0600 file; the old one is refused",
+                  "sevhook broker rotate-host-token host1 --token-file host1.token.new")
+    rotate.add_argument("name")
+    rotate.add_argument("--token-file", type=Path, required=True, help="where to write the host's new token")
+    rotate.set_defaults(func=run_rotate_host_token)
+
     listing = _sub(sub, "list-guests", "list registered guests (never their secrets)",
                    "sevhook broker list-guests --json")
     listing.add_argument("--json", action="store_true")
@@ -173,26 +216,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--after", type=int, default=0, metavar="ID", help="only entries after this id")
     audit.add_argument("--guest", metavar="ID")
     audit.add_argument("--json", action="store_true")
+    audit.add_argument("--hex", action="store_true",
+                       help="show measurements in hex (default base64, as libvirt's domlaunchsecinfo prints them)")
     audit.set_defaults(func=run_audit)
-
-
-def _data_dir(args: argparse.Namespace) -> Path:
-    from sevhook.broker.server import default_data_dir  # noqa: PLC0415
-
-    return args.data_dir or default_data_dir()
 
 
 def _db_url(args: argparse.Namespace) -> Any:
     from sevhook.broker.server import database_url  # noqa: PLC0415
 
-    return database_url(args.db, _data_dir(args), args.db_password_file)
+    return database_url(args.db, args.data_dir, args.db_password_file)
 
 
 def _admin(args: argparse.Namespace) -> Any:
     """The admin service over the data directory and database (no server needed)."""
+    from sevhook.broker.admin_ops import require_initialised  # noqa: PLC0415
     from sevhook.broker.server import open_broker  # noqa: PLC0415
 
-    return open_broker(_data_dir(args), _db_url(args)).admin
+    require_initialised(args.data_dir, getattr(args, "_config_sources", {}).get("data_dir", "default"))
+    return open_broker(args.data_dir, _db_url(args)).admin
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -206,8 +247,14 @@ def run_serve(args: argparse.Namespace) -> int:
                     keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
                     rate=args.rate_limit, burst=args.burst, auth_failure_rate=args.auth_failure_rate,
                     auth_failure_burst=args.auth_failure_burst)
+    if args.tls_cert is None and args.tls_key is None:
+        from sevhook.broker.tls import tls_files  # noqa: PLC0415
+
+        made = tls_files(args.data_dir)  # `broker init --tls` made them: serve HTTPS by default
+        if made.complete():
+            args.tls_cert, args.tls_key = made.server_cert, made.server_key
     return serve(ServeOptions(
-        data_dir=_data_dir(args), db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
+        data_dir=args.data_dir, db_url=_db_url(args), listen=args.listen, tls_cert=args.tls_cert,
         tls_key=args.tls_key, limits=limits, launch_ttl=args.launch_ttl, access_log=args.access_log,
         init=args.init, kds_url=None if args.kds_url == "none" else args.kds_url))
 
@@ -215,13 +262,29 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_init(args: argparse.Namespace) -> int:
     from sevhook.broker.server import open_broker  # noqa: PLC0415
     from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
 
-    data_dir = _data_dir(args)
+    data_dir = args.data_dir
+    if args.san and not args.tls:
+        raise UsageError("--san names the TLS server certificate: give --tls with it")
+    if args.tls:
+        from sevhook.broker.tls import check_names, default_names  # noqa: PLC0415
+
+        names = args.san or default_names()
+        check_names(names)  # before anything is created
     created = init_keys(data_dir)
     open_broker(data_dir, _db_url(args), create=True)
     token_path = data_dir / ADMIN_TOKEN_FILE
     state = "created" if created else "kept the existing"
     print(f"broker data directory {data_dir} (0700): {state} admin token in {token_path} (0600); tables ready")
+    if args.tls:
+        from sevhook.broker.tls import make_tls  # noqa: PLC0415
+
+        files, made = make_tls(data_dir, names)
+        what = "made" if made else "kept the existing"
+        print(f"TLS: {what} server certificate {files.server_cert} (key 0600), signed by the CA {files.ca_cert}")
+        print(f"give {files.ca_cert} to every host (ca-file in [host] of its sevhook.toml); "
+              "`sevhook broker serve` uses the server certificate by default")
     return 0
 
 
@@ -328,19 +391,37 @@ def _digests(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
         digests.append(digest)
         labels.append("given")
     if args.firmware:
-        from sevhook.sev.launch_digest import measure_sev  # noqa: PLC0415
-
-        measured = measure_sev(args.firmware, args.kernel, args.initrd, args.cmdline)
-        for warning in measured.warnings:
-            print(f"sevhook: warning: {warning}", file=sys.stderr)
-        digests.append(measured.digest)
-        labels.append(f"computed from {args.firmware.name}" + (f" + {args.kernel.name}" if args.kernel else ""))
+        digest, label = _measure(args.firmware, args)
+        digests.append(digest)
+        labels.append(label)
     elif args.kernel or args.initrd or args.cmdline is not None:
         raise UsageError("--kernel, --initrd and --cmdline are measured together with --firmware; give it too")
     if not digests:
         raise UsageError("give --digest HEX or --firmware FILE (SEV-ES guests: compute the digest with "
                          "`sevhook owner measure` and pass it with --digest)")
     return digests, labels
+
+
+def _measure(firmware: Path, args: argparse.Namespace) -> tuple[bytes, str]:
+    """The launch digest of `firmware` with the direct-boot inputs in args, and its label."""
+    from sevhook.sev.launch_digest import measure_sev  # noqa: PLC0415
+
+    measured = measure_sev(firmware, args.kernel, args.initrd, args.cmdline)
+    for warning in measured.warnings:
+        print(f"sevhook: warning: {warning}", file=sys.stderr)
+    return measured.digest, f"computed from {firmware.name}" + (f" + {args.kernel.name}" if args.kernel else "")
+
+
+def _hex_digest(text: str, flag: str) -> bytes:
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    try:
+        digest = bytes.fromhex(text.strip())
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise UsageError(f"{flag} {text!r}: give the SHA-256 launch digest as 64 hex digits")
+    return digest
 
 
 def _version(text: str, what: str) -> tuple[int, int]:
@@ -352,9 +433,15 @@ def _version(text: str, what: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _policy_text(policy: int) -> str:
+    """A policy and its flags, without the policy's API field: the guest's own minimum is printed beside it."""
+    from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
+
+    return f"{policy:#06x} ({'|'.join(SevPolicy(policy).flag_names()) or 'no flags'})"
+
+
 def run_add_guest(args: argparse.Namespace) -> int:
     from sevhook.broker.rules import GuestSpec  # noqa: PLC0415
-    from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
 
     policies = args.policy or [0x1]
     if args.firmware and not args.digest:
@@ -382,11 +469,64 @@ def run_add_guest(args: argparse.Namespace) -> int:
 
         require_secret_area(args.firmware, len(SecretTable(spec.secrets).build()))
     guest = _admin(args).add_guest(spec)
+    # the guest's minimum API is its own rule, not the policy's API field (which describe() would show)
     print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
-          f"{', '.join(SevPolicy(p).describe() for p in guest['policies'])}, "
+          f"{', '.join(_policy_text(p) for p in guest['policies'])}, "
+          f"minimum API {guest['min_api']} build {guest['min_build']}, "
           f"{len(guest['secret_guids'])} secret(s), {'reusable' if guest['reusable'] else 'single-use'} launches")
     for digest in guest["digests"]:
         print(f"  digest {digest['digest']}  {digest['label']}")
+    return 0
+
+
+def run_update_guest(args: argparse.Namespace) -> int:
+    from sevhook.broker.admin_ops import GuestUpdate, update_guest  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
+
+    if not args.add_firmware and (args.kernel or args.initrd or args.cmdline is not None):
+        raise UsageError("--kernel, --initrd and --cmdline are measured together with --add-firmware; give it too")
+    added = [(_hex_digest(text, "--add-digest"), "given") for text in args.add_digest]
+    added += [_measure(firmware, args) for firmware in args.add_firmware]
+    change = GuestUpdate(
+        guest_id=args.guest_id,
+        add_digests=tuple(digest for digest, _ in added),
+        digest_labels=tuple(label for _, label in added),
+        remove_digests=tuple(_hex_digest(text, "--remove-digest") for text in args.remove_digest),
+        policies=tuple(args.policy),
+        min_api=_version(args.min_api, "--min-api") if args.min_api is not None else None,
+        min_build=args.min_build,
+        secrets=tuple(_secrets(args)),
+    )
+    guest = update_guest(_admin(args), change)
+    print(f"guest {guest['id']}: updated; {len(guest['digests'])} digest(s), policies "
+          f"{', '.join(hex(p) for p in guest['policies'])}, minimum API {guest['min_api']} build "
+          f"{guest['min_build']}, {len(guest['secret_guids'])} secret(s)")
+    for digest in guest["digests"]:
+        print(f"  digest {digest['digest']}  {digest['label']}")
+    return 0
+
+
+def run_rotate_host_token(args: argparse.Namespace) -> int:
+    from sevhook.broker.admin_ops import rotate_host_token  # noqa: PLC0415
+    from sevhook.broker.vault import new_token  # noqa: PLC0415
+    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.files import write_private_file  # noqa: PLC0415
+
+    if args.token_file.exists():
+        raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
+    if not args.token_file.parent.is_dir():
+        raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
+    broker = _admin(args)
+    # as add-host: the new token is saved first, and removed again if the rotation fails
+    token = new_token()
+    write_private_file(args.token_file, (token + "\n").encode())
+    try:
+        rotate_host_token(broker, args.name, token)
+    except BaseException:
+        args.token_file.unlink(missing_ok=True)
+        raise
+    print(f"host {args.name}: new token written to {args.token_file} (0600); the old token is refused from now on: "
+          "install the new file on the host")
     return 0
 
 
@@ -409,8 +549,21 @@ def run_revoke_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base64_of_hex(text: str) -> str:
+    """A measurement stored as hex, shown in base64 as libvirt shows it; text that is not hex stays as is."""
+    import base64  # noqa: PLC0415
+
+    try:
+        return base64.b64encode(bytes.fromhex(text)).decode()
+    except ValueError:
+        return text
+
+
 def run_audit(args: argparse.Namespace) -> int:
     entries = _admin(args).audit_log(limit=max(1, args.limit), after_id=args.after, guest_id=args.guest)
+    if not args.hex:
+        for entry in entries:
+            entry["measurement"] = entry["measurement"] and _base64_of_hex(entry["measurement"])
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from sevhook.hook.install import DEFAULT_HOOKS_DIR, install, uninstall
+from sevhook.commands.arguments import config_defaults
+from sevhook.hook.install import (
+    DEFAULT_HOOKS_DIR,
+    DEFAULT_PREFIX,
+    checkout_install,
+    install,
+    installed_python,
+    uninstall,
+)
 
 HOOK_EPILOG = """examples:
   sevhook hook install                      # /etc/libvirt/hooks/qemu.d/50-sevhook, then restart libvirtd
@@ -19,8 +27,9 @@ Start attested guests paused, so that the hook can attest them before their firs
 See docs/hook.md."""
 
 PREPARE_EPILOG = """examples:
-  sevhook prepare-domain guest1.xml --broker https://kbs.example:8443 --guest guest1 \\
-      --token-file /etc/sevhook/host.token --ca-file /etc/sevhook/kbs-ca.pem -o guest1.prepared.xml
+  sevhook prepare-domain guest1.xml --broker https://kbs.example.org:8700 --guest guest1 \\
+      --token-file /etc/sevhook/host1.token --ca-file /etc/sevhook/kbs-ca.pem -o guest1.prepared.xml
+  sevhook prepare-domain guest1.xml --guest guest1 -o guest1.prepared.xml   # the rest from [host] in sevhook.toml
   sevhook prepare-domain guest1.xml --broker http://127.0.0.1:8700 --guest guest1 \\
       --platform-export /var/lib/sevhook-sim/export -o guest1.prepared.xml
   virsh define guest1.prepared.xml && virsh start --paused guest1
@@ -49,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     install.add_argument("--hooks-dir", type=Path, default=None, help="libvirt's hooks directory "
                          "(default /etc/libvirt/hooks)")
+    install.add_argument("--python", type=Path, metavar="PATH",
+                         help="the interpreter of the sevhook installation the hook runs (default: this one; from "
+                              "a checkout, /opt/sevhook/bin/python when scripts/install made it)")
     install.add_argument("--log", metavar="FILE|syslog", help="where the hook logs its steps "
                          "(default /var/log/sevhook/hook.log, syslog if that cannot be opened)")
     install.set_defaults(func=_install)
@@ -85,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("domain_xml", metavar="DOMAIN.xml", help="the domain XML to prepare, or - for "
                          "standard input (e.g. from `virsh dumpxml --inactive`)")
-    prepare.add_argument("--broker", required=True, metavar="URL", help="the guest owner's key broker")
+    prepare.add_argument("--broker", metavar="URL", help="the guest owner's key broker (default: [host] broker-url)")
     prepare.add_argument("--guest", required=True, metavar="ID", help="the guest's id at the broker")
     source = prepare.add_mutually_exclusive_group()
     source.add_argument("-c", "--connect", metavar="URI", help="libvirt URI to read the host's SEV platform from "
@@ -102,6 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--ca-file", type=Path, metavar="F", help="CA certificate (PEM) of an https broker")
     prepare.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here (default: standard output)")
     prepare.set_defaults(func=_prepare)
+    config_defaults(prepare, required=("broker",), broker="host.broker-url", token_file="host.token-file",
+                    ca_file="host.ca-file", platform_export="host.platform-export")
 
 
 def _hooks_dir(args: argparse.Namespace) -> Path:
@@ -109,8 +123,14 @@ def _hooks_dir(args: argparse.Namespace) -> Path:
 
 
 def _install(args: argparse.Namespace) -> int:
-    path = install(_hooks_dir(args), log_target=args.log)
-    print(f"installed {path}")
+    checkout = checkout_install()
+    python = args.python or (installed_python() if checkout is not None else None)
+    path = install(_hooks_dir(args), log_target=args.log, python=str(python) if python else None)
+    print(f"installed {path} (runs {python or sys.executable})")
+    if checkout is not None and python is None:
+        print(f"sevhook: warning: the hook runs sevhook from the checkout {checkout} (an editable install), so "
+              "changing or moving the checkout changes the hook; for real use install sevhook with "
+              f"scripts/install (it goes to {DEFAULT_PREFIX}, which the hook then uses)", file=sys.stderr)
     print("libvirtd reads hooks when it starts: restart it now (e.g. `systemctl restart libvirtd`), "
           "then start attested guests with `virsh start --paused NAME`")
     return 0

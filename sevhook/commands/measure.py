@@ -34,7 +34,7 @@ DIAGNOSE_EPILOG = """examples:
       --tik guest_tik.bin --api-major 1 --api-minor 55 --build-id 21 --policy 0x7 \\
       --firmware /usr/share/OVMF/OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img --cmdline 'console=ttyS0'
   sevhook owner diagnose-mismatch --measurement B64 --tik tik.bin --api-major 0 --api-minor 24 --build-id 15 \\
-      --policy 0x1 --firmware OVMF.fd
+      --policy 0x3 --firmware OVMF.fd
 Tries vCPU counts 1..--max-vcpus, every known EPYC CPU identity (plus --vcpu-type/--vcpu-family... if given),
 kernel hashes on and off, host kernel old and 6.10, guest features 0 and 0x20 and both measurement forms.
 --json prints {"match", "tried", "searched", "matches": [...], "warnings"} instead of the text report.

@@ -6,6 +6,7 @@ checks LAUNCH_MEASURE, and secret wraps the LAUNCH_SECRET packet."""
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
 import sys
@@ -176,13 +177,19 @@ def cmd_verify_measurement(args: argparse.Namespace) -> int:
     tik = read_key_file(args.tik, "TIK")
     digest, expected = _expected_measurement(args, tik, reported.mnonce)
     match = hmac.compare_digest(expected, reported.measurement)
+    # measurements as libvirt prints them (base64 of measurement || mnonce), hex only with --hex
+    if args.hex:
+        expected_text, actual_text = expected.hex(), reported.measurement.hex()
+    else:
+        expected_text = base64.b64encode(expected + reported.mnonce).decode()
+        actual_text = base64.b64encode(reported.measurement + reported.mnonce).decode()
     if args.json:
-        print(json.dumps({"launch_digest": digest.hex(), "expected": expected.hex(),
-                          "actual": reported.measurement.hex(), "match": match}, indent=2))
+        print(json.dumps({"launch_digest": digest.hex(), "expected": expected_text,
+                          "actual": actual_text, "match": match}, indent=2))
     else:
         print(f"launch digest:        {digest.hex()}")
-        print(f"expected measurement: {expected.hex()}")
-        print(f"reported measurement: {reported.measurement.hex()}")
+        print(f"expected measurement: {expected_text}")
+        print(f"reported measurement: {actual_text}")
     if match:
         if not args.json:
             print("measurement matches")
@@ -400,7 +407,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "      --cmdline 'console=ttyS0'\n"
                 "  sevhook owner verify-measurement --measurement B64 --tik tik.bin --api-major 0 --api-minor 24 \\\n"
                 "      --build-id 15 --policy 0 --launch-digest e3b0c442...\n"
-                "--json prints {launch_digest, expected, actual, match} (hex) instead of text\n"
+                "--json prints {launch_digest, expected, actual, match} instead of text; measurements in base64\n"
+                "as libvirt prints them (measurement || mnonce), in hex with --hex\n"
                 "exit status: 0 match, 1 mismatch, 2 usage error")
     p.add_argument("--measurement", metavar="B64", required=True, help="base64 of measurement||mnonce (48 bytes)")
     p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
@@ -410,6 +418,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy")
     _add_launch_inputs(p, required=True)
     _add_json(p, "print {launch_digest, expected, actual, match} instead of text")
+    p.add_argument("--hex", action="store_true", help="print the measurements in hex (default base64, as libvirt)")
     p.set_defaults(func=cmd_verify_measurement)
 
     p = _parser(owner_subparsers, "secret",

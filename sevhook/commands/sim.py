@@ -240,6 +240,14 @@ def _printable(data: bytes) -> str:
     return "base64 " + base64.b64encode(data).decode()
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sevhook.sim.guest import GuestRecorder
+
+    removed = GuestRecorder.prune(_state(args), keep=args.keep, older_than=args.older_than)
+    print(f"removed {len(removed)} finished guest record(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     sim = subparsers.add_parser(
         "sim", help="the software SEV platform: create, export, inspect",
@@ -337,3 +345,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     secrets.add_argument("--show-values", action="store_true", help="also print the secret values")
     secrets.add_argument("--json", action="store_true", help="machine-readable output")
     secrets.set_defaults(func=cmd_secrets)
+
+    prune = sim_sub.add_parser(
+        "prune", help="remove the records of guests that no longer run",
+        description="Remove guest records (what `sim secrets` shows) of launches that ended or whose QEMU is gone. "
+                    "Records are also bounded: beyond 256, a new guest removes the oldest finished ones.",
+        epilog="examples:\n  sevhook sim prune --state-dir /tmp/sim\n  sevhook sim prune --keep 10 --older-than 3600",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _state_dir_option(prune)
+    prune.add_argument("--keep", type=number_type("--keep"), default=0, metavar="N",
+                       help="keep the N most recent records (running guests always stay)")
+    prune.add_argument("--older-than", type=number_type("--older-than"), metavar="SECONDS",
+                       help="only records not updated for this long")
+    prune.set_defaults(func=cmd_prune)

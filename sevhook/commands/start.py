@@ -15,6 +15,8 @@ from sevhook.console import Console
 from sevhook.flow.report import StepPrinter, format_seconds
 from sevhook.launch.steps import StepFailed, Steps
 
+from sevhook.commands.arguments import config_defaults
+
 EPILOG = """examples:
   sevhook start web1
   sevhook start web1 -c qemu+ssh://root@host1/system
@@ -47,13 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("domain", metavar="DOMAIN", help="name of a defined (persistent), shut-off domain")
     parser.add_argument("-c", "--connect", metavar="URI", default=None,
                         help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's default)")
-    parser.add_argument("--platform", type=Path, metavar="FILE",
+    parser.add_argument("--platform-export", "--platform", dest="platform", type=Path, metavar="FILE",
                         help="take the host's PDH and certificate chain from this export (a directory of "
                              "sevctl-named certificates or one PDH|PEK|OCA|CEK[|ASK|ARK] file) instead of "
                              "the host's platform cache (/var/lib/sevhook/platform, `sevhook platform export`) "
                              "or libvirt's getSEVInfo")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end (see below)")
     parser.set_defaults(func=run)
+    config_defaults(parser, platform="host.platform-export")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sequence is not None:
             sequence.domain.connection.close()
+    if sequence is not None:  # the domain was found: this was an attestation, whatever its verdict
+        from sevhook.status import record_verdict  # noqa: PLC0415
+
+        record_verdict(args.domain, mode="start", ok=outcome["ok"], step=outcome["failed_step"],
+                       reason=outcome["error"], launch_id=outcome["launch_id"])
     outcome["total_seconds"] = round(steps.elapsed, 4)
     outcome["steps"] = [result.to_json() for result in steps.results]
     if args.json:

@@ -96,10 +96,13 @@ def _managed(document: DomainDocument) -> tuple[ManagedGuest | None, list[str]]:
 
 def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLog) -> None:
     if action is Action.ATTEST:
-        if errors:  # `prepare` refused this document already; whatever happened since, never attest it
-            with log.steps.step("validate"):
-                raise HookFailure("validate", "\n".join(errors))
-        _attest(guest, log)
+        from sevhook.status import recording  # noqa: PLC0415  (the verdict `sevhook status` shows)
+
+        with recording(guest.name, "hook", guest.attestation.launch_id):
+            if errors:  # `prepare` refused this document already; whatever happened since, never attest it
+                with log.steps.step("validate"):
+                    raise HookFailure("validate", "\n".join(errors))
+            _attest(guest, log)
         return
     from sevhook.hook import runtime  # noqa: PLC0415  (the runtime files of the other operations)
 

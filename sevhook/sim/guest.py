@@ -57,6 +57,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+MAX_GUEST_RECORDS = 256  # records kept; a new guest's first write removes the oldest finished ones beyond it
+
+
 class GuestRecorder:
     """Persists one guest's launch record as guests/<label>.json (the latest launch of that name)."""
 
@@ -70,9 +73,29 @@ class GuestRecorder:
         return f"guests/{_safe_label(self.label)}.json"
 
     def update(self, **values: object) -> None:
+        first = "updated" not in self.record
         self.record.update(values)
         self.record["updated"] = time.time()
         self.state.write_json(self.filename, self.record)
+        if first:
+            GuestRecorder.prune(self.state, keep=MAX_GUEST_RECORDS)
+
+    @staticmethod
+    def prune(state: StateDir, keep: int = 0, older_than: float | None = None) -> list[str]:
+        """Remove the records of guests no longer running (ended, or their QEMU gone), newest `keep`
+        excepted, and only those last updated more than `older_than` seconds ago; their labels."""
+        records = GuestRecorder.all(state)
+        if len(records) <= keep:
+            return []
+        finished = sorted((r for r in records if not r["alive"]), key=lambda r: r.get("updated", 0), reverse=True)
+        now = time.time()
+        removed = []
+        for record in finished[max(0, keep - (len(records) - len(finished))):]:
+            if older_than is not None and now - record.get("updated", 0) < older_than:
+                continue
+            (state.guests_dir / f"{_safe_label(str(record.get('label', '')))}.json").unlink(missing_ok=True)
+            removed.append(str(record.get("label")))
+        return removed
 
     @staticmethod
     def all(state: StateDir) -> list[dict]:

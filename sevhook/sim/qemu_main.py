@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from sevhook.sim.qemu_sev import SevLaunch
 
 MODE_ENV = "SEVHOOK_SIM_MODE"
+SIM_HELP = """sevhook-sim-qemu: qemu-system-x86_64 backed by sevhook's software SEV platform.
+Its own options (removed before the real QEMU sees the rest):
+  --sim-state-dir DIR        the platform's state (default $SEVHOOK_SIM_DIR, else /var/lib/sevhook/sim)
+  --sim-qemu-binary PATH     the real QEMU to wrap (default $SEVHOOK_SIM_QEMU, else /usr/bin/qemu-system-x86_64)
+  --sim-standalone           answer QMP alone, without a real QEMU (also $SEVHOOK_SIM_MODE=standalone)
+  --sim-qemu-version X.Y.Z   the QEMU version whose QMP shapes standalone mode mimics
+Every other option is the real QEMU's (docs/sim.md); its help follows.
+"""
 
 
 def _error(message: str) -> int:
@@ -34,6 +42,8 @@ def _error(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["-help"], ["--help"]):
+        print(SIM_HELP, flush=True)
     try:
         inv = parse_qemu_argv(args)
     except SevhookError as exc:

@@ -121,9 +121,14 @@ def test_verify_measurement_from_digest_and_firmware(vectors: Path) -> None:
               "--build-id", "40", "--policy", "0x03"]
     proc = sevhook("verify-measurement", "--measurement",
                    "lswbxWxI9gckya16JQvdFtpYmNO4b+3inAPpqsgoBI7DE/q1EcIWsVBbGy6pkDxA", *common,
-                   "--launch-digest", base64.b64decode("xkvRAfyaSizgonxAjZIAkR8TmolUabBKQKb6KJCDDSM=").hex())
+                   "--launch-digest", base64.b64decode("xkvRAfyaSizgonxAjZIAkR8TmolUabBKQKb6KJCDDSM=").hex(), "--hex")
     assert proc.returncode == 0, proc.stderr
     assert "96cc1bc56c48f60724c9ad7a250bdd16da5898d3b86fede29c03e9aac828048e" in proc.stdout
+    proc = sevhook("verify-measurement", "--measurement",  # by default as libvirt prints it: base64
+                   "lswbxWxI9gckya16JQvdFtpYmNO4b+3inAPpqsgoBI7DE/q1EcIWsVBbGy6pkDxA", *common,
+                   "--launch-digest", base64.b64decode("xkvRAfyaSizgonxAjZIAkR8TmolUabBKQKb6KJCDDSM=").hex())
+    assert proc.returncode == 0, proc.stderr
+    assert "expected measurement: lswbxWxI9gckya16JQvdFtpYmNO4b+3inAPpqsgoBI7DE/q1EcIWsVBbGy6pkDxA" in proc.stdout
     proc = sevhook("verify-measurement", "--measurement",
                    "oMDewIouJSpbpNRHj7Mk3p08H2dPZQdsZMU14qIymBnDE/q1EcIWsVBbGy6pkDxA", *common,
                    "--firmware", vectors / "sevctl" / "OVMF.amdsev.trimmed.fd")

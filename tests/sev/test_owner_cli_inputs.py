@@ -183,10 +183,12 @@ def test_verify_chain_json(naples: Path, vectors: Path) -> None:
 def test_verify_measurement_json(sevctl: Path) -> None:
     common = ["verify-measurement", "--measurement", MATCHING_MEASUREMENT, "--tik", sevctl / "measurement_tik1.bin",
               *LAUNCH, "--firmware", sevctl / "OVMF.amdsev.trimmed.fd", "--json"]
-    match = sevhook(*common, "--policy", "3")
+    match = sevhook(*common, "--policy", "3", "--hex")
     result = json.loads(match.stdout)
     assert match.returncode == 0 and result["match"] is True and result["expected"] == result["actual"]
     assert result["actual"] == LaunchMeasurement.parse(MATCHING_MEASUREMENT).measurement.hex()
+    as_libvirt = json.loads(sevhook(*common, "--policy", "3").stdout)  # default: base64, as libvirt prints it
+    assert as_libvirt["actual"] == as_libvirt["expected"] == MATCHING_MEASUREMENT
     mismatch = sevhook(*common, "--policy", "1")
     result = json.loads(mismatch.stdout)
     assert mismatch.returncode == 1 and result["match"] is False and result["expected"] != result["actual"]
