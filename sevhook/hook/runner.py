@@ -33,7 +33,9 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
     try:
         with log.step("load"):
             guest, errors = _load(name, domain_xml, decode_certificates=action is Action.VALIDATE)
-        if guest is not None and guest.attestation.socket is None:
+        if guest is not None and guest.attestation.mode == "emulator":
+            action = plan.emulator_mode_action(action)
+        elif guest is not None and guest.attestation.socket is None:
             from sevhook.hook import runtime  # noqa: PLC0415  (runtime files: not needed to attest)
 
             with log.step("owner"):

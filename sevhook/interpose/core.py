@@ -30,6 +30,7 @@ STREAM_LIMIT = 256 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 SIGNAL_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 KILL_GRACE = 10.0
+STDERR_TAIL_LINES = 20
 
 
 def private_monitor_value(spec: MonitorSpec, path: str) -> str:
@@ -163,10 +164,12 @@ class Interposer:
     say how the child's command line looks (`child_argv`) and what to intercept."""
 
     def __init__(self, argv: list[str], monitors: list[MonitorSpec], *, daemonize: bool = False,
-                 dir_prefix: str = "sevhook-") -> None:
+                 dir_prefix: str = "sevhook-", keep_stderr_tail: bool = False) -> None:
         self.argv = argv
         self.monitors = monitors
         self.daemonize = daemonize
+        self.keep_stderr_tail = keep_stderr_tail  # relay the child's stderr and remember its last lines
+        self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
         self.private_dir = Path(tempfile.mkdtemp(prefix=dir_prefix, dir=_runtime_dir()))
         self.private_paths = {spec.option_index: str(self.private_dir / f"monitor{n}.sock")
                               for n, spec in enumerate(monitors)}
@@ -193,6 +196,9 @@ class Interposer:
     def note_greeting(self, line: bytes) -> None:
         """The real QEMU's QMP greeting, before it is relayed."""
 
+    def child_failed_early(self) -> None:
+        """The real QEMU exited before its monitors were up (its stderr was relayed already)."""
+
     # --- the child --------------------------------------------------------------------------------
     def extra_socket(self, name: str) -> str:
         """A private monitor path of the interposer's own (the caller adds the option to the argv)."""
@@ -206,14 +212,15 @@ class Interposer:
         keep = sorted(fd for fd in inherited_fds(self.argv) - monitor_fds if _fd_open(fd))
         # A daemonized QEMU must not hold the caller's stdio open (libvirt's probe waits for EOF on
         # its stderr pipe): relay stderr ourselves, to wherever fd 2 points (/dev/null once daemonized).
-        relay = asyncio.subprocess.PIPE if self.daemonize else None
+        relay = asyncio.subprocess.PIPE if self.daemonize or self.keep_stderr_tail else None
         self.process = await asyncio.create_subprocess_exec(
             binary, *argv, pass_fds=keep, preexec_fn=set_parent_death_signal,
             stdin=asyncio.subprocess.DEVNULL if self.daemonize else None,
             stdout=asyncio.subprocess.DEVNULL if self.daemonize else None, stderr=relay,
         )
         if self.process.stderr is not None:
-            self._stderr_task = asyncio.ensure_future(_copy_to_stderr(self.process.stderr))
+            tail = self.stderr_tail if self.keep_stderr_tail else None
+            self._stderr_task = asyncio.ensure_future(_copy_to_stderr(self.process.stderr, tail))
 
     async def wait_monitors_ready(self) -> bool:
         """Until every private monitor socket exists, or QEMU exits (False)."""
@@ -279,6 +286,10 @@ class Interposer:
             assert self.process is not None
             self.kill(signal.SIGKILL)
             code = await self.process.wait()
+            if self._stderr_task is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+            self.child_failed_early()
             return code if code > 0 else 1
         ready()
         return await self.serve(sockets)
@@ -291,11 +302,16 @@ class Interposer:
         shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
-async def _copy_to_stderr(stream: asyncio.StreamReader) -> None:
+async def _copy_to_stderr(stream: asyncio.StreamReader, tail: deque[bytes] | None) -> None:
     while True:
-        chunk = await stream.read(4096)
+        try:
+            chunk = await stream.readline() if tail is not None else await stream.read(4096)
+        except (ValueError, asyncio.LimitOverrunError):  # a line longer than the reader's limit
+            chunk = await stream.read(4096)
         if not chunk:
             return
+        if tail is not None:
+            tail.append(chunk)
         with contextlib.suppress(OSError):
             os.write(2, chunk)
 

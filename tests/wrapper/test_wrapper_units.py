@@ -1,0 +1,110 @@
+"""sevhook-qemu's parts that need no libvirtd: the pass-through for probes, emulator.conf, the platform
+export cache, and the sev-guest argument rewrite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sevhook.errors import UsageError
+from sevhook.wrapper.launch import sev_object_with_files
+from sevhook.wrapper.main import DEFAULT_QEMU, ConfigError, read_config
+from sevhook.wrapper.platform_cache import SEV_CERT_SIZE, load_platform_cache
+
+WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
+
+
+@pytest.mark.qemu
+def test_probes_pass_straight_through_to_the_real_qemu():
+    """-version and libvirt's -machine none probe: the real QEMU's own answer, exec'd (same pid)."""
+    begin = time.monotonic()
+    wrapped = subprocess.run([WRAPPER, "-version"], capture_output=True, text=True, timeout=30)
+    elapsed = time.monotonic() - begin
+    direct = subprocess.run([DEFAULT_QEMU, "-version"], capture_output=True, text=True, timeout=30)
+    assert wrapped.returncode == direct.returncode == 0
+    assert wrapped.stdout == direct.stdout
+    assert elapsed < 5
+
+
+def test_config_defaults_and_settings(tmp_path):
+    assert read_config(tmp_path / "absent.conf")["qemu"] == DEFAULT_QEMU
+    conf = tmp_path / "emulator.conf"
+    conf.write_text("# host settings\nqemu = /opt/qemu/bin/qemu-system-x86_64\n\nplatform-cache = /srv/cache  # x\n")
+    assert read_config(conf) == {"qemu": "/opt/qemu/bin/qemu-system-x86_64", "platform-cache": "/srv/cache"}
+
+
+@pytest.mark.parametrize("line", ["qemu /usr/bin/qemu", "emulator = /usr/bin/qemu", "qemu = relative/qemu"])
+def test_config_errors_name_the_file_and_line(tmp_path, line):
+    conf = tmp_path / "emulator.conf"
+    conf.write_text(f"qemu = /usr/bin/qemu-system-x86_64\n{line}\n")
+    with pytest.raises(ConfigError, match=rf"^{conf}:2: expected `qemu = /ABSOLUTE/PATH`"):
+        read_config(conf)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_config_parser_fuzz(tmp_path_factory, text):
+    conf = tmp_path_factory.mktemp("conf") / "emulator.conf"
+    conf.write_text(text, encoding="utf-8")
+    try:
+        settings_read = read_config(conf)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{conf}:")
+    else:
+        assert set(settings_read) == {"qemu", "platform-cache"}
+        assert all(value.startswith("/") for value in settings_read.values())
+
+
+def _cache(directory: Path, pdh: bytes, chain: bytes, chip: str | None = None) -> Path:
+    directory.mkdir()
+    (directory / "pdh.cert").write_bytes(pdh)
+    (directory / "cert_chain.cert").write_bytes(chain)
+    if chip is not None:
+        (directory / "chip_id").write_text(chip)
+    return directory
+
+
+def test_platform_cache_reads_the_export(tmp_path):
+    cache = _cache(tmp_path / "c", b"P" * SEV_CERT_SIZE, b"C" * 3 * SEV_CERT_SIZE, "00ff10\n")
+    pdh, chain, chip = load_platform_cache(cache)
+    assert (len(pdh), len(chain), chip) == (2780, 8336, "AP8Q")
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ("missing", "no such file; run `sevhook platform export`"),
+    ("short-pdh", "expected one 2084-byte SEV certificate"),
+    ("short-chain", "expected PEK||OCA||CEK"),
+    ("bad-chip", "not a hexadecimal chip id"),
+])
+def test_platform_cache_errors_say_what_to_run(tmp_path, change, words):
+    pdh, chain, chip = b"P" * SEV_CERT_SIZE, b"C" * 3 * SEV_CERT_SIZE, None
+    if change == "short-pdh":
+        pdh = pdh[:-1]
+    elif change == "short-chain":
+        chain = chain[:SEV_CERT_SIZE]
+    elif change == "bad-chip":
+        chip = "not hex"
+    cache = _cache(tmp_path / "c", pdh, chain, chip)
+    if change == "missing":
+        (cache / "cert_chain.cert").unlink()
+    with pytest.raises(UsageError, match="run `sevhook platform export`") as error:
+        load_platform_cache(cache)
+    assert words in error.value.message
+
+
+def test_sev_object_gets_the_launch_files_in_either_syntax():
+    files = Path("/run/sevhook/web,1")
+    libvirt_json = '{"qom-type":"sev-guest","id":"lsec0","cbitpos":47,"reduced-phys-bits":1,"policy":1}'
+    props = json.loads(sev_object_with_files(libvirt_json, files))
+    assert props == {"qom-type": "sev-guest", "id": "lsec0", "cbitpos": 47, "reduced-phys-bits": 1, "policy": 1,
+                     "dh-cert-file": "/run/sevhook/web,1/godh.b64", "session-file": "/run/sevhook/web,1/session.b64"}
+    keyval = sev_object_with_files("sev-guest,id=lsec0,cbitpos=47,reduced-phys-bits=1,policy=0x1", files)
+    assert keyval == ("sev-guest,id=lsec0,cbitpos=47,reduced-phys-bits=1,policy=0x1,"
+                      "dh-cert-file=/run/sevhook/web,,1/godh.b64,session-file=/run/sevhook/web,,1/session.b64")
