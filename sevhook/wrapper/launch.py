@@ -42,7 +42,7 @@ def run_sev_guest(args: Sequence[str], config: dict[str, str]) -> int:
         return exec_qemu(config["qemu"], argv)  # QEMU's own parser gives the authoritative message
     name = inv.name or "?"
     try:
-        guest = _emulator_mode_guest(inv)
+        guest = _emulator_mode_guest(inv, Path(config["libvirt-state-dir"]))
     except StepError as exc:
         return _refuse(name, exc.step, exc.reason)
     if guest is None or inv.sev is None:
@@ -71,12 +71,12 @@ def _refuse(name: str, step: str, reason: str) -> int:
     return 1
 
 
-def _emulator_mode_guest(inv: QemuInvocation) -> ManagedGuest | None:
+def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
     from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415  (lxml, the XML checks)
 
     if inv.name is None or inv.sev is None:
         return None
-    guest = guest_from_status(inv.name, os.getpid())
+    guest = guest_from_status(inv.name, os.getpid(), state_dir)
     if guest is None or guest.attestation.mode != "emulator":
         return None
     return guest

@@ -12,18 +12,26 @@ from pathlib import Path
 
 PROG = "sevhook-qemu"
 CONFIG_FILE = Path("/etc/sevhook/emulator.conf")
+CONFIG_ENV = "SEVHOOK_QEMU_CONFIG"  # another file, for runs outside libvirtd (which clears the environment)
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 DEFAULT_PLATFORM_CACHE = "/var/lib/sevhook/platform"
-CONFIG_KEYS = {"qemu": DEFAULT_QEMU, "platform-cache": DEFAULT_PLATFORM_CACHE}
+DEFAULT_LIBVIRT_STATE_DIR = "/run/libvirt/qemu"  # libvirtd's qemu:///system status files
+CONFIG_KEYS = {"qemu": DEFAULT_QEMU, "platform-cache": DEFAULT_PLATFORM_CACHE,
+               "libvirt-state-dir": DEFAULT_LIBVIRT_STATE_DIR}
 
 
 class ConfigError(Exception):
     """emulator.conf cannot be used; the message names the file, the line and the fix."""
 
 
-def read_config(path: Path = CONFIG_FILE) -> dict[str, str]:
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or CONFIG_FILE)
+
+
+def read_config(path: Path) -> dict[str, str]:
     """The host's settings for the wrapper: `qemu = PATH` (the QEMU that answers libvirt's probes
-    and runs guests whose metadata names none) and `platform-cache = DIR`. libvirtd clears the
+    and runs guests whose metadata names none), `platform-cache = DIR` and `libvirt-state-dir = DIR`
+    (where libvirtd writes its domain status files). libvirtd clears the
     environment of the emulators it runs, so these live in a file, not in variables."""
     settings = dict(CONFIG_KEYS)
     try:
@@ -39,8 +47,8 @@ def read_config(path: Path = CONFIG_FILE) -> dict[str, str]:
             continue
         key, sep, value = (part.strip() for part in stripped.partition("="))
         if not sep or key not in CONFIG_KEYS or not value.startswith("/"):
-            raise ConfigError(f"{path}:{number}: expected `qemu = /ABSOLUTE/PATH` or `platform-cache = /DIR`, "
-                              f"got {stripped[:80]!r}")
+            raise ConfigError(f"{path}:{number}: expected `qemu = /ABSOLUTE/PATH`, `platform-cache = /DIR` or "
+                              f"`libvirt-state-dir = /DIR`, got {stripped[:80]!r}")
         settings[key] = value
     return settings
 
@@ -50,7 +58,7 @@ def exec_qemu(binary: str, args: Sequence[str]) -> int:
     try:
         os.execv(binary, [binary, *args])
     except OSError as exc:
-        print(f"{PROG}: cannot run the real QEMU {binary}: {exc.strerror}; set `qemu = PATH` in {CONFIG_FILE} "
+        print(f"{PROG}: cannot run the real QEMU {binary}: {exc.strerror}; set `qemu = PATH` in {config_path()} "
               "or the domain's <sevhook:emulator qemu=...> (sevhook prepare-domain --qemu)", file=sys.stderr)
         return 1
     return 1  # not reached
@@ -59,7 +67,7 @@ def exec_qemu(binary: str, args: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = read_config()
+        config = read_config(config_path())
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

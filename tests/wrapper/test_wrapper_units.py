@@ -37,7 +37,8 @@ def test_config_defaults_and_settings(tmp_path):
     assert read_config(tmp_path / "absent.conf")["qemu"] == DEFAULT_QEMU
     conf = tmp_path / "emulator.conf"
     conf.write_text("# host settings\nqemu = /opt/qemu/bin/qemu-system-x86_64\n\nplatform-cache = /srv/cache  # x\n")
-    assert read_config(conf) == {"qemu": "/opt/qemu/bin/qemu-system-x86_64", "platform-cache": "/srv/cache"}
+    assert read_config(conf) == {"qemu": "/opt/qemu/bin/qemu-system-x86_64", "platform-cache": "/srv/cache",
+                                 "libvirt-state-dir": "/run/libvirt/qemu"}
 
 
 @pytest.mark.parametrize("line", ["qemu /usr/bin/qemu", "emulator = /usr/bin/qemu", "qemu = relative/qemu"])
@@ -58,7 +59,7 @@ def test_config_parser_fuzz(tmp_path_factory, text):
     except ConfigError as exc:
         assert str(exc).startswith(f"{conf}:")
     else:
-        assert set(settings_read) == {"qemu", "platform-cache"}
+        assert set(settings_read) == {"qemu", "platform-cache", "libvirt-state-dir"}
         assert all(value.startswith("/") for value in settings_read.values())
 
 

@@ -1,0 +1,159 @@
+"""sevhook-qemu driven as libvirtd drives it, without libvirtd: a status file naming the wrapper's pid
+(written by the shell that then execs the wrapper, as libvirt writes it before exec), libvirt's
+argv for an emulator-mode domain, and a QMP client on the monitor. The stand-in is the real QEMU
+(real QEMU 7.2 TCG behind it) and a real broker process runs on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, write_platform_cache
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
+SECRET = PASSPHRASE.encode() + b"\0"
+
+
+@pytest.fixture(scope="module")
+def world(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
+    created = SimWorld.create(tmp_path_factory.mktemp("qmpworld"), shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd")
+    (created.root / "state").mkdir()
+    cache = write_platform_cache(created, created.root / "platform")
+    (created.root / "emulator.conf").write_text(f"qemu = /usr/bin/qemu-system-x86_64\nplatform-cache = {cache}\n"
+                                               f"libvirt-state-dir = {created.root / 'state'}\n")
+    yield created
+    created.close()
+
+
+def _libvirt_argv(world: SimWorld, name: str, socket: Path, firmware: Path | None = None) -> list[str]:
+    """What libvirt 9.0 gives the emulator for the domain (the parts a launch depends on)."""
+    sev = {"qom-type": "sev-guest", "id": "lsec0", "cbitpos": 47, "reduced-phys-bits": 1, "policy": 1}
+    return ["-name", f"guest={name},debug-threads=on", "-S", "-machine", "q35,confidential-guest-support=lsec0",
+            "-accel", "tcg", "-m", "128",
+            "-drive", f"if=pflash,format=raw,unit=0,file={firmware or world.firmware},readonly=on",
+            "-object", json.dumps(sev, separators=(",", ":")), "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{socket},server=on,wait=off"]
+
+
+def _start(world: SimWorld, name: str, argv: list[str], socket: Path,
+           domain_xml: str | None = None) -> subprocess.Popen[bytes]:
+    """The shell writes libvirt's status file with its own pid, then execs the wrapper (same pid)."""
+    template = world.root / f"{name}.status"
+    template.write_text("<domstatus state='paused' reason='starting up' pid='@PID@'>\n"
+                        f"{domain_xml or emulator_domain(world, name)}</domstatus>\n")
+    status = world.root / "state" / f"{name}.xml"
+    script = f'sed "s/@PID@/$$/" {template} > {status} && exec {WRAPPER} "$@"'
+    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / "emulator.conf"),
+           "SEVHOOK_SIM_DIR": str(world.sim_dir), "SEVHOOK_QEMU_LOG": str(world.root / "emulator.log")}
+    process = subprocess.Popen(["sh", "-c", script, "sh", *argv], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=open(world.root / f"{name}.log", "wb"))
+    deadline = time.monotonic() + 60
+    while not socket.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process
+
+
+def _log(world: SimWorld, name: str) -> str:
+    return (world.root / f"{name}.log").read_text(errors="replace")
+
+
+def _secrets(world: SimWorld, name: str) -> list[bytes]:
+    return [base64.b64decode(entry["value_b64"]) for secret in world.secrets(name)
+            for entry in secret["table"]]  # type: ignore[union-attr]
+
+
+async def _session(socket: Path, *commands: str) -> list[object]:
+    """Run the commands in order on one QMP session: each answer, or the ExecuteError."""
+    qmp = QMPClient("libvirt-like")
+    await qmp.connect(str(socket))
+    answers: list[object] = []
+    try:
+        for command in commands:
+            try:
+                answers.append(await qmp.execute(command))
+            except ExecuteError as exc:
+                answers.append(exc)
+    finally:
+        await qmp.disconnect()
+    return answers
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.terminate()
+    return process.wait(timeout=30)
+
+
+def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
+    name, socket = "q-good", short_dir / "good.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket)
+    try:
+        assert socket.exists(), _log(world, name)
+        before, reset, cont, after = asyncio.run(_session(socket, "query-status", "system_reset", "cont",
+                                                          "query-status"))
+        assert before["status"] == "prelaunch"
+        assert isinstance(reset, ExecuteError) and "system_reset: an in-place reset" in str(reset)
+        assert cont == {}
+        assert after["running"] is True
+        assert _secrets(world, name) == [SECRET]
+        assert f"sevhook-qemu: {name}: launch " in _log(world, name)
+    finally:
+        _stop(process)
+    assert not (world.root / "state" / name).exists()
+
+
+def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, short_dir):
+    name, socket = "q-fw", short_dir / "fw.sock"
+    patched = world.root / "OVMF.patched.fd"
+    image = bytearray(world.firmware.read_bytes())
+    image[0] ^= 0xFF
+    patched.write_bytes(bytes(image))
+    process = _start(world, name, _libvirt_argv(world, name, socket, patched), socket,
+                     emulator_domain(world, name, firmware=patched))
+    try:
+        (cont,) = asyncio.run(_session(socket, "cont"))
+        assert isinstance(cont, ExecuteError)
+        assert str(cont).startswith(f"sevhook-qemu: {name}: attest: the key broker refused"), str(cont)
+        assert process.wait(timeout=30) != 0  # QEMU was killed: its vCPUs never ran
+        assert _secrets(world, name) == []
+    finally:
+        _stop(process)
+
+
+def test_incoming_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
+    name, socket = "q-in", short_dir / "in.sock"
+    process = _start(world, name, [*_libvirt_argv(world, name, socket), "-incoming", "defer"], socket)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: incoming: an attested SEV guest cannot be migrated in" in _log(world, name)
+    name, socket = "q-down", short_dir / "down.sock"
+    domain = emulator_domain(world, name, broker_url="http://127.0.0.1:9")
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: launch: " in _log(world, name)
+    assert not socket.exists() or not _alive(process)
+
+
+def _alive(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is None
+
+
+def test_a_guest_without_emulator_metadata_runs_the_configured_qemu_untouched(world, short_dir):
+    """No status file (not started by libvirt): the argv goes to emulator.conf's QEMU unchanged, which
+    here is the system QEMU without SEV: it fails on the sev-guest object itself (under TCG, an abort)."""
+    socket = short_dir / "plain.sock"
+    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / "emulator.conf")}
+    result = subprocess.run([WRAPPER, *_libvirt_argv(world, "q-nostatus", socket)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "sevhook-qemu" not in result.stderr and "qemu-system-x86_64" in result.stderr
