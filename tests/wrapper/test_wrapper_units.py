@@ -109,3 +109,53 @@ def test_sev_object_gets_the_launch_files_in_either_syntax():
     keyval = sev_object_with_files("sev-guest,id=lsec0,cbitpos=47,reduced-phys-bits=1,policy=0x1", files)
     assert keyval == ("sev-guest,id=lsec0,cbitpos=47,reduced-phys-bits=1,policy=0x1,"
                       "dh-cert-file=/run/sevhook/web,,1/godh.b64,session-file=/run/sevhook/web,,1/session.b64")
+
+
+def _prepare(tmp_path: Path, source_xml: str, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    source = tmp_path / "in.xml"
+    source.write_text(source_xml)
+    out = tmp_path / "out.xml"
+    result = subprocess.run([sys.executable, "-m", "sevhook.cli", "prepare-domain", str(source), "--broker",
+                             "http://127.0.0.1:9", "--guest", "vm", "-o", str(out), *args],
+                            capture_output=True, text=True, timeout=60)
+    return result, out.read_text() if out.exists() else ""
+
+
+def test_prepare_domain_converts_between_modes_without_hand_editing(tmp_path):
+    """emulator (the default, no broker call) -> start -> emulator; a hook-mode domain's monitor and
+    session go away in emulator mode."""
+    from sevhook.xml import load_domain
+    from tests.hook.domains import domain_xml
+
+    hook_mode = domain_xml("web1", socket="/run/sevhook/web1.qmp", godh_b64="", launch_id="L1")
+    result, emulator_xml = _prepare(tmp_path, hook_mode, "--qemu", "/opt/qemu/bin/qemu-system-x86_64")
+    assert result.returncode == 0, result.stderr
+    document = load_domain(emulator_xml.encode())
+    assert document.valid, [str(problem) for problem in document.errors]
+    attestation = document.domain.attestation
+    assert (attestation.mode, attestation.emulator_qemu, attestation.launch_id, attestation.socket) == (
+        "emulator", "/opt/qemu/bin/qemu-system-x86_64", None, None)
+    assert f"<emulator>{WRAPPER}</emulator>" in emulator_xml
+    assert "commandline" not in emulator_xml and "<dhCert>" not in emulator_xml
+
+    result, start_xml = _prepare(tmp_path, emulator_xml, "--mode", "start")
+    assert result.returncode == 0, result.stderr
+    assert load_domain(start_xml.encode()).domain.attestation.mode == "start"
+    assert "<emulator>/opt/qemu/bin/qemu-system-x86_64</emulator>" in start_xml  # the wrapper gave way
+
+    result, again = _prepare(tmp_path, start_xml)
+    assert result.returncode == 0, result.stderr
+    assert load_domain(again.encode()).domain.attestation.emulator_qemu == "/usr/bin/qemu-system-x86_64"
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--mode", "start", "--qemu", "/usr/bin/qemu"], "--qemu /usr/bin/qemu: give an absolute path, with --mode emulator"),
+    (["--socket", "/run/x.qmp"], "--socket is for --mode hook only"),
+    (["--qemu", "qemu"], "--qemu qemu: give an absolute path"),
+])
+def test_prepare_domain_mode_errors_are_one_line(tmp_path, args, words):
+    from tests.hook.domains import domain_xml
+
+    result, written = _prepare(tmp_path, domain_xml("web1", socket=None, metadata=False), *args)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr and written == ""

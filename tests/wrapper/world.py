@@ -47,15 +47,21 @@ class EmulatorConf:
             CONFIG_FILE.unlink()
 
 
+def plain_sev_domain(world: SimWorld, name: str, *, firmware: Path | None = None,
+                     emulator: str = "/usr/bin/qemu-system-x86_64") -> str:
+    """An SEV domain with the world's firmware and no sevhook metadata (nothing attests it)."""
+    loader = (f"<loader readonly='yes' type='pflash'>{firmware or world.firmware}</loader>"
+              f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{world.root / name}_VARS.fd</nvram>")
+    xml = domain_xml(name, socket=None, metadata=False, declare_monitor=False, emulator=emulator)
+    return xml.replace("<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>",
+                       f"<os><type arch='x86_64' machine='q35'>hvm</type>{loader}</os>")
+
+
 def emulator_domain(world: SimWorld, name: str, *, firmware: Path | None = None, broker_url: str | None = None,
                     token: Path | None = None, timeout: float = 30) -> str:
     """A plain SEV domain made emulator-mode by prepare-domain (no broker call: every start makes its launch)."""
     source = world.root / f"{name}.xml"
-    loader = (f"<loader readonly='yes' type='pflash'>{firmware or world.firmware}</loader>"
-              f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{world.root / name}_VARS.fd</nvram>")
-    xml = domain_xml(name, socket=None, metadata=False, declare_monitor=False)
-    source.write_text(xml.replace("<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>",
-                                  f"<os><type arch='x86_64' machine='q35'>hvm</type>{loader}</os>"))
+    source.write_text(plain_sev_domain(world, name, firmware=firmware))
     prepared = world.root / f"{name}.emulator.xml"
     prepare_domain_file(source, broker_url=broker_url or world.broker_url, guest_id=GUEST_ID,
                         token_file=token or world.token, timeout=timeout, output=prepared, mode="emulator",
