@@ -159,3 +159,23 @@ def test_prepare_domain_mode_errors_are_one_line(tmp_path, args, words):
     result, written = _prepare(tmp_path, domain_xml("web1", socket=None, metadata=False), *args)
     assert result.returncode == 2, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr and written == ""
+
+
+@pytest.mark.parametrize(("operation", "status"), [("prepare", 0), ("start", 0), ("started", 0), ("release", 0),
+                                                   ("migrate", 1), ("restore", 1)])
+def test_the_installed_hook_leaves_emulator_mode_guests_to_the_wrapper(tmp_path, operation, status):
+    """The hook has no monitor of an emulator-mode guest: it must not refuse or attest its starts, and
+    still refuses moving its launch state."""
+    from sevhook.hook.install import install
+    from tests.hook.domains import domain_xml
+
+    result, emulator_xml = _prepare(tmp_path, domain_xml("web1", socket=None, metadata=False))
+    assert result.returncode == 0, result.stderr
+    hook = install(tmp_path / "hooks")
+    env = {"PATH": "/usr/bin:/bin", "SEVHOOK_HOOK_LOG": str(tmp_path / "hook.log")}
+    run = subprocess.run([str(hook), "web1", operation, "begin", "-"], input=emulator_xml, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert run.returncode == status, run.stderr
+    assert run.stdout == ""
+    if status:
+        assert run.stderr.startswith(f"sevhook: web1: {operation}: an attested SEV guest cannot be migrated")
