@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from qemu.qmp import ExecuteError, QMPClient
+
+from sevhook.sev.certs import SevCertificate, Usage
+from sevhook.sim.platform import SoftwarePlatform
+from sevhook.sim.state import StateDir
 
 from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, write_platform_cache
 
@@ -47,14 +52,14 @@ def _libvirt_argv(world: SimWorld, name: str, socket: Path, firmware: Path | Non
 
 
 def _start(world: SimWorld, name: str, argv: list[str], socket: Path,
-           domain_xml: str | None = None) -> subprocess.Popen[bytes]:
+           domain_xml: str | None = None, conf: str = "emulator.conf") -> subprocess.Popen[bytes]:
     """The shell writes libvirt's status file with its own pid, then execs the wrapper (same pid)."""
     template = world.root / f"{name}.status"
     template.write_text("<domstatus state='paused' reason='starting up' pid='@PID@'>\n"
                         f"{domain_xml or emulator_domain(world, name)}</domstatus>\n")
     status = world.root / "state" / f"{name}.xml"
     script = f'sed "s/@PID@/$$/" {template} > {status} && exec {WRAPPER} "$@"'
-    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / "emulator.conf"),
+    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / conf),
            "SEVHOOK_SIM_DIR": str(world.sim_dir), "SEVHOOK_QEMU_LOG": str(world.root / "emulator.log")}
     process = subprocess.Popen(["sh", "-c", script, "sh", *argv], env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=open(world.root / f"{name}.log", "wb"))
@@ -157,3 +162,24 @@ def test_a_guest_without_emulator_metadata_runs_the_configured_qemu_untouched(wo
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "sevhook-qemu" not in result.stderr and "qemu-system-x86_64" in result.stderr
+
+
+def test_a_stale_pdh_in_the_cache_is_named(world, short_dir):
+    """The cache holds a PDH the firmware no longer has (regenerated since the export), properly signed
+    by the platform's PEK, so the broker makes a launch for it; the firmware's LAUNCH_START refuses."""
+    platform = SoftwarePlatform(StateDir(world.sim_dir))
+    new_pdh = (SevCertificate.generate(Usage.PDH, ec.generate_private_key(ec.SECP384R1()).public_key(),
+                                       platform.config.api_major, platform.config.api_minor)
+               .sign(Usage.PEK, platform.pek_private_key).to_bytes())
+    stale = world.root / "stale-platform"
+    stale.mkdir()
+    (stale / "pdh.cert").write_bytes(new_pdh)
+    (stale / "cert_chain.cert").write_bytes((world.root / "platform" / "cert_chain.cert").read_bytes())
+    conf = (world.root / "emulator.conf").read_text().replace(str(world.root / "platform"), str(stale))
+    (world.root / "stale.conf").write_text(conf)
+    name, socket = "q-stale", short_dir / "stale.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, conf="stale.conf")
+    assert process.wait(timeout=60) != 0
+    log = _log(world, name)
+    assert "LAUNCH_START" in log, log
+    assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in log
