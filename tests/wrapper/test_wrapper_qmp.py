@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,3 +186,53 @@ def test_a_stale_pdh_in_the_cache_is_named(world, short_dir):
     log = _log(world, name)
     assert "LAUNCH_START" in log, log
     assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in log
+
+
+class _SlowAttestation(http.server.BaseHTTPRequestHandler):
+    """A real HTTP proxy to the broker that relays launch creation at once and never answers an
+    attestation in time (a broker slower than the guest's deadline)."""
+
+    upstream = ""
+
+    def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path.endswith("/attestation"):
+            time.sleep(20)
+            return
+        host, port = self.upstream.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
+        answer = connection.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        connection.close()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir):
+    _SlowAttestation.upstream = world.broker_url.removeprefix("http://")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowAttestation)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    name, socket = "q-slow", short_dir / "slow.sock"
+    domain = emulator_domain(world, name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
+    try:
+        begin = time.monotonic()
+        (cont,) = asyncio.run(_session(socket, "cont"))
+        elapsed = time.monotonic() - begin
+        assert isinstance(cont, ExecuteError)
+        assert str(cont).startswith(f"sevhook-qemu: {name}: attest: "), str(cont)
+        assert "3 s budget ran out" in str(cont) or "no verdict within" in str(cont), str(cont)
+        assert elapsed < 10
+        assert process.wait(timeout=30) != 0
+        assert _secrets(world, name) == []
+    finally:
+        _stop(process)
+        server.shutdown()
