@@ -36,17 +36,30 @@ class Refused(StepError):
 
 def run_sev_guest(args: Sequence[str], config: dict[str, str]) -> int:
     argv = list(args)
+    name = _name_argument(argv) or "?"
+    try:
+        return _run(argv, name, config)
+    except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+        return _refuse(name, "internal", f"{exc.__class__.__name__}: {exc}; the guest was not started")
+
+
+def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
+    state_dir = Path(config["libvirt-state-dir"])
     try:
         inv = parse_qemu_argv(argv)
-    except SevhookError:
+    except SevhookError as exc:
+        if _is_emulator_mode(name, state_dir):  # never run an attested guest's QEMU unattested
+            return _refuse(name, "argv", f"{exc.message}: sevhook-qemu cannot read this command line")
         return exec_qemu(config["qemu"], argv)  # QEMU's own parser gives the authoritative message
-    name = inv.name or "?"
     try:
-        guest = _emulator_mode_guest(inv, Path(config["libvirt-state-dir"]))
+        guest = _emulator_mode_guest(inv, state_dir)
     except StepError as exc:
         return _refuse(name, exc.step, exc.reason)
-    if guest is None or inv.sev is None:
+    if guest is None:
         return exec_qemu(config["qemu"], argv)
+    if inv.sev is None:
+        return _refuse(name, "argv", "the QEMU command line has no sev-guest object that -machine "
+                       "confidential-guest-support names, so the guest would run unencrypted and unattested")
     qemu = guest.attestation.emulator_qemu or config["qemu"]
     log = StepLog.open(name, "emulator", os.environ.get("SEVHOOK_QEMU_LOG") or LOG_FILE)
     files = RUN_DIR / name
@@ -71,10 +84,30 @@ def _refuse(name: str, step: str, reason: str) -> int:
     return 1
 
 
+def _name_argument(argv: list[str]) -> str | None:
+    """`-name guest=NAME,...` (or `-name NAME`), read without the full parser."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-name", "--name"):
+            first = value.replace(",,", "\0").split(",")[0].replace("\0", ",")
+            return first.removeprefix("guest=")
+    return None
+
+
+def _is_emulator_mode(name: str, state_dir: Path) -> bool:
+    """Whether libvirt is starting an emulator-mode guest of that name (a status file in doubt: yes)."""
+    from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415
+
+    try:
+        guest = guest_from_status(name, os.getpid(), state_dir)
+    except StepError:
+        return True
+    return guest is not None and guest.attestation.mode == "emulator"
+
+
 def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
     from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415  (lxml, the XML checks)
 
-    if inv.name is None or inv.sev is None:
+    if inv.name is None:
         return None
     guest = guest_from_status(inv.name, os.getpid(), state_dir)
     if guest is None or guest.attestation.mode != "emulator":
