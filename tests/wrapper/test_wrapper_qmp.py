@@ -139,11 +139,16 @@ def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, sho
         _stop(process)
 
 
-def test_incoming_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
+def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
     name, socket = "q-in", short_dir / "in.sock"
     process = _start(world, name, [*_libvirt_argv(world, name, socket), "-incoming", "defer"], socket)
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: incoming: an attested SEV guest cannot be migrated in" in _log(world, name)
+    name, socket = "q-nolink", short_dir / "nolink.sock"
+    unlinked = [arg.replace(",confidential-guest-support=lsec0", "") for arg in _libvirt_argv(world, name, socket)]
+    process = _start(world, name, unlinked, socket)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: argv: the QEMU command line has no sev-guest object" in _log(world, name)
     name, socket = "q-down", short_dir / "down.sock"
     domain = emulator_domain(world, name, broker_url="http://127.0.0.1:9")
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
