@@ -26,7 +26,7 @@ from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.state import StateDir
 
-from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, write_platform_cache
+from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, sevhook, write_platform_cache
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
@@ -241,3 +241,16 @@ def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir
     finally:
         _stop(process)
         server.shutdown()
+
+
+def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
+    token = world.root / "revoked.token"
+    data = ["--data-dir", str(world.root / "broker")]
+    sevhook("broker", "add-host", "host-revoked", "--token-file", str(token), *data)
+    sevhook("broker", "revoke-host", "host-revoked", *data)
+    name, socket = "q-revoked", short_dir / "revoked.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, emulator_domain(world, name, token=token))
+    assert process.wait(timeout=60) == 1
+    log = _log(world, name)
+    assert f"sevhook-qemu: {name}: launch: the key broker refused" in log and "revoked" in log, log
+    assert token.read_text().strip() not in log  # the bearer token is never printed
