@@ -254,3 +254,23 @@ def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
     log = _log(world, name)
     assert f"sevhook-qemu: {name}: launch: the key broker refused" in log and "revoked" in log, log
     assert token.read_text().strip() not in log  # the bearer token is never printed
+
+
+def test_ten_guests_started_at_once_all_attest(world, short_dir):
+    names = [f"q-crowd{index}" for index in range(10)]
+    sockets = {name: short_dir / f"{name}.sock" for name in names}
+    domains = {name: emulator_domain(world, name, timeout=120) for name in names}
+    processes = [_start(world, name, _libvirt_argv(world, name, sockets[name]), sockets[name], domains[name])
+                 for name in names]
+
+    async def all_cont() -> list[list[object]]:
+        return await asyncio.gather(*(_session(sockets[name], "cont", "query-status") for name in names))
+
+    try:
+        for name, (cont, status) in zip(names, asyncio.run(all_cont())):
+            assert cont == {}, (name, cont)
+            assert status["running"] is True, name
+            assert _secrets(world, name) == [SECRET], name
+    finally:
+        for process in processes:
+            _stop(process)
