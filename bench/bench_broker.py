@@ -37,8 +37,8 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-
 from common import Figure, figure
+
 from sevhook.sev.measurement import compute_measurement
 from sevhook.sev.session import open_session
 from sevhook.sim.platform import PlatformConfig, RootOfTrust

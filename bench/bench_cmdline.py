@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import Figure, figure
+
 from sevhook.qemu_cmdline.argv import read_launch_security
 from sevhook.qemu_cmdline.translate import CmdlineOptions, Translation, translate
 from sevhook.sev.policy import SevPolicy, SnpPolicy

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from common import Figure, figure
+
 from sevhook.hook.install import install
 from sevhook.sim.world import SimWorld, stop
 

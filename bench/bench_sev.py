@@ -10,9 +10,9 @@ import os
 import time
 from collections.abc import Callable
 
+from common import Figure, figure
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common import Figure, figure
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sev.measurement import LaunchMeasurement, compute_measurement, verify_measurement
 from sevhook.sev.session import create_session, open_session

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import Figure, figure
 from qemu.qmp import ConnectError, QMPClient
 
 from sevhook.sev.chain import CertificateChain
@@ -32,8 +33,6 @@ from sevhook.sim.qemu_sev import SevLaunch
 from sevhook.sim.qmp_server import listening_socket
 from sevhook.sim.standalone import StandaloneQemu
 from sevhook.sim.state import StateDir
-
-from common import Figure, figure
 
 OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 TARGET_MS = 100.0

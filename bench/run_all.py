@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import Figure, machine_note, print_figures
+
 from sevhook.console import Console
 
 # area -> module, in the order of the issues

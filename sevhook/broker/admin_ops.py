@@ -20,6 +20,7 @@ from sevhook.broker.rules import GuestSpec, Refusal
 from sevhook.broker.vault import STORAGE_KEY_FILE, new_token, token_digest
 from sevhook.errors import UsageError
 
+
 def require_initialised(data_dir: Path, source: str) -> None:
     """Refuse a data directory `broker init` never made, saying where its path came from, so the
     advice never leads to a second, empty broker beside the real one."""

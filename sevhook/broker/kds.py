@@ -12,8 +12,8 @@ kds-unavailable, cek-mismatch), never a misleading unknown-root."""
 from __future__ import annotations
 
 import hashlib
-import re
 import http.client
+import re
 import threading
 import time
 import urllib.error

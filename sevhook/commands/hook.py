@@ -113,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--token-file", type=Path, metavar="F", help="the host's bearer token for the broker")
     prepare.add_argument("--ca-file", type=Path, metavar="F", help="CA certificate (PEM) of an https broker")
     prepare.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here (default: standard output)")
+    prepare.add_argument("--mode", choices=("emulator", "hook", "start"), default="emulator",
+                         help="who attests each start: the emulator wrapper sevhook-qemu (default), the libvirt "
+                         "hook (virsh start --paused), or `sevhook start` (docs/emulator.md)")
+    prepare.add_argument("--qemu", metavar="PATH", help="emulator mode: the QEMU sevhook-qemu runs (default "
+                         "/usr/bin/qemu-system-x86_64; sevhook-sim-qemu on hosts without SEV)")
     prepare.set_defaults(func=_prepare)
     config_defaults(prepare, required=("broker",), broker="host.broker-url", token_file="host.token-file",
                     ca_file="host.ca-file", platform_export="host.platform-export")
@@ -157,7 +162,7 @@ def _prepare(args: argparse.Namespace) -> int:
     warnings = prepare_domain_file(
         args.domain_xml, broker_url=args.broker, guest_id=args.guest, uri=args.connect,
         platform_export=args.platform_export, socket=args.socket, timeout=args.timeout,
-        token_file=args.token_file, ca_file=args.ca_file, output=args.output,
+        token_file=args.token_file, ca_file=args.ca_file, output=args.output, mode=args.mode, qemu=args.qemu,
     )
     for warning in warnings:
         print(f"sevhook: {warning}", file=sys.stderr)

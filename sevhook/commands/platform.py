@@ -81,7 +81,7 @@ def _capabilities_from_emulator(emulator: str) -> Any:
 
 
 def _signed_cek(chip_id_hex: str, kds_url: str) -> bytes:
-    from sevhook.broker.kds import KdsClient, CekRefusal
+    from sevhook.broker.kds import CekRefusal, KdsClient
     from sevhook.errors import SevhookError
 
     try:

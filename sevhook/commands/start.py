@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sevhook.commands.arguments import config_defaults
 from sevhook.console import Console
 from sevhook.flow.report import StepPrinter, format_seconds
 from sevhook.launch.steps import StepFailed, Steps
-
-from sevhook.commands.arguments import config_defaults
 
 EPILOG = """examples:
   sevhook start web1

@@ -56,6 +56,13 @@ def start_mode_action(action: Action, started_by_sevhook_start: bool) -> Action:
     return action
 
 
+def emulator_mode_action(action: Action) -> Action:
+    """The action for a guest whose metadata declares <sevhook:emulator>: its emulator, sevhook-qemu,
+    makes the launch and attests it at libvirt's `cont` over a monitor of its own, so the hook leaves
+    it alone except to refuse moving its launch state (migrate, restore)."""
+    return action if action is Action.REFUSE_MOVE else Action.NOTHING
+
+
 def start_mode_refusal(name: str) -> HookFailure:
     return HookFailure("metadata", f"this guest is attested by `sevhook start` (its metadata declares no "
                        f"<sevhook:monitor>): start it with `sevhook start {name}`, or run `sevhook prepare-domain` "

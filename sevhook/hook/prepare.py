@@ -1,13 +1,20 @@
-"""`sevhook prepare-domain`: turn a domain with <launchSecurity type='sev'> into one the hook can
-attest. The key broker makes a launch for this host's platform (its PDH and certificate chain); its
-GODH certificate and session go into <launchSecurity>, and the domain gets the sevhook metadata and
-the private QMP monitor the hook talks to. The result is checked with sevhook's own validator."""
+"""`sevhook prepare-domain`: turn a domain with <launchSecurity type='sev'> into an attested one, in
+one of three modes (docs/emulator.md says which to use when):
+- emulator (the default): <emulator> becomes the wrapper sevhook-qemu, which gets a fresh launch from
+  the broker at every start and attests at libvirt's `cont`; the metadata names the real QEMU;
+- hook: the key broker makes a launch for this host's platform (its PDH and certificate chain); its
+  GODH certificate and session go into <launchSecurity>, and the domain gets the private QMP monitor
+  the hook talks to;
+- start: `sevhook start` makes the launch and attests through libvirt's APIs.
+Converting between modes removes what the previous mode added. The result is checked with sevhook's
+own validator."""
 
 from __future__ import annotations
 
 import base64
+import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lxml import etree
@@ -27,6 +34,9 @@ from sevhook.xml.models import QEMU_NS, SEVHOOK_NS, BrokerRef
 from sevhook.xml.parsing import MAX_DOCUMENT_BYTES, parse_document, read_source
 
 MAX_EXPORT_BYTES = 64 * 1024  # a full chain is six certificates of 2084 bytes, base64 a third more
+MODES = ("emulator", "hook", "start")
+DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
+WRAPPER_NAME = "sevhook-qemu"
 _QEMU = f"{{{QEMU_NS}}}"
 _SEVHOOK = f"{{{SEVHOOK_NS}}}"
 
@@ -37,14 +47,15 @@ class PreparedLaunch:
 
     broker_url: str
     guest_id: str
-    launch_id: str
-    godh_b64: str
-    session_b64: str
-    policy: int
-    socket: str
+    launch_id: str | None
+    godh_b64: str | None
+    session_b64: str | None
+    policy: int | None
+    socket: str | None
     timeout: float
     token_file: str | None = None
     ca_file: str | None = None
+    emulator_qemu: str | None = None  # emulator mode: the real QEMU sevhook-qemu runs
 
 
 def default_socket(domain_name: str) -> str:
@@ -65,22 +76,52 @@ def apply_launch(root: etree._Element, launch: PreparedLaunch, filename: str) ->
         raise UsageError(f"{filename}: prepare-domain needs <launchSecurity type='sev'> with a <policy>; add it "
                          "(SEV-ES: policy bit 0x4) and run again")
     previous = root.find(f"metadata/{_SEVHOOK}attestation/{_SEVHOOK}monitor")
-    stale_sockets = {launch.socket} | ({previous.get("socket", "")} if previous is not None else set())
+    previous_emulator = root.find(f"metadata/{_SEVHOOK}attestation/{_SEVHOOK}emulator")
+    stale_sockets = {launch.socket or ""} | ({previous.get("socket", "")} if previous is not None else set())
     _set_launch_security(security, launch)
     _set_metadata(root, launch)
     _set_private_monitor(root, launch.socket, stale_sockets)
+    _set_emulator(root, launch, previous_emulator.get("qemu") if previous_emulator is not None else None)
 
 
 def _set_launch_security(security: etree._Element, launch: PreparedLaunch) -> None:
     for tag in ("dhCert", "session"):
         for old in security.findall(tag):
             security.remove(old)
+    if launch.godh_b64 is None or launch.session_b64 is None or launch.policy is None:
+        return  # emulator and start mode: a fresh session is made at every start
     policy = security.find("policy")
     if policy is None:
         policy = etree.SubElement(security, "policy")
     policy.text = f"0x{launch.policy:04x}"  # the session is MACed with the broker's policy: they must agree
     etree.SubElement(security, "dhCert").text = launch.godh_b64
     etree.SubElement(security, "session").text = launch.session_b64
+
+
+def wrapper_path() -> str:
+    """sevhook-qemu's absolute path: next to this Python (a virtualenv), else on PATH."""
+    beside = Path(sys.executable).with_name(WRAPPER_NAME)
+    found = str(beside) if beside.is_file() else shutil.which(WRAPPER_NAME)
+    if found is None:
+        raise UsageError(f"{WRAPPER_NAME} is not installed next to {sys.executable} nor on PATH; install sevhook "
+                         "(it provides the console script) or use --mode hook")
+    return str(Path(found).absolute())
+
+
+def _set_emulator(root: etree._Element, launch: PreparedLaunch, previous_qemu: str | None) -> None:
+    """Emulator mode: <emulator> is the wrapper. Other modes: a wrapper left by emulator mode gives way
+    to the real QEMU it ran."""
+    devices = root.find("devices")
+    if devices is None:
+        devices = etree.SubElement(root, "devices")
+    emulator = devices.find("emulator")
+    if launch.emulator_qemu is not None:
+        if emulator is None:
+            emulator = etree.Element("emulator")
+            devices.insert(0, emulator)
+        emulator.text = wrapper_path()
+    elif emulator is not None and Path((emulator.text or "").strip()).name == WRAPPER_NAME:
+        emulator.text = previous_qemu or DEFAULT_QEMU
 
 
 def _set_metadata(root: etree._Element, launch: PreparedLaunch) -> None:
@@ -99,13 +140,19 @@ def _set_metadata(root: etree._Element, launch: PreparedLaunch) -> None:
         broker.set("ca-file", launch.ca_file)
     if launch.token_file:
         broker.set("token-file", launch.token_file)
-    etree.SubElement(attestation, f"{_SEVHOOK}guest", id=launch.guest_id, launch=launch.launch_id)
-    etree.SubElement(attestation, f"{_SEVHOOK}monitor", socket=launch.socket)
+    guest = etree.SubElement(attestation, f"{_SEVHOOK}guest", id=launch.guest_id)
+    if launch.launch_id is not None:
+        guest.set("launch", launch.launch_id)
+    if launch.socket is not None:
+        etree.SubElement(attestation, f"{_SEVHOOK}monitor", socket=launch.socket)
+    if launch.emulator_qemu is not None:
+        etree.SubElement(attestation, f"{_SEVHOOK}emulator", qemu=launch.emulator_qemu)
 
 
-def _set_private_monitor(root: etree._Element, socket: str, stale_sockets: set[str]) -> None:
-    """One `-qmp unix:SOCKET,server=on,wait=off` pair in <qemu:commandline>, replacing the pairs of
-    earlier preparations (their sockets in `stale_sockets`), so that preparing again is idempotent."""
+def _set_private_monitor(root: etree._Element, socket: str | None, stale_sockets: set[str]) -> None:
+    """One `-qmp unix:SOCKET,server=on,wait=off` pair in <qemu:commandline> (hook mode; none in the
+    other modes), replacing the pairs of earlier preparations (their sockets in `stale_sockets`), so
+    that preparing again is idempotent."""
     commandline = root.find(f"{_QEMU}commandline")
     if commandline is None:
         commandline = etree.SubElement(root, f"{_QEMU}commandline")
@@ -115,8 +162,11 @@ def _set_private_monitor(root: etree._Element, socket: str, stale_sockets: set[s
         if flag.get("value") == "-qmp" and target.startswith("unix:") and target[5:] in stale_sockets:
             commandline.remove(flag)
             commandline.remove(value)
-    etree.SubElement(commandline, f"{_QEMU}arg", value="-qmp")
-    etree.SubElement(commandline, f"{_QEMU}arg", value=private_monitor_arg(socket))
+    if socket is not None:
+        etree.SubElement(commandline, f"{_QEMU}arg", value="-qmp")
+        etree.SubElement(commandline, f"{_QEMU}arg", value=private_monitor_arg(socket))
+    if len(commandline) == 0:
+        root.remove(commandline)  # no custom arguments at all: libvirt marks no custom-argv taint
     etree.cleanup_namespaces(root, top_nsmap={"qemu": QEMU_NS})
 
 
@@ -170,32 +220,42 @@ def host_platform(uri: str | None) -> tuple[str, str, str | None]:
 def prepare_domain_file(domain_xml: str | Path, *, broker_url: str, guest_id: str, uri: str | None = None,
                         platform_export: Path | None = None, socket: str | None = None, timeout: float = 30.0,
                         token_file: Path | None = None, ca_file: Path | None = None,
-                        output: Path | None = None) -> list[str]:
-    """The whole command: returns the validator's warnings; raises on any error."""
+                        output: Path | None = None, mode: str = "hook", qemu: str | None = None) -> list[str]:
+    """The whole command: returns the validator's warnings; raises on any error. Only hook mode asks
+    the broker now; the other modes get a fresh launch at every start."""
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout {timeout:g}: give the hook between 0 and 3600 seconds")
     if socket is not None and not socket.startswith("/"):
         raise UsageError(f"--socket {socket}: the private monitor socket needs an absolute path")
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+    if socket is not None and mode != "hook":
+        raise UsageError(f"--socket is for --mode hook only (the private monitor of the hook); drop it for {mode} mode")
+    if qemu is not None and (mode != "emulator" or not qemu.startswith("/")):
+        raise UsageError(f"--qemu {qemu}: give an absolute path, with --mode emulator (the QEMU sevhook-qemu runs)")
     if str(domain_xml) == "-":
         data, filename = read_source(sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1), "<stdin>")
     else:
         data, filename = read_source(str(domain_xml))
     root = parse_document(data, filename).getroot()
     name = domain_name(root, filename)
-    pdh_b64, chain_b64, cpu0_id_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
-    ref = BrokerRef(broker_url, ca_file=str(ca_file) if ca_file else None,
-                    token_file=str(token_file) if token_file else None)
-    broker = open_broker(ref, timeout, SESSION_RETRIES)
-    try:
-        grant = broker.create_launch(guest_id, pdh_b64, chain_b64, cpu0_id_b64)
-    finally:
-        broker.close()
     launch = PreparedLaunch(
-        broker_url=broker_url, guest_id=guest_id, launch_id=grant.launch_id, godh_b64=grant.godh_b64,
-        session_b64=grant.session_b64, policy=grant.policy, socket=socket or default_socket(name),
-        timeout=timeout, token_file=str(token_file.resolve()) if token_file else None,
+        broker_url=broker_url, guest_id=guest_id, launch_id=None, godh_b64=None, session_b64=None, policy=None,
+        socket=None, timeout=timeout, token_file=str(token_file.resolve()) if token_file else None,
         ca_file=str(ca_file.resolve()) if ca_file else None,
+        emulator_qemu=(qemu or DEFAULT_QEMU) if mode == "emulator" else None,
     )
+    if mode == "hook":
+        pdh_b64, chain_b64, cpu0_id_b64 = exported_platform(platform_export) if platform_export else host_platform(uri)
+        ref = BrokerRef(broker_url, ca_file=str(ca_file) if ca_file else None,
+                        token_file=str(token_file) if token_file else None)
+        broker = open_broker(ref, timeout, SESSION_RETRIES)
+        try:
+            grant = broker.create_launch(guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+        finally:
+            broker.close()
+        launch = replace(launch, launch_id=grant.launch_id, godh_b64=grant.godh_b64, session_b64=grant.session_b64,
+                         policy=grant.policy, socket=socket or default_socket(name))
     apply_launch(root, launch, filename)
     prepared = serialize(root)
     target = str(output) if output else "<prepared domain>"

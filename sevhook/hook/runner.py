@@ -38,7 +38,9 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
         with steps.step("load"):
             document = _load(name, domain_xml, decode_certificates=action is Action.VALIDATE)
         guest, errors = _managed(document)
-        if guest is not None and guest.attestation.socket is None:
+        if guest is not None and guest.attestation.mode == "emulator":
+            action = plan.emulator_mode_action(action)
+        elif guest is not None and guest.attestation.socket is None:
             from sevhook.hook import runtime  # noqa: PLC0415  (runtime files: not needed to attest)
 
             with steps.step("owner"):

@@ -13,8 +13,7 @@ from collections.abc import Awaitable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from qemu.qmp import (ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError,
-                      StateError)
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
 
 from sevhook.monitor.errors import MonitorError, MonitorTimeout, MonitorUnavailable
 from sevhook.monitor.types import SevCapabilities, SevInfo, VmStatus, parse_measurement, parse_report

@@ -6,8 +6,8 @@ The libvirt 4.x compatibility mode reproduces what libvirt 4.x emitted (id sev0,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sevhook.errors import SevhookError, UsageError

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sevhook.errors import SevhookError, UsageError
-from sevhook.sev.certs import AmdCertificate, Signature, SevCertificate, Usage
+from sevhook.sev.certs import AmdCertificate, SevCertificate, Signature, Usage
 from sevhook.sev.policy import SevPolicy
 from sevhook.sev.session import SessionRejected, open_session
 from sevhook.sev.sizes import CERT_CHAIN_SIZE, SEV_CERT_SIZE

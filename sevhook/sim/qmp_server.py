@@ -18,6 +18,7 @@ from sevhook.sim.argv import MonitorSpec
 from sevhook.sim.qmp_protocol import (
     COMMAND_NOT_FOUND,
     GENERIC_ERROR,
+    SCHEMAS,
     QmpError,
     Request,
     RequestError,
@@ -27,7 +28,6 @@ from sevhook.sim.qmp_protocol import (
     encode,
     error_reply,
     reply,
-    SCHEMAS,
 )
 
 READ_SIZE = 65536

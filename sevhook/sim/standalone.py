@@ -12,10 +12,10 @@ import sys
 import uuid as uuid_module
 
 from sevhook.sim.argv import QemuInvocation
+from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.qemu_sev import LaunchFailed, SevLaunch, SevMonitor
 from sevhook.sim.qmp_protocol import SCHEMAS, Request, event
 from sevhook.sim.qmp_server import Connection, EventHub, LocalSession, MonitorListener
-from sevhook.sim.platform import SoftwarePlatform
 
 PROG = "qemu-system-x86_64"
 PACKAGE = "sevhook-sim"

@@ -27,6 +27,7 @@ def build(element: etree._Element) -> Attestation:
     broker = element.find(f"{{{SEVHOOK_NS}}}broker")
     guest = element.find(f"{{{SEVHOOK_NS}}}guest")
     monitor = element.find(f"{{{SEVHOOK_NS}}}monitor")  # absent: `sevhook start` attests the guest
+    emulator = element.find(f"{{{SEVHOOK_NS}}}emulator")  # present: sevhook-qemu attests the guest
     assert broker is not None and guest is not None  # the schema requires them
     timeout = element.get("timeout")
     return Attestation(
@@ -36,6 +37,7 @@ def build(element: etree._Element) -> Attestation:
         socket=monitor.get("socket") if monitor is not None else None,
         timeout=float(timeout.strip()) if timeout is not None else DEFAULT_TIMEOUT,
         resume=(element.get("resume") or "yes").strip() == "yes",
+        emulator_qemu=emulator.get("qemu") if emulator is not None else None,
     )
 
 
@@ -51,6 +53,14 @@ def check(
     monitor = element.find(f"{{{SEVHOOK_NS}}}monitor")
     broker = element.find(f"{{{SEVHOOK_NS}}}broker")
     socket = attestation.socket or ""
+    emulator = element.find(f"{{{SEVHOOK_NS}}}emulator")
+    if monitor is not None and emulator is not None:
+        report(
+            ERROR,
+            emulator,
+            "<sevhook:emulator> and <sevhook:monitor> name two ways to attest the guest: keep one, e.g. with "
+            "`sevhook prepare-domain --mode emulator` (or --mode hook)",
+        )
     if monitor is not None and len(socket.encode()) > MAX_SOCKET_PATH:
         report(
             ERROR,

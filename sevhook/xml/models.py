@@ -87,6 +87,14 @@ class Attestation:
     socket: str | None = None
     timeout: float = 30.0
     resume: bool = True
+    emulator_qemu: str | None = None  # <sevhook:emulator qemu>: sevhook-qemu attests every start
+
+    @property
+    def mode(self) -> str:
+        """Who attests the guest: "emulator" (sevhook-qemu), "hook" (the hook's monitor), "start"."""
+        if self.emulator_qemu is not None:
+            return "emulator"
+        return "hook" if self.socket is not None else "start"
 
 
 @dataclass(frozen=True)

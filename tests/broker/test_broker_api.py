@@ -8,8 +8,8 @@ import stat
 
 from sqlalchemy import create_engine, select
 
-from tests.broker.conftest import API, DIGEST_A, DIGEST_B, SECRET_GUID, FirmwareLaunch, Owner
 from sevhook.broker import db
+from tests.broker.conftest import API, DIGEST_A, DIGEST_B, SECRET_GUID, FirmwareLaunch, Owner
 
 
 def test_launch_then_attest_releases_the_secret_table(owner: Owner) -> None:

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.broker.conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, free_port, register
 from sevhook.broker.client import BrokerClient, BrokerRefused, BrokerUnavailable, SecretGrant
 from sevhook.errors import UsageError
+from tests.broker.conftest import DIGEST_A, BrokerProcess, FirmwareLaunch, Owner, PlatformKeys, free_port, register
 
 
 def _name(common_name: str) -> x509.Name:

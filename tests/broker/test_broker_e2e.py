@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker.conftest import ROOT, SEVHOOK, BrokerProcess
 from sevhook.broker.client import BrokerClient, BrokerRefused
 from sevhook.sev.launch_digest import sev_launch_digest
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SecretTable
@@ -19,6 +18,7 @@ from sevhook.sim.firmware_errors import FirmwareError
 from sevhook.sim.kds import SimulatedKds
 from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
 from sevhook.sim.state import StateDir
+from tests.broker.conftest import ROOT, SEVHOOK, BrokerProcess
 
 SECRET_GPA = 0x80_0000
 

@@ -16,8 +16,8 @@ import pytest
 from sevhook.broker.client import LaunchGrant, SecretGrant
 from sevhook.errors import SevhookError
 from sevhook.flow.start import LaunchInfo, StartSequence
-from sevhook.launch.steps import FAILED, OK, StepFailed, Steps
 from sevhook.hook.runtime import MarkerState, start_marker, start_marker_path, start_marker_state
+from sevhook.launch.steps import FAILED, OK, StepFailed, Steps
 from sevhook.sev.certs import SevCertificate
 from sevhook.sev.session import create_session
 from sevhook.xml.models import SEVHOOK_NS

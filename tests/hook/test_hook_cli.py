@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from sevhook.sim.world import GUEST_ID, SimWorld, free_port
 from sevhook.xml import load_domain
 from tests.hook.domains import domain_xml
-from sevhook.sim.world import GUEST_ID, SimWorld, free_port
 
 pytestmark = pytest.mark.timeout(120)
 SEVHOOK = [sys.executable, "-m", "sevhook.cli"]
@@ -66,7 +66,7 @@ def _plain_sev_domain(path: Path) -> Path:
 def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
     source = _plain_sev_domain(tmp_path / "web1.xml")
     out = tmp_path / "web1.prepared.xml"
-    args = ["prepare-domain", str(source), "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
+    args = ["prepare-domain", str(source), "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
             str(world.export), "--token-file", str(world.token), "--timeout", "12", "-o", str(out)]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
@@ -94,7 +94,7 @@ def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
 
 def test_prepare_domain_reads_stdin_and_writes_stdout(world, tmp_path):
     source = _plain_sev_domain(tmp_path / "web1.xml").read_text()
-    result = cli("prepare-domain", "-", "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
+    result = cli("prepare-domain", "-", "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
                  str(world.export), "--token-file", str(world.token), "--socket", "/run/sv/w.qmp", stdin=source)
     assert result.returncode == 0, result.stderr
     assert "unix:/run/sv/w.qmp,server=on,wait=off" in result.stdout
@@ -124,7 +124,7 @@ def test_prepare_domain_errors_are_one_clear_line(world, tmp_path, change, words
         guest = "nobody"
     elif change == "bad-timeout":
         timeout = "0"
-    result = cli("prepare-domain", str(source), "--broker", broker, "--guest", guest, "--platform-export", export,
+    result = cli("prepare-domain", str(source), "--mode", "hook", "--broker", broker, "--guest", guest, "--platform-export", export,
                  "--token-file", str(world.token), "--timeout", timeout, "-o", str(tmp_path / "out.xml"))
     assert result.returncode == status, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
@@ -136,7 +136,7 @@ def test_prepare_domain_reads_the_platform_from_libvirt(libvirt_uri, tmp_path):
     """-c asks libvirt's getSEVInfo (which needs a read-write connection); this host's QEMU has no
     SEV, so libvirt's own refusal must come through as one clear line, and nothing is written."""
     out = tmp_path / "prepared.xml"
-    result = cli("prepare-domain", "-", "--broker", "http://127.0.0.1:9", "--guest", GUEST_ID,
+    result = cli("prepare-domain", "-", "--mode", "hook", "--broker", "http://127.0.0.1:9", "--guest", GUEST_ID,
                  "-c", libvirt_uri, "-o", str(out), stdin=domain_xml("plain-sev", socket=None))
     assert result.returncode == 1
     assert "getSEVInfo" in result.stderr and "QEMU does not support SEV" in result.stderr

@@ -20,9 +20,9 @@ import pytest
 from sevhook.hook.install import install, uninstall
 from sevhook.hook.runtime import start_marker_path
 from sevhook.sim.state import default_state_dir
+from sevhook.sim.world import GUEST_ID, PASSPHRASE, SIM_QEMU, SimWorld, free_port
 from sevhook.virt import libvirt_module, open_connection
 from tests.hook.domains import domain_xml
-from sevhook.sim.world import GUEST_ID, PASSPHRASE, SIM_QEMU, SimWorld, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]

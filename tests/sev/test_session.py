@@ -21,11 +21,11 @@ from sevhook.sev.certs import SEV_CERT_SIZE, SevCertificate, Usage
 from sevhook.sev.measurement import compute_measurement
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SecretTable, unwrap_secret, wrap_secret
 from sevhook.sev.session import (
+    SESSION_SIZE,
     SEV_RET_BAD_SIGNATURE,
     SEV_RET_INVALID_CERTIFICATE,
     SEV_RET_INVALID_LEN,
     SEV_RET_POLICY_FAILURE,
-    SESSION_SIZE,
     LaunchSession,
     SessionBlob,
     SessionRejected,

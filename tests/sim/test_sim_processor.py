@@ -21,7 +21,6 @@ from sevhook.sim.firmware_errors import FirmwareError, SevStatus
 from sevhook.sim.guest import GuestContext, GuestRecorder, GuestState
 from sevhook.sim.platform import CERT_CHAIN_SIZE, SEV_CERT_SIZE, SoftwarePlatform, init_platform
 from sevhook.sim.state import StateDir
-
 from tests.sim.sim_support import make_session
 
 POLICY = 0x1

@@ -19,7 +19,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from sevhook.sev.cpu_types import cpu_model
-from sevhook.sev.launch_digest import seves_launch_digest, sev_launch_digest
+from sevhook.sev.launch_digest import sev_launch_digest, seves_launch_digest
 from sevhook.sev.measurement import LaunchMeasurement, verify_measurement
 from sevhook.sev.secret import DISK_PASSPHRASE_GUID, SecretTable, wrap_secret
 from sevhook.sim.platform import SoftwarePlatform

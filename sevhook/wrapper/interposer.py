@@ -1,0 +1,126 @@
+"""The attesting interposition: libvirt's monitor is relayed to the real QEMU as is, except that its
+first `cont` is held until the attested launch (sevhook.launch.sequence.AttestedLaunch, over a private
+monitor of the wrapper's own) has a verdict. Approved: libvirt's `cont` is forwarded and the guest
+runs. Refused, failed or out of time: libvirt's `cont` gets a QMP GenericError naming the step and
+the reason, and QEMU is killed, so its vCPUs never run. `system_reset` and migration (which `virsh
+save` uses too) are refused for an attested guest."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import replace
+from functools import partial
+
+from sevhook.errors import SevhookError, StepError
+from sevhook.hook.plan import HookFailure, ManagedGuest, launch_request
+from sevhook.hook.steplog import StepLog
+from sevhook.interpose.core import Interposer, MonitorRelay
+from sevhook.launch.checks import Deadline
+from sevhook.sim.argv import QemuInvocation
+from sevhook.sim.qmp_protocol import GENERIC_ERROR, QmpError, error_reply
+from sevhook.wrapper.main import PROG
+
+DEADLINE_GRACE = 5.0  # past <sevhook:attestation timeout>, the held `cont` is refused whatever the steps do
+KILL_DELAY = 0.5  # libvirt reads the refusal before the monitor closes
+REFUSED_COMMANDS = {
+    "system_reset": "an in-place reset of an attested SEV guest would run it again without a new attestation; "
+                    "shut it down and start it again (a fresh attested launch)",
+    "migrate": "an attested SEV guest cannot be migrated or saved: its memory key and secrets stay in this "
+               "host's secure processor; shut it down and start it again instead",
+    "migrate-incoming": "an attested SEV guest cannot receive a migration or a saved state",
+}
+STALE_PDH_MARKS = ("LAUNCH_START", "sev_launch_start")
+
+
+class AttestingInterposer(Interposer):
+    """The real QEMU of one emulator-mode guest, with libvirt's `cont` held for the verdict."""
+
+    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, sev_object: str, log: StepLog) -> None:
+        super().__init__(inv.argv, inv.monitors, dir_prefix="sevhook-qemu-", keep_stderr_tail=True)
+        self.inv = inv
+        self.guest = guest
+        self.sev_object = sev_object
+        self.log = log
+        self.attest_socket = self.extra_socket("attest.sock")
+        self.attested = False
+        self.refusal: str | None = None
+        self._verdict_lock = asyncio.Lock()
+
+    def child_argv(self) -> list[str]:
+        argv = super().child_argv()
+        assert self.inv.sev_object_index is not None
+        argv[self.inv.sev_object_index] = self.sev_object
+        return [*argv, "-qmp", f"unix:{self.attest_socket},server=on,wait=off"]
+
+    async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
+        if command in REFUSED_COMMANDS:
+            await relay.answer(self._error(request, f"{command}: {REFUSED_COMMANDS[command]}"))
+            return True
+        if command != "cont" or self.attested:
+            return False
+        await relay.wait_idle()
+        async with self._verdict_lock:  # two clients' `cont`s: one attestation
+            if not self.attested and self.refusal is None:
+                self.refusal = await self._attest()
+                self.attested = self.refusal is None
+        if self.attested:
+            return False  # libvirt's own `cont` goes to QEMU: LAUNCH_FINISH, then the vCPUs run
+        await relay.answer(self._error(request, self.refusal or "attest: refused"))
+        asyncio.get_running_loop().call_later(KILL_DELAY, self.kill, signal.SIGKILL)
+        return True
+
+    def _error(self, request: dict, reason: str) -> dict:
+        return error_reply(QmpError(GENERIC_ERROR, f"{PROG}: {self.guest.name}: {reason}"), request.get("id"))
+
+    async def _attest(self) -> str | None:
+        """None when the broker approved and the secret is in; else `step: reason`."""
+        budget = self.guest.attestation.timeout + DEADLINE_GRACE
+        try:
+            await asyncio.wait_for(asyncio.to_thread(partial(run_attestation, self.guest, self.attest_socket,
+                                                             self.log)), budget)
+        except StepError as exc:
+            verdict = f"{exc.step}: {exc.reason}"
+        except asyncio.TimeoutError:
+            verdict = (f"attest: no verdict within {budget:g} s (<sevhook:attestation timeout="
+                       f"'{self.guest.attestation.timeout:g}'>); the guest was not resumed")
+        except SevhookError as exc:
+            verdict = f"attest: {exc.message}"
+        except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+            verdict = f"attest: internal error ({exc.__class__.__name__}: {exc}); the guest was not resumed"
+        else:
+            self.log.total("ok")
+            return None
+        self.log.total("failed")
+        return " ".join(verdict.split())
+
+    def child_failed_early(self) -> None:
+        """QEMU died at start-up. A LAUNCH_START failure on a session made for the cached PDH means the
+        platform's PDH is not the cached one any more."""
+        text = b"".join(self.stderr_tail).decode("utf-8", "replace")
+        if any(mark in text for mark in STALE_PDH_MARKS):
+            print(f"{PROG}: {self.guest.name}: launch: the platform's PDH changed: run `sevhook platform export` "
+                  "(the launch session was made for the cached PDH, and the firmware refused it)", file=sys.stderr)
+
+
+def run_attestation(guest: ManagedGuest, socket: str, log: StepLog) -> None:
+    """The attested launch (sevhook.launch, the hook's and `sevhook start`'s core) over the wrapper's
+    private QMP monitor; it never resumes the guest itself: libvirt's held `cont` does that once it
+    passed. Raises StepError or SevhookError."""
+    from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415  (qemu.qmp: only once libvirt sends cont)
+    from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
+    from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
+    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
+
+    request = replace(launch_request(guest), resume=False)
+    deadline = Deadline(request.timeout)
+    with log.steps.step("monitor"):
+        try:
+            monitor = QmpMonitor(socket, timeout=deadline.remaining("monitor"))
+        except MonitorError as exc:
+            raise HookFailure("monitor", exc.message) from exc
+    try:
+        AttestedLaunch(request, MonitorPort(monitor), log.steps, deadline).run()
+    finally:
+        monitor.close()

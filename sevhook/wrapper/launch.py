@@ -1,0 +1,192 @@
+"""An SEV guest under `sevhook-qemu`. Before the real QEMU runs: find the domain's metadata (libvirt's
+status file), refuse what an attested launch cannot survive (-incoming, no -S, a session of its own),
+get a fresh launch from the guest owner's broker for this host's platform (the platform export
+cache), check its policy is the domain's, and write its GODH and session where the sev-guest object
+reads them (root-only /run/sevhook/NAME/). Then run QEMU behind the attesting interposer.
+
+A guest without emulator-mode metadata, or a QEMU that libvirt is not starting, is handed to the
+real QEMU unchanged. Failures print `sevhook-qemu: NAME: STEP: REASON` on stderr (libvirt's log,
+which virsh's error quotes) and exit 1 before QEMU ever ran."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from sevhook.errors import SevhookError, StepError
+from sevhook.hook.plan import ManagedGuest
+from sevhook.hook.steplog import StepLog
+from sevhook.qemu_cmdline.options import split_keyval_parts
+from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
+from sevhook.wrapper.main import PROG, exec_qemu
+
+RUN_DIR = Path("/run/sevhook")
+LOG_FILE = "/var/log/sevhook/emulator.log"
+LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sevhook:attestation timeout>)
+
+
+class Refused(StepError):
+    """The start is refused before QEMU runs; `step: reason` goes to libvirt's log."""
+
+
+def run_sev_guest(args: Sequence[str], config: dict[str, str]) -> int:
+    argv = list(args)
+    name = _name_argument(argv) or "?"
+    try:
+        return _run(argv, name, config)
+    except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+        return _refuse(name, "internal", f"{exc.__class__.__name__}: {exc}; the guest was not started")
+
+
+def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
+    state_dir = Path(config["libvirt-state-dir"])
+    try:
+        inv = parse_qemu_argv(argv)
+    except SevhookError as exc:
+        if _is_emulator_mode(name, state_dir):  # never run an attested guest's QEMU unattested
+            return _refuse(name, "argv", f"{exc.message}: sevhook-qemu cannot read this command line")
+        return exec_qemu(config["qemu"], argv)  # QEMU's own parser gives the authoritative message
+    try:
+        guest = _emulator_mode_guest(inv, state_dir)
+    except StepError as exc:
+        return _refuse(name, exc.step, exc.reason)
+    if guest is None:
+        return exec_qemu(config["qemu"], argv)
+    if inv.sev is None:
+        return _refuse(name, "argv", "the QEMU command line has no sev-guest object that -machine "
+                       "confidential-guest-support names, so the guest would run unencrypted and unattested")
+    qemu = guest.attestation.emulator_qemu or config["qemu"]
+    log = StepLog.open(name, "emulator", os.environ.get("SEVHOOK_QEMU_LOG") or LOG_FILE)
+    files = RUN_DIR / name
+    try:
+        _check_startable(inv, qemu)
+        with log.steps.step("launch"):
+            guest = _fresh_launch(guest, Path(config["platform-cache"]), files)
+        return _serve(inv, guest, qemu, files, log)
+    except StepError as exc:
+        log.total("failed")
+        return _refuse(name, exc.step, exc.reason)
+    except SevhookError as exc:
+        log.total("failed")
+        return _refuse(name, "launch", exc.message)
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+
+
+def _refuse(name: str, step: str, reason: str) -> int:
+    for line in reason.splitlines() or [""]:
+        print(f"{PROG}: {name}: {step}: {line}", file=sys.stderr)
+    return 1
+
+
+def _name_argument(argv: list[str]) -> str | None:
+    """`-name guest=NAME,...` (or `-name NAME`), read without the full parser."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-name", "--name"):
+            first = value.replace(",,", "\0").split(",")[0].replace("\0", ",")
+            return first.removeprefix("guest=")
+    return None
+
+
+def _is_emulator_mode(name: str, state_dir: Path) -> bool:
+    """Whether libvirt is starting an emulator-mode guest of that name (a status file in doubt: yes)."""
+    from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415
+
+    try:
+        guest = guest_from_status(name, os.getpid(), state_dir)
+    except StepError:
+        return True
+    return guest is not None and guest.attestation.mode == "emulator"
+
+
+def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
+    from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415  (lxml, the XML checks)
+
+    if inv.name is None:
+        return None
+    guest = guest_from_status(inv.name, os.getpid(), state_dir)
+    if guest is None or guest.attestation.mode != "emulator":
+        return None
+    return guest
+
+
+def _check_startable(inv: QemuInvocation, qemu: str) -> None:
+    """What an attested launch cannot survive, refused before anything is asked of the broker."""
+    if any(arg in ("-incoming", "--incoming") for arg in inv.argv):
+        raise Refused("incoming", "an attested SEV guest cannot be migrated in or restored from a saved state: "
+                      "its memory key and secrets stay in the source host's secure processor; shut it down "
+                      f"and `virsh start {inv.name}` instead (a fresh attested launch)")
+    if not inv.start_paused:
+        raise Refused("argv", "QEMU was not told -S (start paused): the vCPUs would run before attestation; "
+                      "start the guest through libvirt, which always passes -S")
+    if inv.sev is not None and (inv.sev.dh_cert_file or inv.sev.session_file):
+        raise Refused("argv", "the domain's <launchSecurity> carries a <dhCert>/<session> of its own, but emulator "
+                      "mode makes a fresh launch at every start: run `sevhook prepare-domain --mode emulator`")
+    if not (os.path.isfile(qemu) and os.access(qemu, os.X_OK)):
+        raise Refused("qemu", f"the real QEMU {qemu} is not an executable file: fix <sevhook:emulator qemu=...> "
+                      "with `sevhook prepare-domain --qemu PATH`")
+
+
+def _fresh_launch(guest: ManagedGuest, cache: Path, files: Path) -> ManagedGuest:
+    """A launch made now, for this host's platform; its GODH and session written for QEMU to read."""
+    from sevhook.files import write_private_file  # noqa: PLC0415
+    from sevhook.launch.broker import SESSION_RETRIES, open_broker  # noqa: PLC0415
+    from sevhook.sev.platform_export import read_export  # noqa: PLC0415
+
+    try:
+        pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
+    except SevhookError as exc:
+        raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform export`)") from exc
+    try:
+        broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT), SESSION_RETRIES)
+        try:
+            grant = broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+        finally:
+            broker.close()
+    except SevhookError as exc:
+        raise Refused("launch", exc.message) from exc
+    wanted = guest.launch_security.policy.value
+    if grant.policy != wanted:
+        raise Refused("policy", f"the key broker made the launch for policy {grant.policy:#06x} but the domain asks "
+                      f"for {wanted:#06x}: make <launchSecurity><policy> the policy the guest owner registered")
+    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.rmtree(files, ignore_errors=True)  # a leftover of a start that was killed
+    files.mkdir(mode=0o700)
+    write_private_file(files / "godh.b64", grant.godh_b64)
+    write_private_file(files / "session.b64", grant.session_b64)
+    print(f"{PROG}: {guest.name}: launch {grant.launch_id} from the key broker for guest "
+          f"{guest.attestation.guest_id}, policy {grant.policy:#06x}", file=sys.stderr)
+    # the wrapper resumes through libvirt's own `cont`, never by itself
+    return replace(guest, attestation=replace(guest.attestation, launch_id=grant.launch_id, resume=False))
+
+
+def sev_object_with_files(value: str, files: Path) -> str:
+    """libvirt's -object sev-guest argument (JSON or key=value) with dh-cert-file and session-file."""
+    godh, session = str(files / "godh.b64"), str(files / "session.b64")
+    if value.lstrip().startswith("{"):
+        props = json.loads(value)
+        props["dh-cert-file"], props["session-file"] = godh, session
+        return json.dumps(props, separators=(",", ":"))
+    parts = split_keyval_parts(value)
+    escaped = [path.replace(",", ",,") for path in (godh, session)]
+    return ",".join([*parts, f"dh-cert-file={escaped[0]}", f"session-file={escaped[1]}"])
+
+
+def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, files: Path, log: StepLog) -> int:
+    from sevhook.sim.qmp_server import listening_socket  # noqa: PLC0415
+    from sevhook.wrapper.interposer import AttestingInterposer  # noqa: PLC0415
+
+    assert inv.sev_object_index is not None
+    sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)
+    interposer = AttestingInterposer(inv, guest, sev_object, log)
+    try:
+        sockets = [listening_socket(spec) for spec in inv.monitors]
+        return asyncio.run(interposer.run(qemu, sockets, lambda: None))
+    finally:
+        interposer.cleanup()

@@ -1,0 +1,276 @@
+"""sevhook-qemu driven as libvirtd drives it, without libvirtd: a status file naming the wrapper's pid
+(written by the shell that then execs the wrapper, as libvirt writes it before exec), libvirt's
+argv for an emulator-mode domain, and a QMP client on the monitor. The stand-in is the real QEMU
+(real QEMU 7.2 TCG behind it) and a real broker process runs on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from qemu.qmp import ExecuteError, QMPClient
+
+from sevhook.sev.certs import SevCertificate, Usage
+from sevhook.sim.platform import SoftwarePlatform
+from sevhook.sim.state import StateDir
+from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, sevhook, write_platform_cache
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
+SECRET = PASSPHRASE.encode() + b"\0"
+
+
+@pytest.fixture(scope="module")
+def world(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
+    created = SimWorld.create(tmp_path_factory.mktemp("qmpworld"), shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd")
+    (created.root / "state").mkdir()
+    cache = write_platform_cache(created, created.root / "platform")
+    (created.root / "emulator.conf").write_text(f"qemu = /usr/bin/qemu-system-x86_64\nplatform-cache = {cache}\n"
+                                               f"libvirt-state-dir = {created.root / 'state'}\n")
+    yield created
+    created.close()
+
+
+def _libvirt_argv(world: SimWorld, name: str, socket: Path, firmware: Path | None = None) -> list[str]:
+    """What libvirt 9.0 gives the emulator for the domain (the parts a launch depends on)."""
+    sev = {"qom-type": "sev-guest", "id": "lsec0", "cbitpos": 47, "reduced-phys-bits": 1, "policy": 1}
+    return ["-name", f"guest={name},debug-threads=on", "-S", "-machine", "q35,confidential-guest-support=lsec0",
+            "-accel", "tcg", "-m", "128",
+            "-drive", f"if=pflash,format=raw,unit=0,file={firmware or world.firmware},readonly=on",
+            "-object", json.dumps(sev, separators=(",", ":")), "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{socket},server=on,wait=off"]
+
+
+def _start(world: SimWorld, name: str, argv: list[str], socket: Path,
+           domain_xml: str | None = None, conf: str = "emulator.conf") -> subprocess.Popen[bytes]:
+    """The shell writes libvirt's status file with its own pid, then execs the wrapper (same pid)."""
+    template = world.root / f"{name}.status"
+    template.write_text("<domstatus state='paused' reason='starting up' pid='@PID@'>\n"
+                        f"{domain_xml or emulator_domain(world, name)}</domstatus>\n")
+    status = world.root / "state" / f"{name}.xml"
+    script = f'sed "s/@PID@/$$/" {template} > {status} && exec {WRAPPER} "$@"'
+    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / conf),
+           "SEVHOOK_SIM_DIR": str(world.sim_dir), "SEVHOOK_QEMU_LOG": str(world.root / "emulator.log")}
+    process = subprocess.Popen(["sh", "-c", script, "sh", *argv], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=open(world.root / f"{name}.log", "wb"))
+    deadline = time.monotonic() + 60
+    while not socket.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process
+
+
+def _log(world: SimWorld, name: str) -> str:
+    return (world.root / f"{name}.log").read_text(errors="replace")
+
+
+def _secrets(world: SimWorld, name: str) -> list[bytes]:
+    return [base64.b64decode(entry["value_b64"]) for secret in world.secrets(name)
+            for entry in secret["table"]]  # type: ignore[union-attr]
+
+
+async def _session(socket: Path, *commands: str) -> list[object]:
+    """Run the commands in order on one QMP session: each answer, or the ExecuteError."""
+    qmp = QMPClient("libvirt-like")
+    await qmp.connect(str(socket))
+    answers: list[object] = []
+    try:
+        for command in commands:
+            try:
+                answers.append(await qmp.execute(command))
+            except ExecuteError as exc:
+                answers.append(exc)
+    finally:
+        await qmp.disconnect()
+    return answers
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.terminate()
+    return process.wait(timeout=30)
+
+
+def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
+    name, socket = "q-good", short_dir / "good.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket)
+    try:
+        assert socket.exists(), _log(world, name)
+        before, reset, cont, after = asyncio.run(_session(socket, "query-status", "system_reset", "cont",
+                                                          "query-status"))
+        assert before["status"] == "prelaunch"
+        assert isinstance(reset, ExecuteError) and "system_reset: an in-place reset" in str(reset)
+        assert cont == {}
+        assert after["running"] is True
+        assert _secrets(world, name) == [SECRET]
+        assert f"sevhook-qemu: {name}: launch " in _log(world, name)
+    finally:
+        _stop(process)
+    assert not (world.root / "state" / name).exists()
+
+
+def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, short_dir):
+    name, socket = "q-fw", short_dir / "fw.sock"
+    patched = world.root / "OVMF.patched.fd"
+    image = bytearray(world.firmware.read_bytes())
+    image[0] ^= 0xFF
+    patched.write_bytes(bytes(image))
+    process = _start(world, name, _libvirt_argv(world, name, socket, patched), socket,
+                     emulator_domain(world, name, firmware=patched))
+    try:
+        (cont,) = asyncio.run(_session(socket, "cont"))
+        assert isinstance(cont, ExecuteError)
+        assert str(cont).startswith(f"sevhook-qemu: {name}: attest: the key broker refused"), str(cont)
+        assert process.wait(timeout=30) != 0  # QEMU was killed: its vCPUs never ran
+        assert _secrets(world, name) == []
+    finally:
+        _stop(process)
+
+
+def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
+    name, socket = "q-in", short_dir / "in.sock"
+    process = _start(world, name, [*_libvirt_argv(world, name, socket), "-incoming", "defer"], socket)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: incoming: an attested SEV guest cannot be migrated in" in _log(world, name)
+    name, socket = "q-nolink", short_dir / "nolink.sock"
+    unlinked = [arg.replace(",confidential-guest-support=lsec0", "") for arg in _libvirt_argv(world, name, socket)]
+    process = _start(world, name, unlinked, socket)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: argv: the QEMU command line has no sev-guest object" in _log(world, name)
+    name, socket = "q-down", short_dir / "down.sock"
+    domain = emulator_domain(world, name, broker_url="http://127.0.0.1:9")
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: launch: " in _log(world, name)
+    assert not socket.exists() or not _alive(process)
+
+
+def _alive(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is None
+
+
+def test_a_guest_without_emulator_metadata_runs_the_configured_qemu_untouched(world, short_dir):
+    """No status file (not started by libvirt): the argv goes to emulator.conf's QEMU unchanged, which
+    here is the system QEMU without SEV: it fails on the sev-guest object itself (under TCG, an abort)."""
+    socket = short_dir / "plain.sock"
+    env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / "emulator.conf")}
+    result = subprocess.run([WRAPPER, *_libvirt_argv(world, "q-nostatus", socket)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "sevhook-qemu" not in result.stderr and "qemu-system-x86_64" in result.stderr
+
+
+def test_a_stale_pdh_in_the_cache_is_named(world, short_dir):
+    """The cache holds a PDH the firmware no longer has (regenerated since the export), properly signed
+    by the platform's PEK, so the broker makes a launch for it; the firmware's LAUNCH_START refuses."""
+    platform = SoftwarePlatform(StateDir(world.sim_dir))
+    new_pdh = (SevCertificate.generate(Usage.PDH, ec.generate_private_key(ec.SECP384R1()).public_key(),
+                                       platform.config.api_major, platform.config.api_minor)
+               .sign(Usage.PEK, platform.pek_private_key).to_bytes())
+    stale = world.root / "stale-platform"
+    stale.mkdir()
+    (stale / "pdh.cert").write_bytes(new_pdh)
+    for name in ("cert_chain.cert", "chip_id.hex"):  # the firmware's chain (unsigned CEK) and the chip id: unchanged
+        (stale / name).write_bytes((world.root / "platform" / name).read_bytes())
+    conf = (world.root / "emulator.conf").read_text().replace(str(world.root / "platform"), str(stale))
+    (world.root / "stale.conf").write_text(conf)
+    name, socket = "q-stale", short_dir / "stale.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, conf="stale.conf")
+    assert process.wait(timeout=60) != 0
+    log = _log(world, name)
+    assert "LAUNCH_START" in log, log
+    assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in log
+
+
+class _SlowAttestation(http.server.BaseHTTPRequestHandler):
+    """A real HTTP proxy to the broker that relays launch creation at once and never answers an
+    attestation in time (a broker slower than the guest's deadline)."""
+
+    upstream = ""
+
+    def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path.endswith("/attestation"):
+            time.sleep(20)
+            return
+        host, port = self.upstream.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
+        answer = connection.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        connection.close()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir):
+    _SlowAttestation.upstream = world.broker_url.removeprefix("http://")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowAttestation)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    name, socket = "q-slow", short_dir / "slow.sock"
+    domain = emulator_domain(world, name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
+    try:
+        begin = time.monotonic()
+        (cont,) = asyncio.run(_session(socket, "cont"))
+        elapsed = time.monotonic() - begin
+        assert isinstance(cont, ExecuteError)
+        assert str(cont).startswith(f"sevhook-qemu: {name}: attest: "), str(cont)
+        assert "3 s budget ran out" in str(cont) or "no verdict within" in str(cont), str(cont)
+        assert elapsed < 10
+        assert process.wait(timeout=30) != 0
+        assert _secrets(world, name) == []
+    finally:
+        _stop(process)
+        server.shutdown()
+
+
+def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
+    token = world.root / "revoked.token"
+    data = ["--data-dir", str(world.root / "broker")]
+    sevhook("broker", "add-host", "host-revoked", "--token-file", str(token), *data)
+    sevhook("broker", "revoke-host", "host-revoked", *data)
+    name, socket = "q-revoked", short_dir / "revoked.sock"
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, emulator_domain(world, name, token=token))
+    assert process.wait(timeout=60) == 1
+    log = _log(world, name)
+    assert f"sevhook-qemu: {name}: launch: the key broker refused" in log and "revoked" in log, log
+    assert token.read_text().strip() not in log  # the bearer token is never printed
+
+
+def test_ten_guests_started_at_once_all_attest(world, short_dir):
+    names = [f"q-crowd{index}" for index in range(10)]
+    sockets = {name: short_dir / f"{name}.sock" for name in names}
+    domains = {name: emulator_domain(world, name, timeout=120) for name in names}
+    processes = [_start(world, name, _libvirt_argv(world, name, sockets[name]), sockets[name], domains[name])
+                 for name in names]
+
+    async def all_cont() -> list[list[object]]:
+        return await asyncio.gather(*(_session(sockets[name], "cont", "query-status") for name in names))
+
+    try:
+        for name, (cont, status) in zip(names, asyncio.run(all_cont())):
+            assert cont == {}, (name, cont)
+            assert status["running"] is True, name
+            assert _secrets(world, name) == [SECRET], name
+    finally:
+        for process in processes:
+            _stop(process)
