@@ -20,7 +20,7 @@ from sevhook.interpose.core import Interposer, MonitorRelay
 from sevhook.launch.checks import Deadline
 from sevhook.sim.argv import QemuInvocation
 from sevhook.sim.qmp_protocol import GENERIC_ERROR, QmpError, error_reply
-from sevhook.wrapper.main import PROG
+from sevhook.wrapper.config import PROG
 
 DEADLINE_GRACE = 5.0  # past <sevhook:attestation timeout>, the held `cont` is refused whatever the steps do
 KILL_DELAY = 0.5  # libvirt reads the refusal before the monitor closes

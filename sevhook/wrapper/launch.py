@@ -24,7 +24,7 @@ from sevhook.hook.plan import ManagedGuest
 from sevhook.hook.steplog import StepLog
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
-from sevhook.wrapper.main import PROG, exec_qemu
+from sevhook.wrapper.config import PROG, exec_qemu
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevhook.wrapper.launch import sev_object_with_files
-from sevhook.wrapper.main import DEFAULT_QEMU, ConfigError, read_config
+from sevhook.wrapper.config import DEFAULT_QEMU, ConfigError, read_config
 
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sevhook.hook.prepare import prepare_domain_file
 from sevhook.sim.world import GUEST_ID, PASSPHRASE, SIM_QEMU, SimWorld, free_port, sevhook  # noqa: F401
-from sevhook.wrapper.main import CONFIG_FILE
+from sevhook.wrapper.config import CONFIG_FILE
 from tests.hook.domains import domain_xml
 
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
