@@ -198,3 +198,46 @@ def test_importing_a_submodule_runs_its_packages_init(tmp_path: Path) -> None:
     known = {"sevhook", "sevhook.qemu_cmdline", "sevhook.qemu_cmdline.options", "sevhook.sim", "sevhook.sim.state"}
     assert imported_modules("sevhook.sim.x", source, known) == {
         "sevhook.qemu_cmdline", "sevhook.qemu_cmdline.options", "sevhook.sim.state"}
+
+
+FOUNDATION = {"errors", "encoding", "files", "console", "config", "virt", "status", "_paths"}
+# docs/architecture.md's table: what each package may import besides the foundation ("pkg.module" allows
+# only that module of pkg). A change here is a change of the architecture: update the document with it.
+ALLOWED: dict[str, set[str]] = {
+    "sev": set(),
+    "xml": {"sev"},
+    "qemu_cmdline": {"sev", "xml"},
+    "monitor": {"sev"},
+    "launch": {"monitor", "sev", "xml", "broker.client"},
+    "broker": {"sev", "xml"},
+    "hook": {"launch", "monitor", "sev", "xml"},
+    "interpose": {"sim.argv", "sim.qmp_protocol", "sim.qmp_server"},
+    "wrapper": {"hook", "interpose", "launch", "monitor", "qemu_cmdline", "sev", "xml", "sim.argv",
+                "sim.qmp_protocol", "sim.qmp_server"},
+    "sim": {"broker", "hook.prepare", "interpose", "qemu_cmdline", "sev", "xml"},
+    "flow": {"broker", "hook", "launch", "monitor", "qemu_cmdline", "sev", "sim", "xml"},
+    "doctor": {"monitor", "sev"},
+}
+
+
+def _unit(module: str) -> tuple[str, str]:
+    """sevhook.sim.argv -> ("sim", "sim.argv"); sevhook.errors -> ("errors", "errors")."""
+    parts = module.split(".")[1:] or ["sevhook"]
+    return parts[0], ".".join(parts[:2])
+
+
+def test_packages_import_only_what_the_architecture_allows() -> None:
+    wrong = []
+    for importer, imported in import_graph().items():
+        package, _ = _unit(importer)
+        if package in ("commands", "cli", "__main__", "sevhook"):
+            continue  # the command line may use everything
+        allowed = FOUNDATION if package in FOUNDATION else ALLOWED[package] | FOUNDATION
+        for module in imported:
+            target, unit = _unit(module)
+            if target in (package, "sevhook") or target in allowed or unit in allowed:
+                continue
+            if module == f"sevhook.{target}" and any(entry.startswith(f"{target}.") for entry in allowed):
+                continue  # the package's __init__, which importing an allowed module of it runs
+            wrong.append(f"{importer} imports {module}")
+    assert not wrong, "imports docs/architecture.md does not allow:\n  " + "\n  ".join(sorted(wrong))
