@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from sevhook.errors import UsageError
 
 DEFAULT_PATH = Path("/etc/sevhook/sevhook.toml")
+DB_PASSWORD_ENV = "SEVHOOK_DB_PASSWORD"  # the database password, when no password-file names it
 CONFIG_ENV = "SEVHOOK_CONFIG"
 
 

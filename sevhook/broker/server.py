@@ -27,13 +27,13 @@ from sevhook.broker.launch import DEFAULT_LAUNCH_TTL
 from sevhook.broker.service import Broker
 from sevhook.broker.settings import Limits
 from sevhook.broker.vault import STORAGE_KEY_FILE, Vault, admin_token_digest, check_data_dir, init_keys
+from sevhook.config import DB_PASSWORD_ENV
 from sevhook.errors import UsageError
 from sevhook.files import read_input_file
 
 log = logging.getLogger("sevhook.broker")
 
 DEFAULT_LISTEN = "127.0.0.1:8700"
-PASSWORD_ENV = "SEVHOOK_DB_PASSWORD"
 MAX_SMALL_FILE = 1 << 20  # a PEM chain, key or password file is far smaller
 
 
@@ -71,7 +71,7 @@ def database_url(url: str | None, data_dir: Path, password_file: Path | None = N
     if parsed.password is not None:
         raise UsageError(f"--db {db.shown_url(text)!r}: the URL holds a password, which other users can read in the "
                          f"process list; remove it from the URL and put it in a 0600 file given with "
-                         f"--db-password-file, or in ${PASSWORD_ENV}")
+                         f"--db-password-file, or in ${DB_PASSWORD_ENV}")
     password: str | None = None
     if password_file is not None:
         info = _stat(password_file, "--db-password-file")
@@ -82,8 +82,8 @@ def database_url(url: str | None, data_dir: Path, password_file: Path | None = N
         password = lines[0] if lines else ""
         if not password:
             raise UsageError(f"--db-password-file {password_file}: the first line must hold the password")
-    elif environ.get(PASSWORD_ENV):
-        password = environ[PASSWORD_ENV]
+    elif environ.get(DB_PASSWORD_ENV):
+        password = environ[DB_PASSWORD_ENV]
     if password is not None:
         if parsed.get_backend_name() == "sqlite":
             raise UsageError("a database password applies to PostgreSQL only; the database is SQLite")

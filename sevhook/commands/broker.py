@@ -232,8 +232,9 @@ def _admin(args: argparse.Namespace) -> Any:
     from sevhook.broker.admin_ops import require_initialised  # noqa: PLC0415
     from sevhook.broker.server import open_broker  # noqa: PLC0415
 
+    db_url = _db_url(args)  # a password on the command line is refused first, whatever else is wrong
     require_initialised(args.data_dir, getattr(args, "_config_sources", {}).get("data_dir", "default"))
-    return open_broker(args.data_dir, _db_url(args)).admin
+    return open_broker(args.data_dir, db_url).admin
 
 
 def run_serve(args: argparse.Namespace) -> int:

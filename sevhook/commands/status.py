@@ -106,7 +106,7 @@ def _rows(connection: Any, only: str | None) -> list[dict[str, Any]]:
             key = (attestation.broker.url, attestation.broker.ca_file)
             if key not in health:
                 health[key] = broker_health(*key)
-            row.update(mode="hook" if attestation.socket else "start", guest=attestation.guest_id,
+            row.update(mode=attestation.mode, guest=attestation.guest_id,
                        broker=attestation.broker.url, broker_ok=health[key][0], broker_answer=health[key][1])
         try:
             verdict = read_verdict(name)

@@ -205,6 +205,9 @@ def create_launch(steps: Steps, broker: BrokerRef, guest_id: str, pdh_b64: str, 
         client = broker_factory(broker, deadline.remaining("session"), SESSION_RETRIES)
         try:
             grant = client.create_launch(guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+        except SevhookError:
+            deadline.remaining("session")  # out of time: say so, rather than the broker's timeout it caused
+            raise
         finally:
             client.close()
         note.detail = f"launch {grant.launch_id}, policy {grant.policy:#06x}"

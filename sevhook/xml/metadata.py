@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
+from sevhook.errors import SevhookError
 from sevhook.xml.launch_security import Report
 from sevhook.xml.models import SEVHOOK_NS, Attestation, BrokerRef, LaunchSecurity, SevLaunchSecurity
 from sevhook.xml.problems import ERROR, WARNING
@@ -124,3 +125,5 @@ def _check_loader_secret_area(loader: etree._Element | None, report: Report) -> 
         require_secret_area(Path(path), 1)
     except NoSecretArea as exc:
         report(WARNING, loader, f"{exc.message}; the attested launch's secret cannot be injected")
+    except SevhookError as exc:  # not a firmware image at all (a device, a directory, a short file)
+        report(WARNING, loader, f"{exc.message}; its SEV launch-secret area cannot be checked")

@@ -21,6 +21,7 @@ import pytest
 from sevhook.broker.client import BrokerClient, BrokerRefused
 from sevhook.broker.store import CACHE_SECONDS
 from sevhook.sev.launch_digest import sev_launch_digest
+from sevhook.sim.kds import SimulatedKds
 from sevhook.sim.platform import PlatformConfig, SoftwarePlatform, init_platform
 from sevhook.sim.state import StateDir
 from tests.broker.conftest import ROOT, SEVHOOK, free_port
@@ -53,7 +54,7 @@ class World:
         """One launch of `image` on the software platform; "released" or the broker's reason."""
         with self.client(token_file) as client:
             caps = self.platform.qmp_capabilities()
-            grant = client.create_launch(GUEST, str(caps["pdh"]), str(caps["cert-chain"]))
+            grant = client.create_launch(GUEST, str(caps["pdh"]), str(caps["cert-chain"]), str(caps["cpu0-id"]))
             context = self.platform.launch_start(grant.policy, base64.b64decode(grant.godh_b64),
                                                  base64.b64decode(grant.session_b64), label="rolling")
             context.launch_update_data(image.read_bytes(), "firmware")
@@ -79,6 +80,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[Wo
     platform = init_platform(StateDir(work / "sim"), PlatformConfig(api_major=0, api_minor=24, build_id=15),
                              rsa_bits=2048)[0]
     (work / "sim-ca.cert").write_bytes(platform.cert("ask") + platform.cert("ark"))
+    kds = SimulatedKds([work / "sim"]).start()  # the signed CEK of the firmware's unsigned one, by chip id
+    with (work / "sevhook.toml").open("a") as config:
+        config.write(f'kds-url = "{kds.url}"\n')
     broker_cli(data, "add-root", "software-platform", "--ca", work / "sim-ca.cert", "--test")
     broker_cli(data, "add-host", "rolling-host", "--token-file", work / "host.token")
     firmware_a = shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd"
@@ -104,6 +108,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[Wo
                 time.sleep(0.1)
         yield World(data, url, ca, work / "host.token", firmware_a, firmware_b, platform)
     finally:
+        kds.stop()
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=15)
