@@ -40,6 +40,7 @@ AREAS = {
     "sim": "bench_sim",
     "hook": "bench_hook",
     "broker": "bench_broker",
+    "wrapper": "bench_wrapper",
 }
 AREA_TIMEOUT_SECONDS = 1800
 ROOT = Path(__file__).resolve().parent.parent
