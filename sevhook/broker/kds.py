@@ -120,7 +120,7 @@ def http_get(url: str, timeout: float) -> KdsAnswer:
     request = urllib.request.Request(url, headers={"Accept": "application/octet-stream",
                                                    "User-Agent": "sevhook-broker"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) checked)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # http(s) checked
             return KdsAnswer(response.status, response.read(MAX_CEK_ANSWER + 1), None)
     except urllib.error.HTTPError as exc:
         with exc:

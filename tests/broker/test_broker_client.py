@@ -138,7 +138,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     failures = 0
     seen: list[str] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).seen.append(self.path)
         if len(type(self).seen) <= type(self).failures:
@@ -181,7 +181,7 @@ class _HangsUp(http.server.BaseHTTPRequestHandler):
 
     seen: list[str] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).seen.append(self.path)
         self.close_connection = True
@@ -196,7 +196,7 @@ class _ClosesIdle(_Flaky):
 
     protocol_version = "HTTP/1.1"  # keep-alive unless told otherwise
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         super().do_POST()
         self.close_connection = True
 
@@ -272,7 +272,7 @@ def test_rate_limited_answers_are_retried(tmp_path: Path, platform: PlatformKeys
 
 
 def test_client_from_a_domain_broker_reference(owner: Owner, tmp_path: Path) -> None:
-    from sevhook.xml.models import BrokerRef  # noqa: PLC0415
+    from sevhook.xml.models import BrokerRef
 
     (tmp_path / "token").write_text(owner.host_token)
     with BrokerClient.from_ref(BrokerRef(owner.broker.url, None, str(tmp_path / "token")), timeout=5) as client:
@@ -416,7 +416,7 @@ class _RateLimited(http.server.BaseHTTPRequestHandler):
 
     seen = 0
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         type(self).seen += 1
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.send_response(429)

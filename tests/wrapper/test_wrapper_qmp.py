@@ -199,7 +199,7 @@ class _SlowAttestation(http.server.BaseHTTPRequestHandler):
 
     upstream = ""
 
-    def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+    def do_POST(self) -> None:  # http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.path.endswith("/attestation"):
             time.sleep(20)
