@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lxml import etree
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from sevhook.errors import SevhookError, UsageError
 from sevhook.files import read_input_file
 from sevhook.xml.models import LaunchSecurity, SevLaunchSecurity, SevSnpLaunchSecurity
+from sevhook.xml.parsing import safe_parser
 
 QMP_TIMEOUT = 10.0
 MAX_DOMCAPS_BYTES = 1 << 20  # `virsh domcapabilities` prints a few KiB
@@ -73,8 +75,6 @@ class DomainCapabilitiesFile:
 
 
 def parse_domain_capabilities(data: bytes, where: str) -> PlatformInfo:
-    from sevhook.xml.parsing import safe_parser  # noqa: PLC0415
-
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
@@ -115,8 +115,6 @@ class QmpSocket:
             raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks cbitpos/reduced-phys-bits") from exc
 
     async def _query(self) -> dict[str, Any]:
-        from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
-
         client = QMPClient("sevhook-cmdline")
         try:
             await asyncio.wait_for(client.connect(self.path), self.timeout)
@@ -149,7 +147,7 @@ class LibvirtConnection:
 
     def load(self) -> PlatformInfo:
         try:
-            import libvirt
+            import libvirt  # noqa: PLC0415  (an optional extra, only for -c URI)
         except ImportError as exc:
             raise UsageError("-c URI needs libvirt-python: install sevhook[libvirt]") from exc
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)  # errors are raised, not printed

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sevhook.errors import FormatError, VerificationError
+from sevhook.sev.attestation import AttestationReport
 from sevhook.sev.measurement import compute_measurement
 from sevhook.sev.policy import SevPolicy
 from sevhook.sev.secret import HEADER_SIZE, PacketHeader, SecretTable, unwrap_secret
@@ -223,8 +224,6 @@ class GuestContext:
 
     def attestation(self, mnonce: bytes) -> bytes:
         """ATTESTATION: a report over the caller's mnonce and this launch, signed by the PEK."""
-        from sevhook.sev.attestation import AttestationReport
-
         self._require("ATTESTATION", GuestState.LSECRET, GuestState.RUNNING)
         if len(mnonce) != MNONCE_SIZE:
             raise FirmwareError("ATTESTATION", SevStatus.INVALID_LEN, f"mnonce is {MNONCE_SIZE} bytes")
