@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 from common import Figure, machine_note, print_figures
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Console(sys.stderr)
     figures: list[Figure] = []
     failures: list[str] = []
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="sevhook-bench-") as work:
         for index, area in enumerate(options.only, 1):
             progress.line(f"[{index}/{len(options.only)}] {area} ...", "step")

@@ -56,7 +56,7 @@ def _kds_url(text: str, where: str) -> str:
 
 def _database_url(text: str, where: str) -> str:
     scheme, sep, rest = text.partition("://")
-    if not sep or not scheme or not rest and scheme != "sqlite":
+    if not sep or not scheme or (not rest and scheme != "sqlite"):
         raise UsageError(f"{where}: {text!r} is not a database URL (sqlite:///PATH or "
                          "postgresql+psycopg://USER@HOST:PORT/DB)")
     if ":" in rest.partition("@")[0] and "@" in rest:

@@ -125,7 +125,7 @@ class QmpSocket:
             raise SevhookError(
                 f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp unix:{self.path},server=on,wait=off?"
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise SevhookError(f"{self.describe()}: no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise SevhookError(f"{self.describe()}: the monitor failed: {exc}") from exc

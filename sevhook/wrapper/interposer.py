@@ -82,7 +82,7 @@ class AttestingInterposer(Interposer):
                                                              self.log)), budget)
         except StepError as exc:
             verdict = f"{exc.step}: {exc.reason}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             verdict = (f"attest: no verdict within {budget:g} s (<sevhook:attestation timeout="
                        f"'{self.guest.attestation.timeout:g}'>); the guest was not resumed")
         except SevhookError as exc:

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevhook.wrapper.launch import sev_object_with_files
 from sevhook.wrapper.config import DEFAULT_QEMU, ConfigError, read_config
+from sevhook.wrapper.launch import sev_object_with_files
 
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
 
