@@ -191,7 +191,7 @@ def test_kds_client_gives_up_within_its_deadline() -> None:
         raise OSError("connection refused")
 
     client = KdsClient("http://kds.invalid", deadline=5, attempts=3, get=get, sleep=lambda _: None)
-    with pytest.raises(Exception, match="kds.invalid.*connection refused") as caught:
+    with pytest.raises(Exception, match=r"kds.invalid.*connection refused") as caught:
         client.fetch("AB")
     assert getattr(caught.value, "reason", "") == "kds-unavailable"
     assert len(calls) == 3 and all(timeout <= 5 for timeout in calls)

@@ -87,7 +87,7 @@ def test_mixed_ask_and_ark_fail_at_ark_to_ask(naples: Path, vectors: Path) -> No
     ca = (vectors / "amd-roots" / "naples_ask.cert").read_bytes() + (vectors / "amd-roots" / "rome_ark.cert").read_bytes()
     report = verify_chain(CertificateChain.from_parts(sev, ca=ca))
     assert "ARK -> ASK" in [link.name for link in report.failures]
-    with pytest.raises(VerificationError, match="ARK -> ASK: .*certified by key id 1bb987c3"):
+    with pytest.raises(VerificationError, match=r"ARK -> ASK: .*certified by key id 1bb987c3"):
         CertificateChain.from_parts(sev, ca=ca).verify()
 
 
@@ -174,7 +174,7 @@ def test_cert_chain_needs_the_pdh(naples: Path, vectors: Path) -> None:
 
 
 def test_bad_base64_from_qmp(vectors: Path) -> None:
-    with pytest.raises(FormatError, match="pdh .*base64"):
+    with pytest.raises(FormatError, match=r"pdh .*base64"):
         CertificateChain.from_qmp("not base64!", "", _roots(vectors, "naples"))
 
 

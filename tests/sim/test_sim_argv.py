@@ -132,7 +132,7 @@ def test_sev_object_is_checked_as_qemu_checks_it() -> None:
     assert inv.sev is not None and (inv.sev.policy, inv.sev.handle, inv.sev.kernel_hashes) == (8, 2, True)
     for bad in ("sev-guest,id=s0,polcy=1", "sev-guest,id=s0,policy=1,policy=2", "sev-guest,id=s0,kernel-hashes=ON",
                 '{"qom-type":"sev-guest","id":"s0","policy":"1"}', "sev-guest,id=s0,policy=0x100000000"):
-        with pytest.raises(UsageError, match="-object sev-guest,id=s0: .*QEMU refuses it"):
+        with pytest.raises(UsageError, match=r"-object sev-guest,id=s0: .*QEMU refuses it"):
             parse_qemu_argv([*machine, "-object", bad])
     with pytest.raises(SevhookError, match=r"argv\[4\] \(-object\): sev-guest needs an id="):
         parse_qemu_argv([*machine, "-object", "sev-guest,policy=1"])
