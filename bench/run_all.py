@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common import Figure, machine_note, print_figures
@@ -58,7 +58,8 @@ def run_area(area: str, quick: bool, details: bool, work: Path) -> tuple[list[Fi
     command = [sys.executable, str(Path(__file__).resolve()), "--child", area, "--result", str(result)]
     try:
         done = subprocess.run(command + (["--quick"] if quick else []), cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=None if details else subprocess.PIPE, text=True, timeout=AREA_TIMEOUT_SECONDS)
+                              stderr=None if details else subprocess.PIPE, text=True, timeout=AREA_TIMEOUT_SECONDS,
+                              check=False)
     except subprocess.TimeoutExpired:
         return [], f"no result within {AREA_TIMEOUT_SECONDS} s"
     if done.returncode != 0 or not result.exists():

@@ -47,9 +47,9 @@ class Console:
             self._rich.print(table)
             return
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=self.stream)
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=self.stream)
         for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.stream)
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip(), file=self.stream)
         self.stream.flush()
 
 

@@ -76,7 +76,7 @@ def _platform_source(args: argparse.Namespace) -> PlatformSource | None:
         raise UsageError("give --cbitpos and --reduced-phys-bits together")
     sources: list[PlatformSource] = []
     if explicit[0] is not None:
-        values = [parse_number(text, name) for text, name in zip(explicit, ("--cbitpos", "--reduced-phys-bits"))]
+        values = [parse_number(text, name) for text, name in zip(explicit, ("--cbitpos", "--reduced-phys-bits"), strict=True)]
         if any(value < 0 or value > 0xFFFF_FFFF for value in values):
             raise UsageError("--cbitpos and --reduced-phys-bits must be unsigned 32-bit numbers")
         sources.append(platform.ExplicitValues(values[0], values[1]))

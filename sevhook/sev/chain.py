@@ -88,7 +88,7 @@ class CertificateChain:
             rest = sev_certs[EXPORT_SIZE:]
         certs = [
             _sev_cert(chunk, usage, f"{name} ({usage.name})")
-            for chunk, usage, name in zip(chunks, SEV_CHAIN_ORDER, names)
+            for chunk, usage, name in zip(chunks, SEV_CHAIN_ORDER, names, strict=True)
         ]
         if pdh is not None and len(sev_certs) != CERT_CHAIN_SIZE and bytes(pdh) != certs[0].to_bytes():
             raise FormatError(f"{what}: the given PDH differs from the PDH inside the chain")

@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 from sevhook.errors import SevhookError, StepError
@@ -87,7 +88,7 @@ def _refuse(name: str, step: str, reason: str) -> int:
 
 def _name_argument(argv: list[str]) -> str | None:
     """`-name guest=NAME,...` (or `-name NAME`), read without the full parser."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in pairwise(argv):
         if flag in ("-name", "--name"):
             first = value.replace(",,", "\0").split(",")[0].replace("\0", ",")
             return first.removeprefix("guest=")
