@@ -66,7 +66,7 @@ def _database_url(text: str, where: str) -> str:
 
 
 def _listen(text: str, where: str) -> str:
-    host, sep, port = text.rpartition(":")
+    _host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"{where}: {text!r}: use ADDR:PORT, e.g. 127.0.0.1:8700 or [::1]:8700")
     return text

@@ -14,7 +14,7 @@ from sevhook.errors import FormatError
 from sevhook.xml.models import QEMU_NS
 from sevhook.xml.parsing import safe_parser
 
-_QEMU = "{%s}" % QEMU_NS
+_QEMU = f"{{{QEMU_NS}}}"
 
 
 def commandline_element(argv: list[str]) -> etree._Element:

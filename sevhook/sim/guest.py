@@ -107,7 +107,7 @@ class GuestRecorder:
         for path in sorted(state.guests_dir.glob("*.json")):
             try:
                 record = state.read_json(f"guests/{path.name}")
-            except Exception:  # a record being replaced or damaged: skip it, it is only a report
+            except Exception:  # noqa: BLE001  a record being replaced or damaged: skip it, it is only a report
                 continue
             record["alive"] = not record.get("ended") and _pid_alive(int(record.get("pid", 0)))
             records.append(record)

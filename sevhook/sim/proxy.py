@@ -44,9 +44,7 @@ def _rewrite_machine(value: str, sev_id: str | None, force_tcg: bool) -> str:
         key = part.partition("=")[0] if position or "=" in part else "type"
         if sev_id is not None and key in ("confidential-guest-support", "memory-encryption"):
             continue
-        if key == "accel" and force_tcg:
-            part = "accel=tcg"
-        kept.append(part)
+        kept.append("accel=tcg" if key == "accel" and force_tcg else part)
     return ",".join(kept)
 
 
