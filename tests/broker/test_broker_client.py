@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from cryptography import x509
@@ -136,7 +137,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     """Answers 503 to the first `failures` requests, then a valid secret grant."""
 
     failures = 0
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -179,7 +180,7 @@ def test_server_errors_are_retried_with_backoff(failures: int, retries: int, suc
 class _HangsUp(http.server.BaseHTTPRequestHandler):
     """Reads each request, then closes the connection without answering (a broker that crashed)."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))

@@ -212,7 +212,7 @@ def test_check_with_options_between_domain_and_argv(capsys, golden: Path, tmp_pa
     caps.write_text(CAPS)
     argv = argv_from_text((golden / "launch-security-sev.x86_64-6.0.0.args").read_text())
     xml = str(golden / "launch-security-sev-missing-platform-info.xml")
-    code, out, err = run(capsys, "--check", xml, "--domcaps", str(caps), "--", *argv)
+    code, _out, err = run(capsys, "--check", xml, "--domcaps", str(caps), "--", *argv)
     assert code == 0 and "accepted from the command line" not in err
 
 

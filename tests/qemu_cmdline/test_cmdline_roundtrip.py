@@ -60,7 +60,7 @@ def argv_and_back(domain: Domain, options: CmdlineOptions, model: object = None)
 @given(model=models, name=names, domain_id=st.none() | st.integers(-1, 10**6), syntax=st.sampled_from(["json", "keyval"]))
 def test_model_argv_model_identity(model, name: str, domain_id: int | None, syntax: str) -> None:  # type: ignore[no-untyped-def]
     domain = Domain(name=name, type="kvm", id=domain_id, launch_security=model)
-    argv, found = argv_and_back(domain, CmdlineOptions(syntax=syntax))  # type: ignore[arg-type]
+    _argv, found = argv_and_back(domain, CmdlineOptions(syntax=syntax))  # type: ignore[arg-type]
     assert found.model == model, found.problems  # type: ignore[attr-defined]
     assert found.problems == ()  # type: ignore[attr-defined]
 

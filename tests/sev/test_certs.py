@@ -65,7 +65,7 @@ def test_real_naples_certificate_fields(naples_certs: dict[str, SevCertificate])
 
 
 def test_real_naples_signatures_verify(naples_certs, naples_ca) -> None:
-    ask, ark = naples_ca
+    ask, _ark = naples_ca
     pdh, pek, oca, cek = (naples_certs[n] for n in ("pdh", "pek", "oca", "cek"))
     assert cek.verify_signed_by(ask).usage == Usage.ASK
     assert pek.verify_signed_by(cek).usage == Usage.CEK
