@@ -254,7 +254,7 @@ class LaunchService:
 
     # ---- attestation and release -------------------------------------------------------------
 
-    def attest(self, host: str, launch_id: str, measurement_b64: str, api_major: int, api_minor: int,
+    def attest(self, host: str, launch_id: str, measurement_b64: str, api_major: int, api_minor: int,  # noqa: PLR0912  (each refusal is audited)
                build_id: int, policy: int) -> dict[str, str]:
         """Decide on a measurement; on success the answer is the LAUNCH_SECRET packet (base64)."""
         try:

@@ -53,7 +53,7 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help_text: str, epil
     return parser
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: PLR0915  (argparse: a statement per option)
     broker = subparsers.add_parser(
         "broker", help="the guest owner's key broker: serve it and administer it",
         description="The key broker releases a guest's secrets only to a launch whose measurement matches "

@@ -357,7 +357,7 @@ def _add_launch_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="SEV-ES VMSA page (4096 bytes); repeat per vCPU")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: PLR0915  (argparse: a statement per option)
     owner = subparsers.add_parser(
         "owner",
         help="guest-owner cryptography: chains, sessions, measurements, secrets",

@@ -187,7 +187,7 @@ def threading_shutdown(server) -> None:  # noqa: ANN001
     threading.Thread(target=server.shutdown, daemon=True).start()
 
 
-def cmd_secrets(args: argparse.Namespace) -> int:
+def cmd_secrets(args: argparse.Namespace) -> int:  # noqa: PLR0912  (the report: a branch per record field and output form)
     from sevhook.errors import SevhookError
     from sevhook.sim.guest import GuestRecorder
 

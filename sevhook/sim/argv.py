@@ -209,7 +209,7 @@ def _check_server(opts: dict[str, str], what: str) -> None:
         raise UsageError(f"{what}: only listening monitors (server=on) are supported by the stand-in")
 
 
-def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
+def parse_qemu_argv(argv: list[str]) -> QemuInvocation:  # noqa: PLR0912, PLR0915  (a branch per QEMU option)
     """Read a QEMU command line (without the program name)."""
     inv = QemuInvocation(argv=list(argv))
     objects: list[tuple[int, str]] = []
