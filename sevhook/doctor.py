@@ -139,7 +139,8 @@ def check_firmware(f: HostFacts) -> Check:
     es = sorted(name for name, feats in f.firmware_features.items() if "amd-sev-es" in feats)
     if not sev:
         return Check("OVMF firmware", "fail", "no firmware descriptor with feature amd-sev",
-                     "install OVMF (Debian: ovmf) or an AmdSev OVMF build with its descriptor in /usr/share/qemu/firmware")
+                     "install OVMF (Debian: ovmf) or an AmdSev OVMF build with its descriptor in "
+                     "/usr/share/qemu/firmware")
     if not es:
         return Check("OVMF firmware", "warn", f"amd-sev in {', '.join(sev)}; none with amd-sev-es",
                      "SEV-ES guests and measured direct kernel boot need an AmdSev OVMF build (OvmfPkg/AmdSev)")

@@ -78,7 +78,8 @@ def parse_domain_capabilities(data: bytes, where: str) -> PlatformInfo:
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); save it with `virsh domcapabilities > FILE`") from exc
+        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); "
+                           "save it with `virsh domcapabilities > FILE`") from exc
     if root.tag != "domainCapabilities":
         raise SevhookError(f"{where}: root element is <{root.tag}>, not <domainCapabilities> (`virsh domcapabilities`)")
     sev = root.find("features/sev")
@@ -112,7 +113,8 @@ class QmpSocket:
         try:
             return PlatformInfo(int(reply["cbitpos"]), int(reply["reduced-phys-bits"]), self.describe())
         except (KeyError, TypeError, ValueError) as exc:
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks cbitpos/reduced-phys-bits") from exc
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks "
+                               "cbitpos/reduced-phys-bits") from exc
 
     async def _query(self) -> dict[str, Any]:
         client = QMPClient("sevhook-cmdline")
@@ -123,7 +125,8 @@ class QmpSocket:
             raise SevhookError(f"{self.describe()}: query-sev-capabilities failed: {exc.error.error.desc}") from exc
         except ConnectError as exc:
             raise SevhookError(
-                f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp unix:{self.path},server=on,wait=off?"
+                f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp "
+                f"unix:{self.path},server=on,wait=off?"
             ) from exc
         except TimeoutError as exc:
             raise SevhookError(f"{self.describe()}: no answer within {self.timeout:g} s") from exc
@@ -132,7 +135,8 @@ class QmpSocket:
         finally:
             await client.disconnect()
         if not isinstance(reply, dict):
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities returned {type(reply).__name__}, not an object")
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities returned {type(reply).__name__}, not an "
+                               "object")
         return reply
 
 
@@ -182,7 +186,8 @@ def fill_platform(model: LaunchSecurity, source: PlatformSource | None) -> tuple
     assert isinstance(model, (SevLaunchSecurity, SevSnpLaunchSecurity))
     if source is None:
         missing = " and ".join(
-            name for name, value in (("<cbitpos>", model.cbitpos), ("<reducedPhysBits>", model.reduced_phys_bits)) if value is None
+            name for name, value in (("<cbitpos>", model.cbitpos),
+                                     ("<reducedPhysBits>", model.reduced_phys_bits)) if value is None
         )
         raise SevhookError(
             f"<launchSecurity> has no {missing}, which libvirt takes from the host at start: pass --domcaps FILE "

@@ -170,7 +170,8 @@ class SevLaunch:
 class SevMonitor:
     """The SEV QMP commands as QEMU answers them, for one process (launch is None: SEV not in use)."""
 
-    def __init__(self, platform: SoftwarePlatform, launch: SevLaunch | None, qemu_version: tuple[int, int, int]) -> None:
+    def __init__(self, platform: SoftwarePlatform, launch: SevLaunch | None,
+                 qemu_version: tuple[int, int, int]) -> None:
         self.platform = platform
         self.launch = launch
         self.qemu_version = qemu_version

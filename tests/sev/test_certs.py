@@ -121,7 +121,8 @@ def test_unsigned_form_is_refused_for_any_other_root(vectors: Path) -> None:
         AmdCertificate.parse(rome[:-512])
 
 
-@pytest.mark.parametrize("name,signer", [("pdh", "pek"), ("pek", "oca"), ("pek", "cek"), ("oca", "oca"), ("cek", "ask")])
+@pytest.mark.parametrize("name,signer",
+                         [("pdh", "pek"), ("pek", "oca"), ("pek", "cek"), ("oca", "oca"), ("cek", "ask")])
 def test_flipping_any_signed_byte_is_detected(naples: Path, naples_certs, naples_ca, name: str, signer: str) -> None:
     raw = (naples / f"{name}.cert").read_bytes()
     signer_cert = naples_ca[0] if signer == "ask" else naples_certs[signer]

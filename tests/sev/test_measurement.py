@@ -73,7 +73,8 @@ def test_parse_forms() -> None:
         assert parsed.to_bytes() == raw and parsed.measurement == raw[:32] and parsed.mnonce == raw[32:]
 
 
-@pytest.mark.parametrize("data,message", [("", "0 bytes"), ("AAAA", "3 bytes"), ("@@@@", "base64"), (bytes(47), "base64|bytes")])
+@pytest.mark.parametrize("data,message",
+                         [("", "0 bytes"), ("AAAA", "3 bytes"), ("@@@@", "base64"), (bytes(47), "base64|bytes")])
 def test_bad_measurements(data, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         LaunchMeasurement.parse(data)

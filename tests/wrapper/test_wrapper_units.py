@@ -110,7 +110,8 @@ def test_prepare_domain_converts_between_modes_without_hand_editing(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["--mode", "start", "--qemu", "/usr/bin/qemu"], "--qemu /usr/bin/qemu: give an absolute path, with --mode emulator"),
+    (["--mode", "start", "--qemu", "/usr/bin/qemu"],
+     "--qemu /usr/bin/qemu: give an absolute path, with --mode emulator"),
     (["--socket", "/run/x.qmp"], "--socket is for --mode hook only"),
     (["--qemu", "qemu"], "--qemu qemu: give an absolute path"),
 ])
