@@ -46,7 +46,8 @@ def make_domains(count: int, seed: int = 0) -> list[Domain]:
             )
         else:
             model = S390PvLaunchSecurity()
-        domains.append(Domain(name=f"guest-{index:05d}-{'x' * rng.randrange(30)}", type="kvm", id=index, launch_security=model))
+        domains.append(Domain(name=f"guest-{index:05d}-{'x' * rng.randrange(30)}", type="kvm", id=index,
+                              launch_security=model))
     return domains
 
 
@@ -68,7 +69,8 @@ def main(count: int = COUNT) -> list[dict[str, object]]:
     domains = make_domains(count)
     json_options = CmdlineOptions()
     keyval_options = CmdlineOptions(syntax="keyval")
-    compat_domains = [d for d in domains if isinstance(d.launch_security, SevLaunchSecurity) and d.launch_security.kernel_hashes is None]
+    compat_domains = [d for d in domains
+                      if isinstance(d.launch_security, SevLaunchSecurity) and d.launch_security.kernel_hashes is None]
     translations: list[Translation] = []
 
     def translate_json() -> None:
@@ -85,7 +87,8 @@ def main(count: int = COUNT) -> list[dict[str, object]]:
         timed(
             "model -> argv (libvirt 4.x compat)",
             len(compat_domains),
-            lambda: [translate(d, CmdlineOptions(libvirt4_compat=True, lib_dir=Path("/tmp/lib"))) for d in compat_domains],
+            lambda: [translate(d, CmdlineOptions(libvirt4_compat=True, lib_dir=Path("/tmp/lib")))
+                     for d in compat_domains],
         ),
         timed("argv -> model (read back, JSON)", count, read_back),
     ]
@@ -101,7 +104,8 @@ def print_table(rows: list[dict[str, object]]) -> None:
         )
     first = rows[0]
     verdict = "meets" if float(first["seconds"]) < TARGET_SECONDS else "MISSES"  # type: ignore[arg-type]
-    print(f"translating {first['models']} models {verdict} the {TARGET_SECONDS:g} s target ({first['ratio_to_target']:.2f} of it)")
+    print(f"translating {first['models']} models {verdict} the {TARGET_SECONDS:g} s target "
+          f"({first['ratio_to_target']:.2f} of it)")
 
 
 def figures(quick: bool = False) -> list[Figure]:

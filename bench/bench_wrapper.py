@@ -27,7 +27,7 @@ from common import Figure, figure  # noqa: E402
 
 from sevhook.sim.state import default_state_dir  # noqa: E402
 from sevhook.virt import libvirt_module, open_connection  # noqa: E402
-from tests.wrapper.world import (  # noqa: E402,E501
+from tests.wrapper.world import (  # noqa: E402
     SIM_QEMU,
     EmulatorConf,
     SimWorld,

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common import Figure, machine_note, print_figures
@@ -59,7 +59,8 @@ def run_area(area: str, quick: bool, details: bool, work: Path) -> tuple[list[Fi
     command = [sys.executable, str(Path(__file__).resolve()), "--child", area, "--result", str(result)]
     try:
         done = subprocess.run(command + (["--quick"] if quick else []), cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=None if details else subprocess.PIPE, text=True, timeout=AREA_TIMEOUT_SECONDS)
+                              stderr=None if details else subprocess.PIPE, text=True, timeout=AREA_TIMEOUT_SECONDS,
+                              check=False)
     except subprocess.TimeoutExpired:
         return [], f"no result within {AREA_TIMEOUT_SECONDS} s"
     if done.returncode != 0 or not result.exists():
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Console(sys.stderr)
     figures: list[Figure] = []
     failures: list[str] = []
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="sevhook-bench-") as work:
         for index, area in enumerate(options.only, 1):
             progress.line(f"[{index}/{len(options.only)}] {area} ...", "step")

@@ -57,7 +57,7 @@ def _kds_url(text: str, where: str) -> str:
 
 def _database_url(text: str, where: str) -> str:
     scheme, sep, rest = text.partition("://")
-    if not sep or not scheme or not rest and scheme != "sqlite":
+    if not sep or not scheme or (not rest and scheme != "sqlite"):
         raise UsageError(f"{where}: {text!r} is not a database URL (sqlite:///PATH or "
                          "postgresql+psycopg://USER@HOST:PORT/DB)")
     if ":" in rest.partition("@")[0] and "@" in rest:
@@ -67,7 +67,7 @@ def _database_url(text: str, where: str) -> str:
 
 
 def _listen(text: str, where: str) -> str:
-    host, sep, port = text.rpartition(":")
+    _host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"{where}: {text!r}: use ADDR:PORT, e.g. 127.0.0.1:8700 or [::1]:8700")
     return text

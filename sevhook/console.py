@@ -31,7 +31,7 @@ class Console:
     def line(self, text: str, status: str | None = None) -> None:
         """One line; `status` (ok/warn/fail/info/step) colours the text on a terminal."""
         if self._rich is not None:
-            from rich.text import Text  # noqa: PLC0415
+            from rich.text import Text  # noqa: PLC0415 - only on terminals
 
             self._rich.print(Text(text, style=STYLES.get(status or "", "")))
         else:
@@ -39,7 +39,7 @@ class Console:
 
     def table(self, headers: list[str], rows: list[list[str]], statuses: list[str] | None = None) -> None:
         if self._rich is not None:
-            from rich.table import Table  # noqa: PLC0415
+            from rich.table import Table  # noqa: PLC0415 - only on terminals
 
             table = Table(*headers)
             for i, row in enumerate(rows):
@@ -47,9 +47,9 @@ class Console:
             self._rich.print(table)
             return
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=self.stream)
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=self.stream)
         for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.stream)
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip(), file=self.stream)
         self.stream.flush()
 
 

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from sevhook.errors import SevhookError
+from sevhook.monitor.qmp import QmpMonitor
+from sevhook.sev.secret_area import NoSecretArea, require_secret_area
+from sevhook.virt import LibvirtError, libvirt_module, open_connection
+
 Status = Literal["ok", "warn", "fail"]
 
 HOOK_NAME = "50-sevhook"
@@ -134,7 +139,8 @@ def check_firmware(f: HostFacts) -> Check:
     es = sorted(name for name, feats in f.firmware_features.items() if "amd-sev-es" in feats)
     if not sev:
         return Check("OVMF firmware", "fail", "no firmware descriptor with feature amd-sev",
-                     "install OVMF (Debian: ovmf) or an AmdSev OVMF build with its descriptor in /usr/share/qemu/firmware")
+                     "install OVMF (Debian: ovmf) or an AmdSev OVMF build with its descriptor in "
+                     "/usr/share/qemu/firmware")
     if not es:
         return Check("OVMF firmware", "warn", f"amd-sev in {', '.join(sev)}; none with amd-sev-es",
                      "SEV-ES guests and measured direct kernel boot need an AmdSev OVMF build (OvmfPkg/AmdSev)")
@@ -216,8 +222,6 @@ def _firmware_features(dirs: Iterable[Path]) -> dict[str, frozenset[str]]:
 
 def _firmware_secret_areas(dirs: Iterable[Path]) -> dict[str, bool]:
     """Each flash executable the descriptors name -> whether its OVMF footer has a usable secret area."""
-    from sevhook.sev.secret_area import NoSecretArea, require_secret_area  # noqa: PLC0415
-
     found: dict[str, bool] = {}
     for directory in dirs:
         for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
@@ -254,9 +258,6 @@ PROBE_TIMEOUT = 30.0
 def probe_emulator(emulator: Path, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str | None]:
     """Start `emulator` as libvirt probes it (-machine none, -S, a QMP socket) and ask
     query-sev-capabilities: (what it answered, None) or (None, why not). The process is always stopped."""
-    from sevhook.errors import SevhookError  # noqa: PLC0415
-    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
-
     if not (emulator.is_file() and os.access(emulator, os.X_OK)):
         return None, "not an executable file"
     directory = Path(tempfile.mkdtemp(prefix="sevhook-doctor-"))
@@ -316,8 +317,6 @@ def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Pat
     if emulator is not None:
         facts["emulator"] = emulator
         facts["emulator_sev"], facts["emulator_error"] = probe_emulator(emulator)
-    from sevhook.virt import LibvirtError, libvirt_module, open_connection  # noqa: PLC0415 - optional extra
-
     try:
         libvirt = libvirt_module()
         conn = open_connection(uri)

@@ -14,7 +14,7 @@ class LibvirtError(SevhookError):
 
 def libvirt_module() -> Any:
     try:
-        import libvirt  # noqa: PLC0415
+        import libvirt  # noqa: PLC0415  (an optional extra, and slow to import)
     except ImportError:
         raise LibvirtError("the libvirt Python binding is missing: pip install 'sevhook[libvirt]'") from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

@@ -26,7 +26,7 @@ def table_rows(stdout: str) -> list[dict[str, str]]:
         cells = re.split(r"\s{2,}", line.strip())
         if len(cells) != len(HEADERS):
             break
-        rows.append(dict(zip(HEADERS, cells)))
+        rows.append(dict(zip(HEADERS, cells, strict=True)))
     return rows
 
 

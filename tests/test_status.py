@@ -67,7 +67,7 @@ def test_an_unwritable_directory_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_a_damaged_record_is_named(tmp_path: Path) -> None:
     (tmp_path / "web1.json").write_text('{"verdict": "maybe"}')
-    with pytest.raises(ValueError, match="web1.json: not a sevhook status record"):
+    with pytest.raises(ValueError, match=r"web1.json: not a sevhook status record"):
         status.read_verdict("web1", tmp_path)
 
 

@@ -27,7 +27,9 @@ from sqlalchemy import (
     make_url,
 )
 from sqlalchemy.engine import URL
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from sevhook.errors import UsageError
 
@@ -137,7 +139,7 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'broker.sqlite3').resolve()}"
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """WAL keeps readers and the writer apart; NORMAL sync is durable across process crashes."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -120,7 +120,7 @@ def http_get(url: str, timeout: float) -> KdsAnswer:
     request = urllib.request.Request(url, headers={"Accept": "application/octet-stream",
                                                    "User-Agent": "sevhook-broker"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) checked)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # http(s) checked
             return KdsAnswer(response.status, response.read(MAX_CEK_ANSWER + 1), None)
     except urllib.error.HTTPError as exc:
         with exc:
@@ -165,7 +165,8 @@ class KdsClient:
                         break
                     return answer.body
                 if answer.status == 404:
-                    raise CekRefusal("cek-unsigned", f"AMD's KDS at {self.url} knows no CEK for chip {chip_hex[:16]}... "
+                    raise CekRefusal("cek-unsigned",
+                                     f"AMD's KDS at {self.url} knows no CEK for chip {chip_hex[:16]}... "
                                      "(HTTP 404): check that the chip id is this host's (GET_ID / QMP cpu0-id), "
                                      "or import the signed CEK with `sevhook broker add-cek FILE --chip-id HEX`")
                 problem = f"HTTP {answer.status}"
@@ -263,7 +264,8 @@ class SignedCeks:
     def import_cek(self, data: bytes, chip_hex: str | None, asks: Sequence[AmdCertificate]) -> dict[str, str]:
         """`broker add-cek`: a signed CEK (raw or base64, or the CEK inside a full chain) for air-gapped use."""
         if chip_hex is not None and not CHIP_ID.match(chip_hex):
-            raise UsageError(f"--chip-id {chip_hex[:40]!r}: give the chip id as hex (GET_ID, 64 bytes = 128 hex digits)")
+            raise UsageError(f"--chip-id {chip_hex[:40]!r}: give the chip id as hex "
+                             "(GET_ID, 64 bytes = 128 hex digits)")
         data = maybe_base64(bytes(data))
         if len(data) > 4 * SEV_CERT_SIZE:  # PDH|PEK|OCA|CEK|ASK|ARK: the CEK is the fourth certificate
             data = data[3 * SEV_CERT_SIZE:4 * SEV_CERT_SIZE]

@@ -212,7 +212,7 @@ class LaunchService:
                 raise refusal
             platform = self.verify_platform(pdh_b64, chain_b64, cpu0_id_b64)
         except Refusal as refusal:
-            raise self.store.deny(refusal, host, "create-launch", **where)
+            raise self.store.deny(refusal, host, "create-launch", **where)  # noqa: B904  (deny returns the refusal it was given)
         session = create_session(platform.pdh, chosen)
         launch_id = str(uuid.uuid4())
         with self.store.write() as conn:
@@ -254,7 +254,7 @@ class LaunchService:
 
     # ---- attestation and release -------------------------------------------------------------
 
-    def attest(self, host: str, launch_id: str, measurement_b64: str, api_major: int, api_minor: int,
+    def attest(self, host: str, launch_id: str, measurement_b64: str, api_major: int, api_minor: int,  # noqa: PLR0912  (each refusal is audited)
                build_id: int, policy: int) -> dict[str, str]:
         """Decide on a measurement; on success the answer is the LAUNCH_SECRET packet (base64)."""
         try:
@@ -265,7 +265,7 @@ class LaunchService:
         try:
             row = self._launch_row(host, launch_id, _LAUNCH_WITH_RULES)
         except Refusal as refusal:
-            raise self.store.deny(refusal, host, "attest", launch_id=launch_id[:64], measurement=shown)
+            raise self.store.deny(refusal, host, "attest", launch_id=launch_id[:64], measurement=shown)  # noqa: B904  (the refusal itself)
         where = {"guest_id": row.guest_id, "launch_id": row.id, "measurement": shown}
         if row.state != "created":
             raise self.store.deny(Refusal("launch-used", f"launch {row.id} is single-use and was already "

@@ -100,7 +100,7 @@ def make_tls(data_dir: Path, names: list[str]) -> tuple[TlsFiles, bool]:
         files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{files.directory}: cannot create it ({exc.strerror})") from exc
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"sevhook broker CA {now:%Y-%m-%d}")])
     ca_cert = (

@@ -15,8 +15,8 @@ def number_type(what: str) -> Callable[[str], int]:
     argparse, which names the option, like any other bad option value."""
 
     def convert(text: str) -> int:
-        from sevhook.errors import SevhookError  # noqa: PLC0415
-        from sevhook.sev.policy import parse_number  # noqa: PLC0415
+        from sevhook.errors import SevhookError
+        from sevhook.sev.policy import parse_number
 
         try:
             value = parse_number(text, what)
@@ -37,7 +37,7 @@ MAX_INPUT_BYTES = 1 << 20
 def read_input(path: str | Path, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     """A whole (small) input file; an unreadable, special or oversized one is a usage error naming the option and
     the path. Pipes such as `<(command)` work (sevhook.files.read_input_file)."""
-    from sevhook.files import read_input_file  # noqa: PLC0415
+    from sevhook.files import read_input_file
 
     return read_input_file(path, limit, what)
 
@@ -70,7 +70,7 @@ def apply_config(args: argparse.Namespace) -> None:
     flags = getattr(args, CONFIG_DESTS, None)
     if not flags:
         return
-    from sevhook import config  # noqa: PLC0415  (tomllib: only for commands that take configured options)
+    from sevhook import config  # tomllib: only for commands that take configured options
 
     settings = config.load()
     sources: dict[str, str] = {}
@@ -83,7 +83,7 @@ def apply_config(args: argparse.Namespace) -> None:
         value = settings.get(name)
         setattr(args, dest, value)
         if value is None and required:
-            from sevhook.errors import UsageError  # noqa: PLC0415
+            from sevhook.errors import UsageError
 
             section, key = name.split(".")
             where = settings.path or config.config_path()[0]

@@ -53,7 +53,7 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help_text: str, epil
     return parser
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: PLR0915  (argparse: a statement per option)
     broker = subparsers.add_parser(
         "broker", help="the guest owner's key broker: serve it and administer it",
         description="The key broker releases a guest's secrets only to a launch whose measurement matches "
@@ -222,15 +222,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _db_url(args: argparse.Namespace) -> Any:
-    from sevhook.broker.server import database_url  # noqa: PLC0415
+    from sevhook.broker.server import database_url
 
     return database_url(args.db, args.data_dir, args.db_password_file)
 
 
 def _admin(args: argparse.Namespace) -> Any:
     """The admin service over the data directory and database (no server needed)."""
-    from sevhook.broker.admin_ops import require_initialised  # noqa: PLC0415
-    from sevhook.broker.server import open_broker  # noqa: PLC0415
+    from sevhook.broker.admin_ops import require_initialised
+    from sevhook.broker.server import open_broker
 
     db_url = _db_url(args)  # a password on the command line is refused first, whatever else is wrong
     require_initialised(args.data_dir, getattr(args, "_config_sources", {}).get("data_dir", "default"))
@@ -238,8 +238,8 @@ def _admin(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from sevhook.broker.server import ServeOptions, serve  # noqa: PLC0415
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.broker.server import ServeOptions, serve
+    from sevhook.errors import UsageError
 
     if args.launch_ttl <= 0:
         raise UsageError(f"--launch-ttl {args.launch_ttl}: must be more than 0 seconds")
@@ -249,7 +249,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     rate=args.rate_limit, burst=args.burst, auth_failure_rate=args.auth_failure_rate,
                     auth_failure_burst=args.auth_failure_burst)
     if args.tls_cert is None and args.tls_key is None:
-        from sevhook.broker.tls import tls_files  # noqa: PLC0415
+        from sevhook.broker.tls import tls_files
 
         made = tls_files(args.data_dir)  # `broker init --tls` made them: serve HTTPS by default
         if made.complete():
@@ -261,15 +261,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from sevhook.broker.server import open_broker  # noqa: PLC0415
-    from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys  # noqa: PLC0415
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.broker.server import open_broker
+    from sevhook.broker.vault import ADMIN_TOKEN_FILE, init_keys
+    from sevhook.errors import UsageError
 
     data_dir = args.data_dir
     if args.san and not args.tls:
         raise UsageError("--san names the TLS server certificate: give --tls with it")
     if args.tls:
-        from sevhook.broker.tls import check_names, default_names  # noqa: PLC0415
+        from sevhook.broker.tls import check_names, default_names
 
         names = args.san or default_names()
         check_names(names)  # before anything is created
@@ -279,7 +279,7 @@ def run_init(args: argparse.Namespace) -> int:
     state = "created" if created else "kept the existing"
     print(f"broker data directory {data_dir} (0700): {state} admin token in {token_path} (0600); tables ready")
     if args.tls:
-        from sevhook.broker.tls import make_tls  # noqa: PLC0415
+        from sevhook.broker.tls import make_tls
 
         files, made = make_tls(data_dir, names)
         what = "made" if made else "kept the existing"
@@ -314,9 +314,9 @@ def run_list_roots(args: argparse.Namespace) -> int:
 
 
 def run_add_host(args: argparse.Namespace) -> int:
-    from sevhook.broker.vault import new_token  # noqa: PLC0415
-    from sevhook.errors import UsageError  # noqa: PLC0415
-    from sevhook.files import write_private_file  # noqa: PLC0415
+    from sevhook.broker.vault import new_token
+    from sevhook.errors import UsageError
+    from sevhook.files import write_private_file
 
     if args.token_file.exists():
         raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
@@ -354,8 +354,8 @@ def run_revoke_host(args: argparse.Namespace) -> int:
 
 
 def _secrets(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
-    from sevhook.errors import UsageError  # noqa: PLC0415
-    from sevhook.sev.secret import DISK_PASSPHRASE_GUID  # noqa: PLC0415
+    from sevhook.errors import UsageError
+    from sevhook.sev.secret import DISK_PASSPHRASE_GUID
 
     entries: list[tuple[uuid.UUID, bytes]] = []
     for item in args.secret:
@@ -378,7 +378,7 @@ def _secrets(args: argparse.Namespace) -> list[tuple[uuid.UUID, bytes]]:
 
 
 def _digests(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.errors import UsageError
 
     digests: list[bytes] = []
     labels: list[str] = []
@@ -405,7 +405,7 @@ def _digests(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
 
 def _measure(firmware: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     """The launch digest of `firmware` with the direct-boot inputs in args, and its label."""
-    from sevhook.sev.launch_digest import measure_sev  # noqa: PLC0415
+    from sevhook.sev.launch_digest import measure_sev
 
     measured = measure_sev(firmware, args.kernel, args.initrd, args.cmdline)
     for warning in measured.warnings:
@@ -414,7 +414,7 @@ def _measure(firmware: Path, args: argparse.Namespace) -> tuple[bytes, str]:
 
 
 def _hex_digest(text: str, flag: str) -> bytes:
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.errors import UsageError
 
     try:
         digest = bytes.fromhex(text.strip())
@@ -426,7 +426,7 @@ def _hex_digest(text: str, flag: str) -> bytes:
 
 
 def _version(text: str, what: str) -> tuple[int, int]:
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.errors import UsageError
 
     major, sep, minor = text.partition(".")
     if not sep or not major.isdigit() or not minor.isdigit():
@@ -436,17 +436,17 @@ def _version(text: str, what: str) -> tuple[int, int]:
 
 def _policy_text(policy: int) -> str:
     """A policy and its flags, without the policy's API field: the guest's own minimum is printed beside it."""
-    from sevhook.sev.policy import SevPolicy  # noqa: PLC0415
+    from sevhook.sev.policy import SevPolicy
 
     return f"{policy:#06x} ({'|'.join(SevPolicy(policy).flag_names()) or 'no flags'})"
 
 
 def run_add_guest(args: argparse.Namespace) -> int:
-    from sevhook.broker.rules import GuestSpec  # noqa: PLC0415
+    from sevhook.broker.rules import GuestSpec
 
     policies = args.policy or [0x1]
     if args.firmware and not args.digest:
-        from sevhook.sev.digest_rules import require_vmsa_source  # noqa: PLC0415
+        from sevhook.sev.digest_rules import require_vmsa_source
 
         # --firmware computes a plain SEV digest (no VMSAs): it can only serve a non-ES policy
         require_vmsa_source(min(policies, key=lambda policy: policy & 0x4), has_vmsas=False,
@@ -465,8 +465,8 @@ def run_add_guest(args: argparse.Namespace) -> int:
         digest_labels=tuple(labels),
     )
     if spec.secrets and args.firmware:
-        from sevhook.sev.secret import SecretTable  # noqa: PLC0415
-        from sevhook.sev.secret_area import require_secret_area  # noqa: PLC0415
+        from sevhook.sev.secret import SecretTable
+        from sevhook.sev.secret_area import require_secret_area
 
         require_secret_area(args.firmware, len(SecretTable(spec.secrets).build()))
     guest = _admin(args).add_guest(spec)
@@ -481,8 +481,8 @@ def run_add_guest(args: argparse.Namespace) -> int:
 
 
 def run_update_guest(args: argparse.Namespace) -> int:
-    from sevhook.broker.admin_ops import GuestUpdate, update_guest  # noqa: PLC0415
-    from sevhook.errors import UsageError  # noqa: PLC0415
+    from sevhook.broker.admin_ops import GuestUpdate, update_guest
+    from sevhook.errors import UsageError
 
     if not args.add_firmware and (args.kernel or args.initrd or args.cmdline is not None):
         raise UsageError("--kernel, --initrd and --cmdline are measured together with --add-firmware; give it too")
@@ -508,10 +508,10 @@ def run_update_guest(args: argparse.Namespace) -> int:
 
 
 def run_rotate_host_token(args: argparse.Namespace) -> int:
-    from sevhook.broker.admin_ops import rotate_host_token  # noqa: PLC0415
-    from sevhook.broker.vault import new_token  # noqa: PLC0415
-    from sevhook.errors import UsageError  # noqa: PLC0415
-    from sevhook.files import write_private_file  # noqa: PLC0415
+    from sevhook.broker.admin_ops import rotate_host_token
+    from sevhook.broker.vault import new_token
+    from sevhook.errors import UsageError
+    from sevhook.files import write_private_file
 
     if args.token_file.exists():
         raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
@@ -552,7 +552,7 @@ def run_revoke_guest(args: argparse.Namespace) -> int:
 
 def _base64_of_hex(text: str) -> str:
     """A measurement stored as hex, shown in base64 as libvirt shows it; text that is not hex stays as is."""
-    import base64  # noqa: PLC0415
+    import base64
 
     try:
         return base64.b64encode(bytes.fromhex(text)).decode()

@@ -45,24 +45,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     # One positional list: argparse (3.11) cannot give a second positional list after options
     # (`--check X.xml --qmp S -- ARGV`), so the domain to check is --check's own value.
-    parser.add_argument("items", nargs="*", metavar="DOMAIN.xml | QEMU ARGV", help="the domain XML file (- for standard input); with --check: the QEMU argv, after --")
-    parser.add_argument("--check", metavar="DOMAIN.xml", help="compare a QEMU argv (after --, or --args-file) with this domain")
-    parser.add_argument("--args-file", type=Path, metavar="FILE", help="with --check: read the argv from a libvirt .args/log text or /proc/PID/cmdline")
-    parser.add_argument("--qemu-version", metavar="X.Y", help="QEMU to emit for (default: the newest forms; 'auto': ask the domain's <emulator>)")
-    parser.add_argument("--syntax", choices=("json", "keyval"), help="-object syntax (default: libvirt's choice for the QEMU version)")
-    parser.add_argument("--libvirt4-compat", action="store_true", help="reproduce libvirt 4.x: id sev0, memory-encryption, keyval, hex policy")
-    parser.add_argument("--lib-dir", type=Path, metavar="DIR", help="directory of dh_cert.base64/session.base64 (default /var/lib/libvirt/qemu/domain-<id>-<name>)")
-    parser.add_argument("--domain-id", type=int, metavar="N", help="the running domain's id (`virsh domid NAME`) for the default lib dir (default: the XML's id, else -1 as for an inactive domain)")
-    parser.add_argument("--write-files", action="store_true", help="write dhCert and session into the lib dir (0600, atomically)")
+    parser.add_argument("items", nargs="*", metavar="DOMAIN.xml | QEMU ARGV",
+                        help="the domain XML file (- for standard input); with --check: the QEMU argv, after --")
+    parser.add_argument("--check", metavar="DOMAIN.xml",
+                        help="compare a QEMU argv (after --, or --args-file) with this domain")
+    parser.add_argument("--args-file", type=Path, metavar="FILE",
+                        help="with --check: read the argv from a libvirt .args/log text or /proc/PID/cmdline")
+    parser.add_argument("--qemu-version", metavar="X.Y",
+                        help="QEMU to emit for (default: the newest forms; 'auto': ask the domain's <emulator>)")
+    parser.add_argument("--syntax", choices=("json", "keyval"),
+                        help="-object syntax (default: libvirt's choice for the QEMU version)")
+    parser.add_argument("--libvirt4-compat", action="store_true",
+                        help="reproduce libvirt 4.x: id sev0, memory-encryption, keyval, hex policy")
+    parser.add_argument("--lib-dir", type=Path, metavar="DIR",
+                        help="directory of dh_cert.base64/session.base64 (default "
+                             "/var/lib/libvirt/qemu/domain-<id>-<name>)")
+    parser.add_argument("--domain-id", type=int, metavar="N",
+                        help="the running domain's id (`virsh domid NAME`) for the default lib dir (default: the "
+                             "XML's id, else -1 as for an inactive domain)")
+    parser.add_argument("--write-files", action="store_true",
+                        help="write dhCert and session into the lib dir (0600, atomically)")
     host = parser.add_argument_group("host values for missing cbitpos/reducedPhysBits (give one source)")
     host.add_argument("--domcaps", type=Path, metavar="FILE", help="saved `virsh domcapabilities` XML")
     host.add_argument("--cbitpos", metavar="N", help="the host's C-bit position (with --reduced-phys-bits)")
-    host.add_argument("--reduced-phys-bits", metavar="N", help="the host's physical address bit reduction (with --cbitpos)")
+    host.add_argument("--reduced-phys-bits", metavar="N",
+                      help="the host's physical address bit reduction (with --cbitpos)")
     host.add_argument("--qmp", metavar="SOCKET", help="QMP socket of a QEMU on this host: query-sev-capabilities")
     host.add_argument("-c", "--connect", metavar="URI", help="libvirt URI: getSEVInfo (virsh nodesevinfo)")
     parser.add_argument("--passthrough", action="store_true", help="print a <qemu:commandline> block instead of lines")
     parser.add_argument("--json", action="store_true", help="print JSON (argv and files, or the check result)")
-    parser.add_argument("--strict", action="store_true", help="refuse problems libvirt lets through; --check: unreadable files are differences")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse problems libvirt lets through; --check: unreadable files are differences")
     parser.set_defaults(func=run)
 
 
@@ -76,7 +89,8 @@ def _platform_source(args: argparse.Namespace) -> PlatformSource | None:
         raise UsageError("give --cbitpos and --reduced-phys-bits together")
     sources: list[PlatformSource] = []
     if explicit[0] is not None:
-        values = [parse_number(text, name) for text, name in zip(explicit, ("--cbitpos", "--reduced-phys-bits"))]
+        values = [parse_number(text, name)
+                  for text, name in zip(explicit, ("--cbitpos", "--reduced-phys-bits"), strict=True)]
         if any(value < 0 or value > 0xFFFF_FFFF for value in values):
             raise UsageError("--cbitpos and --reduced-phys-bits must be unsigned 32-bit numbers")
         sources.append(platform.ExplicitValues(values[0], values[1]))
@@ -144,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--args-file is only read with --check DOMAIN.xml")
     if len(args.items) != 1:
         raise UsageError(
-            "give one DOMAIN.xml" if not args.items else f"give one DOMAIN.xml, not {len(args.items)} arguments (a QEMU argv is only read with --check DOMAIN.xml -- ARGV)"
+            "give one DOMAIN.xml" if not args.items
+            else f"give one DOMAIN.xml, not {len(args.items)} arguments "
+                 "(a QEMU argv is only read with --check DOMAIN.xml -- ARGV)"
         )
     args.domain = args.items[0]
     return _run_translate(args)
@@ -160,7 +176,8 @@ def _run_translate(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model, info = fill_platform(loaded.launch_security, source)
     if info is not None:
-        print(f"note: cbitpos {info.cbitpos}, reducedPhysBits {info.reduced_phys_bits} from {info.source}", file=sys.stderr)
+        print(f"note: cbitpos {info.cbitpos}, reducedPhysBits {info.reduced_phys_bits} from {info.source}",
+              file=sys.stderr)
     options = _options(args, loaded)
     translation = translate(loaded.domain, options, model)
     if translation.files and options.lib_dir is None and loaded.domain.id is None:
@@ -171,7 +188,8 @@ def _run_translate(args: argparse.Namespace) -> int:
         for path in libdir.write_files(translation.files):
             print(f"note: wrote {path} (mode 0600)", file=sys.stderr)
     elif translation.files:
-        print(f"note: QEMU will read {', '.join(translation.files)}: libvirt writes them at start (--write-files writes them now)", file=sys.stderr)
+        print(f"note: QEMU will read {', '.join(translation.files)}: libvirt writes them at start (--write-files "
+              "writes them now)", file=sys.stderr)
     if args.passthrough and translation.files and args.lib_dir is None:
         print(
             "warning: libvirt recreates domain-<id>-<name> with each start's id and writes no files for passthrough "
@@ -217,7 +235,8 @@ def _run_check(args: argparse.Namespace) -> int:
     result = compare(translate(loaded.domain, options, model), found, DiskFiles(), args.strict)
     notes += result.notes
     if args.json:
-        print(json.dumps({"ok": result.ok, "differences": list(result.differences), "notes": notes}, ensure_ascii=False))
+        print(json.dumps({"ok": result.ok, "differences": list(result.differences), "notes": notes},
+                         ensure_ascii=False))
     else:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)

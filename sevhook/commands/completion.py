@@ -80,7 +80,7 @@ complete -o filenames -F _sevhook sevhook
 
 
 def run(args: argparse.Namespace) -> int:
-    from sevhook.cli import build_parser  # noqa: PLC0415  (every command family: the whole parser)
+    from sevhook.cli import build_parser  # every command family: the whole parser
 
     script = _bash_script(command_table(build_parser()))
     if args.shell == "zsh":

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _password_source(password_file: object) -> str:
     """Where the database password comes from; never the password itself."""
-    from sevhook.config import DB_PASSWORD_ENV  # noqa: PLC0415
+    from sevhook.config import DB_PASSWORD_ENV
 
     if password_file is not None:
         return f"file {password_file}"
@@ -53,7 +53,7 @@ def _password_source(password_file: object) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from sevhook import config  # noqa: PLC0415
+    from sevhook import config
 
     settings = config.load()
     path, chosen = config.config_path()

@@ -37,6 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sevhook.flow.demo import run_demo  # noqa: PLC0415  (the broker, uvicorn, cryptography)
+    from sevhook.flow.demo import run_demo  # the broker, uvicorn, cryptography
 
     return 0 if run_demo(Console(), keep=args.keep).passed else 1

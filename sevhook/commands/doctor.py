@@ -57,8 +57,8 @@ def render(checks: list[Check], width: int = WIDTH) -> list[tuple[str, str | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from sevhook import doctor  # noqa: PLC0415
-    from sevhook.console import Console  # noqa: PLC0415
+    from sevhook import doctor
+    from sevhook.console import Console
 
     pidfiles = args.daemon_pidfile or doctor.DEFAULT_DAEMON_PIDFILES
     emulator = args.emulator.absolute() if args.emulator else None

@@ -151,13 +151,13 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sevhook.hook.fast import main  # noqa: PLC0415  (the hook's hot path: nothing else loaded)
+    from sevhook.hook.fast import main  # the hook's hot path: nothing else loaded
 
     return main([args.hook_name, args.hook_op, args.hook_subop, args.hook_extra])
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from sevhook.hook.prepare import prepare_domain_file  # noqa: PLC0415  (lxml, cryptography, the broker client)
+    from sevhook.hook.prepare import prepare_domain_file  # lxml, cryptography, the broker client
 
     warnings = prepare_domain_file(
         args.domain_xml, broker_url=args.broker, guest_id=args.guest, uri=args.connect,

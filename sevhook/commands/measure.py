@@ -120,8 +120,8 @@ def _cpu_from_args(args: argparse.Namespace) -> CpuModel | None:
 
 
 def run_measure(args: argparse.Namespace) -> int:
-    from sevhook.sev.launch_digest import measure_sev, measure_seves  # noqa: PLC0415
-    from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel  # noqa: PLC0415
+    from sevhook.sev.launch_digest import measure_sev, measure_seves
+    from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel
 
     cpu = _cpu_from_args(args)
     vcpus, guest_features = args.vcpus, args.guest_features
@@ -138,7 +138,7 @@ def run_measure(args: argparse.Namespace) -> int:
     host_kernel = HostKernel.parse(args.host_kernel)
     kernel_args = (args.kernel, args.initrd, args.cmdline)
     if args.mode == "snp":
-        from sevhook.sev.snp import measure_snp  # noqa: PLC0415
+        from sevhook.sev.snp import measure_snp
 
         features = SNP_ACTIVE if guest_features is None else guest_features
         result = measure_snp(args.firmware, vcpus, cpu.signature, *kernel_args, features, host_kernel)
@@ -149,18 +149,18 @@ def run_measure(args: argparse.Namespace) -> int:
         result = measure_sev(args.firmware, *kernel_args, vmsas=args.vmsa)
     _warn(result.warnings)
     if args.json:
-        import json  # noqa: PLC0415
+        import json
 
         print(json.dumps(_measure_json(args, result), indent=2))
         return 0
     if args.explain:
-        from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
+        from sevhook.sev.ovmf import OvmfFooter
 
         print("\n".join(OvmfFooter.read(args.firmware).describe() + result.explain()))
     if args.output_format == "hex":
         print(result.digest.hex())
     else:
-        import base64  # noqa: PLC0415
+        import base64
 
         print(base64.b64encode(result.digest).decode())
     return 0
@@ -168,7 +168,7 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def _measure_json(args: argparse.Namespace, result: LaunchDigest) -> dict[str, object]:
     """`measure --json`: the digest in the chosen format, the mode, and with --explain what was measured."""
-    import base64  # noqa: PLC0415
+    import base64
 
     data = result.to_json()
     components = data.pop("components")
@@ -177,7 +177,7 @@ def _measure_json(args: argparse.Namespace, result: LaunchDigest) -> dict[str, o
         data["digest"] = base64.b64encode(result.digest).decode()
     data["format"] = args.output_format
     if args.explain:
-        from sevhook.sev.ovmf import OvmfFooter  # noqa: PLC0415
+        from sevhook.sev.ovmf import OvmfFooter
 
         data["firmware"] = OvmfFooter.read(args.firmware).describe()
         data["components"] = components
@@ -185,9 +185,9 @@ def _measure_json(args: argparse.Namespace, result: LaunchDigest) -> dict[str, o
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    from sevhook.sev.diagnose import diagnose_mismatch  # noqa: PLC0415
-    from sevhook.sev.measurement import LaunchMeasurement  # noqa: PLC0415
-    from sevhook.sev.session import read_key_file  # noqa: PLC0415
+    from sevhook.sev.diagnose import diagnose_mismatch
+    from sevhook.sev.measurement import LaunchMeasurement
+    from sevhook.sev.session import read_key_file
 
     measurement = LaunchMeasurement.parse(args.measurement, "--measurement")
     tik = read_key_file(args.tik, "TIK")
@@ -201,7 +201,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     )
     _warn(diagnosis.warnings)
     if args.json:
-        import json  # noqa: PLC0415
+        import json
 
         print(json.dumps(diagnosis.to_json(), indent=2))
     else:

@@ -225,7 +225,8 @@ def _check_measurement_for_secret(args: argparse.Namespace, measurement: bytes, 
                          "(measurement and mnonce), as QEMU/libvirt report them")
     _, expected = _expected_measurement(args, tik, measurement[MEASUREMENT_SIZE:])
     if not hmac.compare_digest(expected, measurement[:MEASUREMENT_SIZE]):
-        raise VerificationError(f"measurement MISMATCH, so no secret was wrapped and nothing written: {MISMATCH_ADVICE}")
+        raise VerificationError("measurement MISMATCH, so no secret was wrapped and nothing written: "
+                                f"{MISMATCH_ADVICE}")
     print("measurement matches the expected launch", file=sys.stderr)
 
 
@@ -357,7 +358,7 @@ def _add_launch_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="SEV-ES VMSA page (4096 bytes); repeat per vCPU")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # noqa: PLR0915  (argparse: a statement per option)
     owner = subparsers.add_parser(
         "owner",
         help="guest-owner cryptography: chains, sessions, measurements, secrets",
@@ -373,7 +374,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "examples:\n  sevhook owner verify-chain full_chain.bin            # sevctl export --full\n"
                 "  sevhook owner verify-chain cert_chain.b64 --pdh pdh.b64 --ark ask_ark_milan.cert\n"
                 "  sevhook owner verify-chain sim_chain.bin --trust-anchor sim_ark.cert\n"
-                "  sevhook owner verify-chain full_chain.bin --json   # {\"ok\", \"root\", \"links\": [{name, ok, why}]}\n"
+                "  sevhook owner verify-chain full_chain.bin --json   "
+                "# {\"ok\", \"root\", \"links\": [{name, ok, why}]}\n"
                 "exit status: 0 valid, 1 invalid, 2 usage error")
     p.add_argument("chain", metavar="CHAIN",
                    help="PDH|PEK|OCA|CEK[|ASK|ARK] or PEK|OCA|CEK (raw or base64)")
@@ -383,14 +385,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify_chain)
 
     p = _parser(owner_subparsers, "session", "make LAUNCH_START files (GODH, session blob, TEK, TIK) for a platform",
-                "examples:\n  sevhook owner session --pdh pdh.cert --chain full_chain.bin --policy 0x3 --out-dir keys --name vm1\n"
+                "examples:\n"
+                "  sevhook owner session --pdh pdh.cert --chain full_chain.bin --policy 0x3 --out-dir keys --name vm1\n"
                 "  sevhook owner session --pdh pdh.b64 --chain cert_chain.b64 --ark ask_ark_milan.cert \\\n"
                 "      --policy 0x05 --out-dir keys\n"
                 "writes NAME_godh.b64 and NAME_session.b64 (for QEMU dh-cert-file/session-file or libvirt\n"
                 "<dhCert>/<session>) and NAME_tek.bin, NAME_tik.bin (keep them secret), all mode 0600;\n"
                 "--json prints {policy, policy_description, chain_root, files: {kind: path}} (never the keys)")
     p.add_argument("--pdh", metavar="FILE", required=True, help="the platform's PDH certificate (raw or base64)")
-    p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy, decimal or 0x-hex")
+    p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True,
+                   help="guest policy, decimal or 0x-hex")
     p.add_argument("--out-dir", metavar="DIR", required=True, help="existing directory for the four files")
     p.add_argument("--name", default=DEFAULT_SESSION_NAME, help=f"file-name prefix (default {DEFAULT_SESSION_NAME})")
     p.add_argument("--chain", metavar="FILE", help="certificate chain proving the PDH (as for verify-chain)")
@@ -401,7 +405,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_session)
 
     p = _parser(owner_subparsers, "verify-measurement", "check a LAUNCH_MEASURE result against expected inputs",
-                "examples:\n  sevhook owner verify-measurement --measurement \"$(virsh domlaunchsecinfo vm1 | ...)\" \\\n"
+                "examples:\n"
+                "  sevhook owner verify-measurement --measurement \"$(virsh domlaunchsecinfo vm1 | ...)\" \\\n"
                 "      --tik keys/vm1_tik.bin --api-major 1 --api-minor 40 --build-id 40 --policy 0x3 \\\n"
                 "      --firmware /usr/share/OVMF/OVMF.amdsev.fd --kernel vmlinuz --initrd initrd.img \\\n"
                 "      --cmdline 'console=ttyS0'\n"
@@ -412,8 +417,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "exit status: 0 match, 1 mismatch, 2 usage error")
     p.add_argument("--measurement", metavar="B64", required=True, help="base64 of measurement||mnonce (48 bytes)")
     p.add_argument("--tik", metavar="FILE", required=True, help="the session's 16-byte TIK file")
-    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", required=True, help="platform API major")
-    p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", required=True, help="platform API minor")
+    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", required=True,
+                   help="platform API major")
+    p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", required=True,
+                   help="platform API minor")
     p.add_argument("--build-id", type=number_type("--build-id"), metavar="N", required=True, help="platform build id")
     p.add_argument("--policy", type=number_type("--policy"), metavar="N", required=True, help="guest policy")
     _add_launch_inputs(p, required=True)
@@ -442,12 +449,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disk-passphrase", metavar="FILE",
                    help="grub/LUKS passphrase (GUID 736869e5-...): one trailing newline dropped, NUL added")
     p.add_argument("--iv", metavar="B64", help="16-byte IV (default: random)")
-    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N", help="platform API major (with --api-minor; < 0.17 "
+    p.add_argument("--api-major", type=number_type("--api-major"), metavar="N",
+                   help="platform API major (with --api-minor; < 0.17 "
                    "selects the older MAC)")
     p.add_argument("--api-minor", type=number_type("--api-minor"), metavar="N", help="platform API minor")
     p.add_argument("--build-id", type=number_type("--build-id"), metavar="N",
                    help="platform build id (to check the measurement)")
-    p.add_argument("--policy", type=number_type("--policy"), metavar="N", help="guest policy (to check the measurement)")
+    p.add_argument("--policy", type=number_type("--policy"), metavar="N",
+                   help="guest policy (to check the measurement)")
     _add_launch_inputs(p, required=False)
     p.add_argument("--out-dir", metavar="DIR", help="also write header and payload files here (0600)")
     p.set_defaults(func=cmd_secret)

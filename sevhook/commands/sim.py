@@ -187,7 +187,7 @@ def threading_shutdown(server) -> None:  # noqa: ANN001
     threading.Thread(target=server.shutdown, daemon=True).start()
 
 
-def cmd_secrets(args: argparse.Namespace) -> int:
+def cmd_secrets(args: argparse.Namespace) -> int:  # noqa: PLR0912  (the report: a branch per record field and output form)
     from sevhook.errors import SevhookError
     from sevhook.sim.guest import GuestRecorder
 
@@ -253,7 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim", help="the software SEV platform: create, export, inspect",
         description="A software AMD SEV secure processor with its own root of trust, for rehearsing "
                     "attestation without SEV hardware. `sevhook-sim-qemu` uses it as its firmware.",
-        epilog=PLATFORM_EPILOG + "\n" + SECRETS_EPILOG.replace("examples:\n", ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=PLATFORM_EPILOG + "\n" + SECRETS_EPILOG.replace("examples:\n", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim_sub = sim.add_subparsers(dest="sim_command", metavar="COMMAND")
     sim.set_defaults(func=lambda args: (sim.print_help(sys.stderr), 2)[1])
@@ -302,7 +303,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export the PDH, the certificate chain and the simulated ARK/ASK",
         description="Layouts: full = PDH|PEK|OCA|CEK|ASK|ARK with the KDS's signed CEK (`sevctl export --full`); "
                     "pdh = the PDH certificate; chain = PEK|OCA|CEK as the firmware exports it (QMP cert-chain, "
-                    "CEK unsigned); chip-id = GET_ID as upper-case hex (the KDS's key); ca = ASK|ARK (AMD's ask_ark_<gen>.cert layout); "
+                    "CEK unsigned); chip-id = GET_ID as upper-case hex (the KDS's key); ca = ASK|ARK (AMD's "
+                    "ask_ark_<gen>.cert layout); "
                     "ark = the simulated ARK alone, to pass as an explicit trust anchor.",
         epilog="examples:\n  sevhook sim platform export --out-dir /tmp/sim-export\n"
                "  sevhook sim platform export --format pdh --base64 --out pdh.b64",

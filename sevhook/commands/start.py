@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         if sequence is not None:
             sequence.domain.connection.close()
     if sequence is not None:  # the domain was found: this was an attestation, whatever its verdict
-        from sevhook.status import record_verdict  # noqa: PLC0415
+        from sevhook.status import record_verdict
 
         record_verdict(args.domain, mode="start", ok=outcome["ok"], step=outcome["failed_step"],
                        reason=outcome["error"], launch_id=outcome["launch_id"])
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _sequence(args: argparse.Namespace, steps: Any) -> Any:
     """The StartSequence for the domain on its connection (closed by the caller)."""
-    from sevhook.flow.libvirt_domain import LibvirtDomain, exported_platform, host_platform  # noqa: PLC0415
-    from sevhook.flow.start import StartSequence  # noqa: PLC0415
-    from sevhook.virt import open_connection  # noqa: PLC0415
+    from sevhook.flow.libvirt_domain import LibvirtDomain, exported_platform, host_platform
+    from sevhook.flow.start import StartSequence
+    from sevhook.virt import open_connection
 
     with steps.step("connect") as note:
         connection = open_connection(args.connect)
@@ -115,7 +115,7 @@ def _sequence(args: argparse.Namespace, steps: Any) -> Any:
             connection.close()
             raise
         note.detail = f"libvirt {connection.getURI()}"
-    from sevhook.sev.platform_export import CHAIN_FILE, DEFAULT_PLATFORM_DIR  # noqa: PLC0415
+    from sevhook.sev.platform_export import CHAIN_FILE, DEFAULT_PLATFORM_DIR
 
     cached = is_local(connection.getURI()) and (DEFAULT_PLATFORM_DIR / CHAIN_FILE).is_file()  # this host's cache
     source = args.platform or (DEFAULT_PLATFORM_DIR if cached else None)

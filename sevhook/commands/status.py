@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _attestation(xml: str, name: str) -> Any:
     """The domain's <sevhook:attestation>, None without one; unreadable metadata is an error text."""
-    from sevhook.errors import SevhookError  # noqa: PLC0415
-    from sevhook.xml import load_domain  # noqa: PLC0415
+    from sevhook.errors import SevhookError
+    from sevhook.xml import load_domain
 
     try:
         document = load_domain(xml.encode(), filename=f"domain XML of {name}", decode_certificates=False)
@@ -52,9 +52,9 @@ def _attestation(xml: str, name: str) -> Any:
 
 def broker_health(url: str, ca_file: str | None) -> tuple[bool, str]:
     """Whether GET URL/healthz answers 200 within HEALTH_TIMEOUT, and what was seen."""
-    import http.client  # noqa: PLC0415
-    import ssl  # noqa: PLC0415
-    from urllib.parse import urlsplit  # noqa: PLC0415
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     try:
@@ -79,8 +79,8 @@ _STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting 
 
 
 def _rows(connection: Any, only: str | None) -> list[dict[str, Any]]:
-    from sevhook.status import read_verdict  # noqa: PLC0415
-    from sevhook.virt import LibvirtError, libvirt_module  # noqa: PLC0415
+    from sevhook.status import read_verdict
+    from sevhook.virt import LibvirtError, libvirt_module
 
     libvirt = libvirt_module()
     try:
@@ -146,7 +146,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sevhook.virt import open_connection  # noqa: PLC0415
+    from sevhook.virt import open_connection
 
     connection = open_connection(args.connect, readonly=True)
     try:

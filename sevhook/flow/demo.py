@@ -267,7 +267,8 @@ class Demo:
         root = parse_document(base.encode(), str(path)).getroot()
         launch = PreparedLaunch(broker_url=broker_url, guest_id=GUEST_ID, launch_id=grant.launch_id,
                                 godh_b64=grant.godh_b64, session_b64=grant.session_b64, policy=grant.policy,
-                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT, token_file=str(self.world.token_file))
+                                socket=str(socket_path), timeout=ATTESTATION_TIMEOUT,
+                                token_file=str(self.world.token_file))
         apply_launch(root, launch, str(path))
         path.write_bytes(serialize(root))
         return path, load_domain(path).require_valid()

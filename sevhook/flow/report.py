@@ -33,7 +33,7 @@ class StepPrinter:
             text = f"  {_MARKS_PLAIN[result.status]:<6} {result.name:<{NAME_WIDTH}} {timing:>8}  {result.detail}"
             self.console.line(text.rstrip())
             return
-        from rich.table import Table  # noqa: PLC0415
+        from rich.table import Table  # noqa: PLC0415 - only on terminals
 
         style = STYLES[_STATUS_STYLE[result.status]]
         row = Table.grid(padding=(0, 1))

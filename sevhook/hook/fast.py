@@ -65,7 +65,7 @@ def main(argv=None) -> int:  # noqa: ANN001  (typing is not imported on the hot 
         return 1
     if not concerns_sevhook(domain_xml):
         return 0
-    from sevhook.hook.runner import run  # noqa: PLC0415
+    from sevhook.hook.runner import run
 
     return run(args, domain_xml)
 

@@ -55,7 +55,8 @@ def installed_python(prefix: Path = DEFAULT_PREFIX) -> Path | None:
 def import_paths_of(python: str) -> list[str]:
     """Where another interpreter finds sevhook and its site-packages (asked by running it)."""
     try:
-        result = subprocess.run([python, "-I", "-c", _PATHS_PROBE], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([python, "-I", "-c", _PATHS_PROBE], capture_output=True, text=True,
+                                timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UsageError(f"--python {python}: cannot run it ({exc})") from exc
     lines = result.stdout.strip().splitlines()

@@ -15,6 +15,7 @@ import base64
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 from lxml import etree
@@ -157,7 +158,7 @@ def _set_private_monitor(root: etree._Element, socket: str | None, stale_sockets
     if commandline is None:
         commandline = etree.SubElement(root, f"{_QEMU}commandline")
     args = commandline.findall(f"{_QEMU}arg")
-    for flag, value in zip(args, args[1:]):
+    for flag, value in pairwise(args):
         target = (value.get("value") or "").partition(",")[0]
         if flag.get("value") == "-qmp" and target.startswith("unix:") and target[5:] in stale_sockets:
             commandline.remove(flag)
@@ -194,7 +195,7 @@ def exported_platform(path: Path) -> tuple[str, str, str | None]:
         path = found[0]
     data = maybe_base64(read_input_file(path, MAX_EXPORT_BYTES, "platform export"))
     parts = [data[i * SEV_CERT_SIZE:(i + 1) * SEV_CERT_SIZE] for i in range(len(SEV_CHAIN_ORDER))]
-    for index, (part, usage) in enumerate(zip(parts, SEV_CHAIN_ORDER)):
+    for index, (part, usage) in enumerate(zip(parts, SEV_CHAIN_ORDER, strict=True)):
         name = f"{path} certificate {index + 1}"
         certificate = SevCertificate.parse(part, name)
         if certificate.usage != usage:

@@ -41,7 +41,7 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
         if guest is not None and guest.attestation.mode == "emulator":
             action = plan.emulator_mode_action(action)
         elif guest is not None and guest.attestation.socket is None:
-            from sevhook.hook import runtime  # noqa: PLC0415  (runtime files: not needed to attest)
+            from sevhook.hook import runtime  # runtime files: not needed to attest
 
             with steps.step("owner"):
                 owned = runtime.start_marker_state(guest.name) is runtime.MarkerState.LIVE
@@ -69,7 +69,7 @@ def run(argv: Sequence[str], domain_xml: bytes) -> int:
 def _quiet_library_logging() -> None:
     """Libraries' warnings (qemu.qmp's, the broker client's) would add lines to the one stderr line
     libvirt shows; the step log already records what happened."""
-    import logging  # noqa: PLC0415
+    import logging
 
     logging.getLogger().addHandler(logging.NullHandler())
 
@@ -78,7 +78,7 @@ def _load(name: str, domain_xml: bytes, *, decode_certificates: bool) -> DomainD
     """The domain XML, read with sevhook's validator. Decoding <dhCert>'s certificate costs the
     import of cryptography: `prepare` does it, before QEMU starts; later operations check the same
     document without it (at `started` the firmware has accepted the certificate already)."""
-    from sevhook.xml import load_domain  # noqa: PLC0415  (the hook's hot path: managed guests only)
+    from sevhook.xml import load_domain  # the hook's hot path: managed guests only
 
     try:
         return load_domain(domain_xml, filename=f"domain XML of {name} (hook stdin)",
@@ -98,7 +98,7 @@ def _managed(document: DomainDocument) -> tuple[ManagedGuest | None, list[str]]:
 
 def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLog) -> None:
     if action is Action.ATTEST:
-        from sevhook.status import recording  # noqa: PLC0415  (the verdict `sevhook status` shows)
+        from sevhook.status import recording  # the verdict `sevhook status` shows
 
         with recording(guest.name, "hook", guest.attestation.launch_id):
             if errors:  # `prepare` refused this document already; whatever happened since, never attest it
@@ -106,7 +106,7 @@ def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLo
                     raise HookFailure("validate", "\n".join(errors))
             _attest(guest, log)
         return
-    from sevhook.hook import runtime  # noqa: PLC0415  (the runtime files of the other operations)
+    from sevhook.hook import runtime  # the runtime files of the other operations
 
     if action is Action.VALIDATE:
         with log.steps.step("validate"):
@@ -134,10 +134,10 @@ def _perform(action: Action, guest: ManagedGuest, errors: list[str], log: StepLo
 def _attest(guest: ManagedGuest, log: StepLog) -> None:
     """The attested launch (sevhook.launch) over the guest's private QMP monitor. A failure leaves
     the vCPUs stopped; the hook's exit status 1 makes libvirt destroy the guest."""
-    from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415  (the hook's hot path: `started` only)
-    from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
-    from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
-    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
+    from sevhook.launch.qmp_port import MonitorPort  # the hook's hot path: `started` only
+    from sevhook.launch.sequence import AttestedLaunch
+    from sevhook.monitor.errors import MonitorError
+    from sevhook.monitor.qmp import QmpMonitor
 
     _quiet_library_logging()
     request = plan.launch_request(guest)

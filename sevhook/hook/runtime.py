@@ -212,7 +212,7 @@ def start_marker(domain_name: str, directory: Path = RUNTIME_DIR) -> Iterator[Pa
     happens, if it is still this process's."""
     path = start_marker_path(domain_name, directory)
     marker = StartMarker.of_this_process()
-    from sevhook.files import UnwritableFileError, write_private_file  # noqa: PLC0415 - only sevhook start
+    from sevhook.files import UnwritableFileError, write_private_file  # only sevhook start
 
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

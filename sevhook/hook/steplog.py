@@ -72,7 +72,7 @@ def _append(stream: TextIO, line: str) -> None:
 
 
 def _syslog_writer() -> Callable[[str], None]:
-    import syslog  # noqa: PLC0415  (the hook's hot path: only when the log file cannot be opened)
+    import syslog  # the hook's hot path: only when the log file cannot be opened
 
     syslog.openlog("sevhook-hook", 0, syslog.LOG_DAEMON)
     return lambda line: syslog.syslog(syslog.LOG_INFO, line)

@@ -262,7 +262,7 @@ class Interposer:
             loop.add_signal_handler(signum, self._forward_signal, signum)
         self.listeners = [
             MonitorListener(spec, sock, lambda connection, spec=spec: self._session(spec, connection))
-            for spec, sock in zip(self.monitors, sockets)
+            for spec, sock in zip(self.monitors, sockets, strict=True)
         ]
         for listener in self.listeners:
             await listener.start()

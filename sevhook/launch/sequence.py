@@ -141,8 +141,9 @@ class AttestedLaunch:
             if launch.policy != request.policy:
                 raise StepFailed("measure", f"the guest was launched with policy {launch.policy:#06x}, the "
                                  f"broker's session is for {request.policy:#06x}")
+            # the measurement is not secret: the broker gets it in clear
             note.detail = (f"firmware API {launch.api_major}.{launch.api_minor} build {launch.build_id}, "
-                           f"measurement {launch.measurement.measurement.hex()[:16]}")  # not secret: the broker gets it in clear
+                           f"measurement {launch.measurement.measurement.hex()[:16]}")
         with self._step("attest") as note:
             grant = self._ask_broker(launch)
             note.detail = "the key broker accepted the measurement and released the secret"

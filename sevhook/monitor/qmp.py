@@ -44,7 +44,7 @@ class AsyncQmpMonitor:
     async def connect(self) -> None:
         try:
             await asyncio.wait_for(self._qmp.connect(self.path), self.timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             await self.close()
             raise MonitorTimeout(f"QEMU monitor {self.path} accepted no QMP session within {self.timeout:g} s; "
                                  "is another client holding it, or is QEMU hung?") from exc
@@ -80,7 +80,7 @@ class AsyncQmpMonitor:
     async def _bounded(self, operation: Awaitable[_T], command: str) -> _T:
         try:
             return await asyncio.wait_for(operation, self.timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise MonitorTimeout(f"QEMU did not answer {command} within {self.timeout:g} s on {self.path}",
                                  command=command) from exc
         except ExecuteError as exc:

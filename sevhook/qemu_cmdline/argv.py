@@ -190,7 +190,8 @@ def read_launch_security(argv: list[str], files: FileLookup | None = None) -> Ar
     chosen = [entry for entry in found if entry[2].obj.id == wanted]
     for arg, _, parsed in found:
         if parsed.obj.id != wanted:
-            problems.append(f"argv[{arg.index}]: {parsed.obj.qom_type} '{parsed.obj.id}' is not the machine's {CGS_PROPERTY}")
+            problems.append(f"argv[{arg.index}]: {parsed.obj.qom_type} '{parsed.obj.id}' is not the machine's "
+                            f"{CGS_PROPERTY}")
     if wanted and not chosen:
         other = [arg for arg in cmdline.object_args if object_id_of(arg) == wanted]
         problems.append(

@@ -37,7 +37,8 @@ def fill_from_argv(model: LaunchSecurity, found: ArgvLaunchSecurity) -> tuple[La
         value = found.object.get(prop)
         if getattr(model, field) is None and isinstance(value, int) and not isinstance(value, bool):
             changes[field] = value
-            notes.append(f"{prop}={value} accepted from the command line: the domain XML leaves it to the host (give --domcaps FILE to check it)")
+            notes.append(f"{prop}={value} accepted from the command line: the domain XML leaves it to the host (give "
+                         "--domcaps FILE to check it)")
     return (dataclasses.replace(model, **changes) if changes else model), notes
 
 
@@ -65,7 +66,8 @@ def compare(expected: Translation, found: ArgvLaunchSecurity, files: FileLookup,
     if actual.qom_type != expected.object.qom_type:
         differences.append(f"object type: domain wants {expected.object.qom_type}, command line has {actual.qom_type}")
         return CheckResult(tuple(differences), tuple(notes))
-    if (found.machine_property, actual.id, found.syntax) != (expected.machine_property[0], expected.object.id, expected.syntax):
+    if (found.machine_property, actual.id, found.syntax) != (expected.machine_property[0], expected.object.id,
+                                                             expected.syntax):
         notes.append(
             f"written as {found.machine_property}={actual.id} with {found.syntax} -object "
             f"(libvirt for this QEMU: {expected.machine_text} with {expected.syntax}); QEMU treats both alike"
@@ -77,7 +79,8 @@ def compare(expected: Translation, found: ArgvLaunchSecurity, files: FileLookup,
         if name in FILE_PROPERTIES and want is not None and have is not None:
             differences += _compare_file(name, str(want), str(have), expected, files, strict, notes)
         elif want != have or type(want) is not type(have):
-            differences.append(f"{name} (from {source}): domain wants {_show(name, want)}, command line has {_show(name, have)}")
+            differences.append(f"{name} (from {source}): domain wants {_show(name, want)}, command line has "
+                               f"{_show(name, have)}")
     return CheckResult(tuple(differences), tuple(notes))
 
 
@@ -88,7 +91,8 @@ def _compare_file(
     source = XML_SOURCE[name]
     found: list[str] = []
     if want != have:
-        found.append(f"{name} (from {source}): domain wants {want!r} (lib dir {expected.lib_dir}), command line has {have!r}")
+        found.append(f"{name} (from {source}): domain wants {want!r} (lib dir {expected.lib_dir}), command line has "
+                     f"{have!r}")
     content = files.get(have)
     if content is None:
         message = f"{name} {have!r} is not readable here, so its content was not compared with {source}"

@@ -7,7 +7,7 @@ boolean types matter for the JSON form, and only what the domain XML sets is emi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, Union
+from typing import Literal, Protocol
 
 from sevhook.errors import FormatError, SevhookError
 from sevhook.sev.policy import SevPolicy, SnpPolicy
@@ -19,7 +19,7 @@ from sevhook.xml.models import (
     TdxLaunchSecurity,
 )
 
-PropValue = Union[int, bool, str]
+PropValue = int | bool | str
 PropKind = Literal["uint32", "uint64", "bool", "str"]
 
 SEV_GUEST = "sev-guest"

@@ -12,8 +12,9 @@ from lxml import etree
 
 from sevhook.errors import FormatError
 from sevhook.xml.models import QEMU_NS
+from sevhook.xml.parsing import safe_parser
 
-_QEMU = "{%s}" % QEMU_NS
+_QEMU = f"{{{QEMU_NS}}}"
 
 
 def commandline_element(argv: list[str]) -> etree._Element:
@@ -30,8 +31,6 @@ def commandline_xml(argv: list[str]) -> str:
 
 def args_from_commandline(xml: str | bytes) -> list[str]:
     """The argv a `<qemu:commandline>` block passes (in a domain or on its own), in order."""
-    from sevhook.xml.parsing import safe_parser  # noqa: PLC0415
-
     try:
         root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, safe_parser())
     except etree.XMLSyntaxError as exc:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lxml import etree
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from sevhook.errors import SevhookError, UsageError
 from sevhook.files import read_input_file
 from sevhook.xml.models import LaunchSecurity, SevLaunchSecurity, SevSnpLaunchSecurity
+from sevhook.xml.parsing import safe_parser
 
 QMP_TIMEOUT = 10.0
 MAX_DOMCAPS_BYTES = 1 << 20  # `virsh domcapabilities` prints a few KiB
@@ -73,12 +75,11 @@ class DomainCapabilitiesFile:
 
 
 def parse_domain_capabilities(data: bytes, where: str) -> PlatformInfo:
-    from sevhook.xml.parsing import safe_parser  # noqa: PLC0415
-
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); save it with `virsh domcapabilities > FILE`") from exc
+        raise SevhookError(f"{where}:{exc.lineno}: not XML ({exc.msg}); "
+                           "save it with `virsh domcapabilities > FILE`") from exc
     if root.tag != "domainCapabilities":
         raise SevhookError(f"{where}: root element is <{root.tag}>, not <domainCapabilities> (`virsh domcapabilities`)")
     sev = root.find("features/sev")
@@ -112,11 +113,10 @@ class QmpSocket:
         try:
             return PlatformInfo(int(reply["cbitpos"]), int(reply["reduced-phys-bits"]), self.describe())
         except (KeyError, TypeError, ValueError) as exc:
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks cbitpos/reduced-phys-bits") from exc
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities reply lacks "
+                               "cbitpos/reduced-phys-bits") from exc
 
     async def _query(self) -> dict[str, Any]:
-        from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
-
         client = QMPClient("sevhook-cmdline")
         try:
             await asyncio.wait_for(client.connect(self.path), self.timeout)
@@ -125,16 +125,18 @@ class QmpSocket:
             raise SevhookError(f"{self.describe()}: query-sev-capabilities failed: {exc.error.error.desc}") from exc
         except ConnectError as exc:
             raise SevhookError(
-                f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp unix:{self.path},server=on,wait=off?"
+                f"{self.describe()}: cannot connect ({exc.exc}); is QEMU running with -qmp "
+                f"unix:{self.path},server=on,wait=off?"
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise SevhookError(f"{self.describe()}: no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise SevhookError(f"{self.describe()}: the monitor failed: {exc}") from exc
         finally:
             await client.disconnect()
         if not isinstance(reply, dict):
-            raise SevhookError(f"{self.describe()}: query-sev-capabilities returned {type(reply).__name__}, not an object")
+            raise SevhookError(f"{self.describe()}: query-sev-capabilities returned {type(reply).__name__}, not an "
+                               "object")
         return reply
 
 
@@ -149,7 +151,7 @@ class LibvirtConnection:
 
     def load(self) -> PlatformInfo:
         try:
-            import libvirt
+            import libvirt  # noqa: PLC0415  (an optional extra, only for -c URI)
         except ImportError as exc:
             raise UsageError("-c URI needs libvirt-python: install sevhook[libvirt]") from exc
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)  # errors are raised, not printed
@@ -184,7 +186,8 @@ def fill_platform(model: LaunchSecurity, source: PlatformSource | None) -> tuple
     assert isinstance(model, (SevLaunchSecurity, SevSnpLaunchSecurity))
     if source is None:
         missing = " and ".join(
-            name for name, value in (("<cbitpos>", model.cbitpos), ("<reducedPhysBits>", model.reduced_phys_bits)) if value is None
+            name for name, value in (("<cbitpos>", model.cbitpos),
+                                     ("<reducedPhysBits>", model.reduced_phys_bits)) if value is None
         )
         raise SevhookError(
             f"<launchSecurity> has no {missing}, which libvirt takes from the host at start: pass --domcaps FILE "

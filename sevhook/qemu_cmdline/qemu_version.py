@@ -35,7 +35,8 @@ class QemuVersion:
         try:
             proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise UsageError(f"cannot run {binary} --version to learn the QEMU version: {exc}; pass --qemu-version X.Y") from exc
+            raise UsageError(f"cannot run {binary} --version to learn the QEMU version: {exc}; "
+                             "pass --qemu-version X.Y") from exc
         match = _BINARY_VERSION_RE.search(proc.stdout)
         if not match:
             raise UsageError(f"{binary} --version did not print a QEMU version; pass --qemu-version X.Y")

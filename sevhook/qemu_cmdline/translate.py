@@ -72,7 +72,8 @@ def _check_supported(model: LaunchSecurity, version: QemuVersion | None, compat:
     where = f" (QEMU {version})" if version else ""
     if isinstance(model, SevLaunchSecurity):
         if not qemu_version.has(version, qemu_version.SEV_GUEST):
-            raise SevhookError(f"'sev' launch security is not supported with this QEMU binary{where}: sev-guest needs QEMU 2.12")
+            raise SevhookError(f"'sev' launch security is not supported with this QEMU binary{where}: sev-guest needs "
+                               "QEMU 2.12")
         if model.kernel_hashes is not None and compat:
             raise SevhookError("libvirt 4.x had no kernelHashes: remove the attribute or drop --libvirt4-compat")
         if model.kernel_hashes is not None and not qemu_version.has(version, qemu_version.KERNEL_HASHES):
@@ -81,7 +82,8 @@ def _check_supported(model: LaunchSecurity, version: QemuVersion | None, compat:
                 "needs QEMU 6.2 (remove the kernelHashes attribute or pick a newer --qemu-version)"
             )
     elif compat:
-        raise SevhookError(f"libvirt 4.x knew only launchSecurity type 'sev', not '{model.type}': drop --libvirt4-compat")
+        raise SevhookError(f"libvirt 4.x knew only launchSecurity type 'sev', not '{model.type}': drop "
+                           "--libvirt4-compat")
     elif isinstance(model, SevSnpLaunchSecurity) and not qemu_version.has(version, qemu_version.SEV_SNP_GUEST):
         raise SevhookError(f"'sev-snp' launch security is not supported with this QEMU binary{where}: needs QEMU 9.1")
     elif isinstance(model, S390PvLaunchSecurity) and not qemu_version.has(version, qemu_version.S390_PV_GUEST):
@@ -99,7 +101,8 @@ def _syntax(options: CmdlineOptions) -> Syntax:
     return options.syntax or ("json" if json_ok else "keyval")
 
 
-def translate_launch_security(model: LaunchSecurity, lib_dir: str | os.PathLike[str], options: CmdlineOptions = CmdlineOptions()) -> Translation:
+def translate_launch_security(model: LaunchSecurity, lib_dir: str | os.PathLike[str],
+                              options: CmdlineOptions = CmdlineOptions()) -> Translation:
     """The arguments for a complete model (cbitpos and reducedPhysBits filled in for SEV/SNP)."""
     _check_supported(model, options.qemu_version, options.libvirt4_compat)
     lib_dir = os.fspath(lib_dir)
@@ -110,12 +113,14 @@ def translate_launch_security(model: LaunchSecurity, lib_dir: str | os.PathLike[
         text = json_syntax.format_object(obj)
     else:
         text = keyval.format_object(obj, frozenset({"policy"}) if options.libvirt4_compat else frozenset())
-    cgs = qemu_version.has(options.qemu_version, qemu_version.CONFIDENTIAL_GUEST_SUPPORT) and not options.libvirt4_compat
+    cgs = (qemu_version.has(options.qemu_version, qemu_version.CONFIDENTIAL_GUEST_SUPPORT)
+           and not options.libvirt4_compat)
     machine = (CGS_PROPERTY if cgs else MEMORY_ENCRYPTION_PROPERTY, object_id)
     return Translation(machine, obj, text, syntax, lib_dir, file_contents(model, lib_dir))
 
 
-def translate(domain: Domain, options: CmdlineOptions = CmdlineOptions(), model: LaunchSecurity | None = None) -> Translation:
+def translate(domain: Domain, options: CmdlineOptions = CmdlineOptions(),
+              model: LaunchSecurity | None = None) -> Translation:
     """Translate a domain; `model` overrides its launch security (e.g. with host values filled in)."""
     launch_security = model if model is not None else domain.launch_security
     if launch_security is None:

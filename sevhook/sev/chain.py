@@ -88,7 +88,7 @@ class CertificateChain:
             rest = sev_certs[EXPORT_SIZE:]
         certs = [
             _sev_cert(chunk, usage, f"{name} ({usage.name})")
-            for chunk, usage, name in zip(chunks, SEV_CHAIN_ORDER, names)
+            for chunk, usage, name in zip(chunks, SEV_CHAIN_ORDER, names, strict=True)
         ]
         if pdh is not None and len(sev_certs) != CERT_CHAIN_SIZE and bytes(pdh) != certs[0].to_bytes():
             raise FormatError(f"{what}: the given PDH differs from the PDH inside the chain")
@@ -196,7 +196,7 @@ def _root_link(ark: AmdCertificate, anchors: tuple[TrustAnchor, ...]) -> tuple[C
         return link, f"AMD {root.name}" if link.ok else ""
     for anchor in anchors:
         if anchor.matches(ark):
-            link = _check("ARK", lambda: _self_signed(ark, f"trust anchor '{anchor.name}' {key_id}"))
+            link = _check("ARK", lambda anchor=anchor: _self_signed(ark, f"trust anchor '{anchor.name}' {key_id}"))
             return link, f"trust anchor '{anchor.name}'" if link.ok else ""
     claimed = root_for_key_id(ark.key_id)
     if claimed is not None:

@@ -118,7 +118,7 @@ def _forms(api_major: int, api_minor: int) -> list[tuple[bool, int, int]]:
     return forms
 
 
-def diagnose_mismatch(
+def diagnose_mismatch(  # noqa: PLR0912  (a branch per launch-input variation searched)
     measurement: LaunchMeasurement,
     tik: bytes,
     api_major: int,

@@ -54,6 +54,6 @@ def check_injection_target(loader: str | None, secret_b64: str) -> None:
     (libvirt names the firmware it chose in the live XML), so nothing is checked."""
     if loader is None:
         return
-    import base64  # noqa: PLC0415
+    import base64  # noqa: PLC0415  (the hook's hot path: only with a loader file)
 
     require_secret_area(Path(loader), len(base64.b64decode(secret_b64)))

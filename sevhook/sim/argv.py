@@ -35,10 +35,10 @@ def parse_keyval(text: str, implied_key: str | None = None, what: str = "option"
     """QEMU's `key=value,...` syntax: `,,` is a literal comma, a bare first word is the implied key,
     other bare words are booleans (`server` = on, `nowait` = wait off)."""
     result: dict[str, str] = {}
-    for position, part in enumerate(split_keyval_parts(text)):
-        if not part:
+    for position, escaped in enumerate(split_keyval_parts(text)):
+        if not escaped:
             continue
-        part = unescape(part)
+        part = unescape(escaped)
         key, sep, value = part.partition("=")
         if not sep:
             if position == 0 and implied_key:
@@ -209,7 +209,7 @@ def _check_server(opts: dict[str, str], what: str) -> None:
         raise UsageError(f"{what}: only listening monitors (server=on) are supported by the stand-in")
 
 
-def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
+def parse_qemu_argv(argv: list[str]) -> QemuInvocation:  # noqa: PLR0912, PLR0915  (a branch per QEMU option)
     """Read a QEMU command line (without the program name)."""
     inv = QemuInvocation(argv=list(argv))
     objects: list[tuple[int, str]] = []
@@ -240,7 +240,7 @@ def parse_qemu_argv(argv: list[str]) -> QemuInvocation:
             props = _blockdev_properties(value)
             if "node-name" in props:
                 blockdevs[str(props["node-name"])] = props
-        elif name == "machine" or name == "M":
+        elif name in ("machine", "M"):
             machine.update(parse_keyval(value, "type", "-machine"))
         elif name == "drive":
             opts = parse_keyval(value, None, "-drive")

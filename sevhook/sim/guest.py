@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sevhook.errors import FormatError, VerificationError
+from sevhook.sev.attestation import AttestationReport
 from sevhook.sev.measurement import compute_measurement
 from sevhook.sev.policy import SevPolicy
 from sevhook.sev.secret import HEADER_SIZE, PacketHeader, SecretTable, unwrap_secret
@@ -106,7 +107,7 @@ class GuestRecorder:
         for path in sorted(state.guests_dir.glob("*.json")):
             try:
                 record = state.read_json(f"guests/{path.name}")
-            except Exception:  # a record being replaced or damaged: skip it, it is only a report
+            except Exception:  # noqa: BLE001  a record being replaced or damaged: skip it, it is only a report
                 continue
             record["alive"] = not record.get("ended") and _pid_alive(int(record.get("pid", 0)))
             records.append(record)
@@ -223,8 +224,6 @@ class GuestContext:
 
     def attestation(self, mnonce: bytes) -> bytes:
         """ATTESTATION: a report over the caller's mnonce and this launch, signed by the PEK."""
-        from sevhook.sev.attestation import AttestationReport
-
         self._require("ATTESTATION", GuestState.LSECRET, GuestState.RUNNING)
         if len(mnonce) != MNONCE_SIZE:
             raise FirmwareError("ATTESTATION", SevStatus.INVALID_LEN, f"mnonce is {MNONCE_SIZE} bytes")

@@ -132,7 +132,7 @@ def _handler_for(kds: SimulatedKds) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "sevhook-sim-kds"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             """Quiet: tests and the CLI report what matters themselves."""
 
         def _reply(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
@@ -144,7 +144,7 @@ def _handler_for(kds: SimulatedKds) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             kds.requests.append(self.path)
             if kds.delay:
                 time.sleep(kds.delay)

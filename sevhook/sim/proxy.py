@@ -44,13 +44,11 @@ def _rewrite_machine(value: str, sev_id: str | None, force_tcg: bool) -> str:
         key = part.partition("=")[0] if position or "=" in part else "type"
         if sev_id is not None and key in ("confidential-guest-support", "memory-encryption"):
             continue
-        if key == "accel" and force_tcg:
-            part = "accel=tcg"
-        kept.append(part)
+        kept.append("accel=tcg" if key == "accel" and force_tcg else part)
     return ",".join(kept)
 
 
-def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str], ram_file: str | None = None) -> list[str]:
+def rewrite_argv(inv: QemuInvocation, private_paths: dict[int, str], ram_file: str | None = None) -> list[str]:  # noqa: PLR0912  (a branch per option)
     """The real QEMU's command line: no SEV object or machine link, TCG instead of KVM (except for
     libvirt's `-machine none` probe), private monitor sockets, no -daemonize/-pidfile/--sim-* options;
     with `ram_file`, guest RAM in that shared file, so LAUNCH_SECRET can write the secret into it."""

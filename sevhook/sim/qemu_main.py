@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if standalone:
             return run_standalone(inv)
-        from sevhook.sim.proxy import run_wrapped  # noqa: PLC0415 - the wrapper's hot path loads one mode
+        from sevhook.sim.proxy import run_wrapped  # the wrapper's hot path loads one mode
 
         return run_wrapped(inv)
     except SevhookError as exc:
@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_standalone(inv: QemuInvocation) -> int:
-    from sevhook.sim.lifecycle import run_launched  # noqa: PLC0415 - the wrapper's hot path loads one mode
-    from sevhook.sim.qemu_sev import qemu_version_tuple  # noqa: PLC0415
-    from sevhook.sim.standalone import StandaloneQemu  # noqa: PLC0415
+    from sevhook.sim.lifecycle import run_launched  # the wrapper's hot path loads one mode
+    from sevhook.sim.qemu_sev import qemu_version_tuple
+    from sevhook.sim.standalone import StandaloneQemu
 
     version = qemu_version_tuple(inv.qemu_version)
     if inv.wants_help:

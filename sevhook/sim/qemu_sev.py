@@ -44,7 +44,7 @@ def qemu_version_tuple(text: str | None, default: tuple[int, int, int] = (7, 2, 
         parts = [int(part) for part in text.strip().split(".")]
     except ValueError as exc:
         raise UsageError(f"--sim-qemu-version {text!r}: expected MAJOR.MINOR[.MICRO], e.g. 7.2.22 or 9.1.0") from exc
-    parts = (parts + [0, 0, 0])[:3]
+    parts = [*parts, 0, 0, 0][:3]
     return parts[0], parts[1], parts[2]
 
 
@@ -170,7 +170,8 @@ class SevLaunch:
 class SevMonitor:
     """The SEV QMP commands as QEMU answers them, for one process (launch is None: SEV not in use)."""
 
-    def __init__(self, platform: SoftwarePlatform, launch: SevLaunch | None, qemu_version: tuple[int, int, int]):
+    def __init__(self, platform: SoftwarePlatform, launch: SevLaunch | None,
+                 qemu_version: tuple[int, int, int]) -> None:
         self.platform = platform
         self.launch = launch
         self.qemu_version = qemu_version

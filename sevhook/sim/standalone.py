@@ -135,7 +135,8 @@ class StandaloneQemu:
         loop = asyncio.get_running_loop()
         for signum in SIGNAL_EXIT:
             loop.add_signal_handler(signum, self._on_signal, signum)
-        self._listeners = [MonitorListener(spec, sock, self._session) for spec, sock in zip(self.inv.monitors, sockets)]
+        self._listeners = [MonitorListener(spec, sock, self._session)
+                           for spec, sock in zip(self.inv.monitors, sockets, strict=True)]
         for listener in self._listeners:
             await listener.start()
         try:

@@ -176,7 +176,7 @@ class LocalBroker:
 def sevhook(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
     """Run a sevhook command as its own process (as an administrator would); its stdout. `env` adds
     to this process's environment."""
-    result = subprocess.run([*SEVHOOK, *args], capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([*SEVHOOK, *args], capture_output=True, text=True, timeout=timeout, check=False,
                             env={**os.environ, **env} if env else None)
     if result.returncode != 0:
         raise SevhookError(f"sevhook {' '.join(args)} failed: {result.stderr.strip()}")

@@ -1,7 +1,8 @@
 """How the wrapper learns its domain's metadata without calling back into libvirt (which waits on it):
 libvirt writes the domain's status file, /run/libvirt/qemu/NAME.xml (emulator.conf's
 libvirt-state-dir), before it execs the emulator, with the full domain XML (persistent or transient,
-autostarted or not) and the pid of the process it is starting, which is ours. A status file of another pid is not this start's and is refused."""
+autostarted or not) and the pid of the process it is starting, which is ours. A status file of another
+pid is not this start's and is refused."""
 
 from __future__ import annotations
 

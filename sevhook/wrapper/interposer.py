@@ -82,7 +82,7 @@ class AttestingInterposer(Interposer):
                                                              self.log)), budget)
         except StepError as exc:
             verdict = f"{exc.step}: {exc.reason}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             verdict = (f"attest: no verdict within {budget:g} s (<sevhook:attestation timeout="
                        f"'{self.guest.attestation.timeout:g}'>); the guest was not resumed")
         except SevhookError as exc:
@@ -108,10 +108,10 @@ def run_attestation(guest: ManagedGuest, socket: str, log: StepLog) -> None:
     """The attested launch (sevhook.launch, the hook's and `sevhook start`'s core) over the wrapper's
     private QMP monitor; it never resumes the guest itself: libvirt's held `cont` does that once it
     passed. Raises StepError or SevhookError."""
-    from sevhook.launch.qmp_port import MonitorPort  # noqa: PLC0415  (qemu.qmp: only once libvirt sends cont)
-    from sevhook.launch.sequence import AttestedLaunch  # noqa: PLC0415
-    from sevhook.monitor.errors import MonitorError  # noqa: PLC0415
-    from sevhook.monitor.qmp import QmpMonitor  # noqa: PLC0415
+    from sevhook.launch.qmp_port import MonitorPort  # qemu.qmp: only once libvirt sends cont
+    from sevhook.launch.sequence import AttestedLaunch
+    from sevhook.monitor.errors import MonitorError
+    from sevhook.monitor.qmp import QmpMonitor
 
     request = replace(launch_request(guest), resume=False)
     deadline = Deadline(request.timeout)

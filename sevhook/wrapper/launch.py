@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 from sevhook.errors import SevhookError, StepError
@@ -87,7 +88,7 @@ def _refuse(name: str, step: str, reason: str) -> int:
 
 def _name_argument(argv: list[str]) -> str | None:
     """`-name guest=NAME,...` (or `-name NAME`), read without the full parser."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in pairwise(argv):
         if flag in ("-name", "--name"):
             first = value.replace(",,", "\0").split(",")[0].replace("\0", ",")
             return first.removeprefix("guest=")
@@ -96,7 +97,7 @@ def _name_argument(argv: list[str]) -> str | None:
 
 def _is_emulator_mode(name: str, state_dir: Path) -> bool:
     """Whether libvirt is starting an emulator-mode guest of that name (a status file in doubt: yes)."""
-    from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415
+    from sevhook.wrapper.domain_source import guest_from_status
 
     try:
         guest = guest_from_status(name, os.getpid(), state_dir)
@@ -106,7 +107,7 @@ def _is_emulator_mode(name: str, state_dir: Path) -> bool:
 
 
 def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
-    from sevhook.wrapper.domain_source import guest_from_status  # noqa: PLC0415  (lxml, the XML checks)
+    from sevhook.wrapper.domain_source import guest_from_status  # lxml, the XML checks
 
     if inv.name is None:
         return None
@@ -135,9 +136,9 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
 
 def _fresh_launch(guest: ManagedGuest, cache: Path, files: Path) -> ManagedGuest:
     """A launch made now, for this host's platform; its GODH and session written for QEMU to read."""
-    from sevhook.files import write_private_file  # noqa: PLC0415
-    from sevhook.launch.broker import SESSION_RETRIES, open_broker  # noqa: PLC0415
-    from sevhook.sev.platform_export import read_export  # noqa: PLC0415
+    from sevhook.files import write_private_file
+    from sevhook.launch.broker import SESSION_RETRIES, open_broker
+    from sevhook.sev.platform_export import read_export
 
     try:
         pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
@@ -179,8 +180,8 @@ def sev_object_with_files(value: str, files: Path) -> str:
 
 
 def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, files: Path, log: StepLog) -> int:
-    from sevhook.sim.qmp_server import listening_socket  # noqa: PLC0415
-    from sevhook.wrapper.interposer import AttestingInterposer  # noqa: PLC0415
+    from sevhook.sim.qmp_server import listening_socket
+    from sevhook.wrapper.interposer import AttestingInterposer
 
     assert inv.sev_object_index is not None
     sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)

@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not any("sev-guest" in arg for arg in args):
         return exec_qemu(config["qemu"], args)
-    from sevhook.wrapper.launch import run_sev_guest  # noqa: PLC0415  (only for SEV guests)
+    from sevhook.wrapper.launch import run_sev_guest  # only for SEV guests
 
     return run_sev_guest(args, config)
 

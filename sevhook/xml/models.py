@@ -7,7 +7,7 @@ arguments libvirt would emit (libvirt omits what the XML omits)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from sevhook.sev.policy import SevPolicy, SnpPolicy
 
@@ -65,7 +65,7 @@ class TdxLaunchSecurity:
     type: Literal["tdx"] = "tdx"
 
 
-LaunchSecurity = Union[SevLaunchSecurity, SevSnpLaunchSecurity, S390PvLaunchSecurity, TdxLaunchSecurity]
+LaunchSecurity = SevLaunchSecurity | SevSnpLaunchSecurity | S390PvLaunchSecurity | TdxLaunchSecurity
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def relaxng(name: SchemaName) -> etree.RelaxNG:
 @cache
 def xsd(name: SchemaName) -> xmlschema.XMLSchema11:
     """The XSD 1.1 twin, for tests and tools (xmlschema is imported only here)."""
-    import xmlschema
+    import xmlschema  # noqa: PLC0415  (a heavy import, for tests and tools only)
 
     return xmlschema.XMLSchema11(str(schema_path(name, "xsd")))
 

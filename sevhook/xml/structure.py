@@ -194,7 +194,7 @@ def _list(names: list[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{n}" for n in names) if names else "none"
 
 
-def explain(element: etree._Element, shape: Shape, display: str, prefix: str = "") -> list[tuple[int, str]]:
+def explain(element: etree._Element, shape: Shape, display: str, prefix: str = "") -> list[tuple[int, str]]:  # noqa: PLR0912, PLR0915  (a branch per rule)
     """(line, message) for everything in `element` that `shape` does not allow."""
     line = element.sourceline or 1
     found: list[tuple[int, str]] = []

@@ -253,8 +253,8 @@ def other_platform() -> PlatformKeys:
 @pytest.fixture(scope="session")
 def pg_database(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh database on the test PostgreSQL server, dropped afterwards."""
-    import psycopg  # noqa: PLC0415
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    import psycopg
+    from sqlalchemy.engine import make_url
 
     base = make_url(request.getfixturevalue("postgres_url"))
     name = f"broker_{uuid.uuid4().hex[:10]}"

@@ -20,7 +20,8 @@ from sevhook.sev.secret import DISK_PASSPHRASE_GUID
 from tests.broker.conftest import API, ROOT, SEVHOOK, BrokerProcess, FirmwareLaunch, PlatformKeys
 
 # a plain SEV launch digest is SHA-256 of the flash image (the firmware has a secret area for the secrets)
-AMDSEV_DIGEST = hashlib.sha256((ROOT / "tests/data/vectors/sev-snp-measure/ovmf_AmdSev_suffix.bin").read_bytes()).hexdigest()
+AMDSEV_DIGEST = hashlib.sha256(
+    (ROOT / "tests/data/vectors/sev-snp-measure/ovmf_AmdSev_suffix.bin").read_bytes()).hexdigest()
 
 
 def sevhook(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:

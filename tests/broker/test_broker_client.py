@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from cryptography import x509
@@ -31,7 +32,7 @@ def _name(common_name: str) -> x509.Name:
 
 def make_ca(directory: Path, label: str) -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(label)).issuer_name(_name(label))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -48,7 +49,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ca_path, ca_key, ca_cert = make_ca(directory, "throwaway-ca")
     other_ca, _, _ = make_ca(directory, "other-ca")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("broker")).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -136,9 +137,9 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     """Answers 503 to the first `failures` requests, then a valid secret grant."""
 
     failures = 0
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).seen.append(self.path)
         if len(type(self).seen) <= type(self).failures:
@@ -179,9 +180,9 @@ def test_server_errors_are_retried_with_backoff(failures: int, retries: int, suc
 class _HangsUp(http.server.BaseHTTPRequestHandler):
     """Reads each request, then closes the connection without answering (a broker that crashed)."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         type(self).seen.append(self.path)
         self.close_connection = True
@@ -196,7 +197,7 @@ class _ClosesIdle(_Flaky):
 
     protocol_version = "HTTP/1.1"  # keep-alive unless told otherwise
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         super().do_POST()
         self.close_connection = True
 
@@ -272,7 +273,7 @@ def test_rate_limited_answers_are_retried(tmp_path: Path, platform: PlatformKeys
 
 
 def test_client_from_a_domain_broker_reference(owner: Owner, tmp_path: Path) -> None:
-    from sevhook.xml.models import BrokerRef  # noqa: PLC0415
+    from sevhook.xml.models import BrokerRef
 
     (tmp_path / "token").write_text(owner.host_token)
     with BrokerClient.from_ref(BrokerRef(owner.broker.url, None, str(tmp_path / "token")), timeout=5) as client:
@@ -416,7 +417,7 @@ class _RateLimited(http.server.BaseHTTPRequestHandler):
 
     seen = 0
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         type(self).seen += 1
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.send_response(429)

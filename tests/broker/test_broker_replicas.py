@@ -78,10 +78,10 @@ def test_concurrent_attestations_release_exactly_once(owners: tuple[Owner, Owner
 
 def test_lost_database_gives_503_and_the_client_gives_up_cleanly(tmp_path: Path, postgres_url: str,
                                                                    platform: PlatformKeys) -> None:
-    import psycopg  # noqa: PLC0415
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    import psycopg
+    from sqlalchemy.engine import make_url
 
-    from sevhook.broker.client import BrokerClient, BrokerUnavailable  # noqa: PLC0415
+    from sevhook.broker.client import BrokerClient, BrokerUnavailable
 
     base = make_url(postgres_url)
     name = f"broker_lost_{uuid.uuid4().hex[:8]}"

@@ -75,12 +75,13 @@ class World:
         monitor = ("<qemu:commandline><qemu:arg value='-qmp'/>"
                    f"<qemu:arg value='unix:/run/sevhook/{name}.qmp,server=on,wait=off'/></qemu:commandline>"
                    if private_monitor else "")
+        monitor_metadata = f"<sevhook:monitor socket='/run/sevhook/{name}.qmp'/>" if private_monitor else ""
         return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <metadata>
     <sevhook:attestation xmlns:sevhook='{SEVHOOK_NS}' timeout='{timeout}' resume='{"yes" if resume else "no"}'>
       <sevhook:broker url='{broker_url or self.broker_url}' token-file='{self.root / "host.token"}'/>
-      <sevhook:guest id='{guest_id}'/>{"<sevhook:monitor socket='/run/sevhook/" + name + ".qmp'/>" if private_monitor else ""}
+      <sevhook:guest id='{guest_id}'/>{monitor_metadata}
     </sevhook:attestation>
   </metadata>
   <memory unit='MiB'>128</memory>
@@ -157,7 +158,8 @@ def world(libvirt_uri: str) -> Iterator[World]:
     port = free_port()
     with open(root / "broker.log", "wb") as log:
         broker = subprocess.Popen([*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit",
-                                   "0", "--kds-url", kds.url, *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+                                   "0", "--kds-url", kds.url, *data], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 30
     while True:
         try:

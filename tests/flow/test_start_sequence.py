@@ -150,7 +150,7 @@ def test_a_failure_after_start_destroys_the_guest(blobs: tuple[str, str], fail_a
 
 def test_a_refusal_destroys_the_guest_before_any_secret(blobs: tuple[str, str]) -> None:
     domain = Domain()
-    with pytest.raises(StepFailed, match="^attest: the key broker refused"):
+    with pytest.raises(StepFailed, match=r"^attest: the key broker refused"):
         run(domain, Broker(*blobs, refuse=True))
     assert "inject" not in domain.calls and domain.calls[-1] == "destroy"
 
@@ -172,7 +172,7 @@ def test_a_failure_before_start_does_not_touch_the_domain(blobs: tuple[str, str]
 def test_a_running_domain_is_never_destroyed(blobs: tuple[str, str]) -> None:
     domain = Domain(state="running")
     steps = Steps()
-    with pytest.raises(StepFailed, match="^metadata: domain d is running"):
+    with pytest.raises(StepFailed, match=r"^metadata: domain d is running"):
         StartSequence(domain, lambda: ("pdh", "chain", "Y3B1MA=="), steps, lambda *_args: Broker(*blobs),
                       claim=claim_recorder(domain)).run()
     assert domain.calls == [] and steps.results[-1].status == FAILED
@@ -182,7 +182,7 @@ def test_a_domain_prepared_for_the_hook_is_left_to_the_hook(blobs: tuple[str, st
     """<sevhook:monitor> declares hook mode: with the hook installed both would attest one start."""
     domain = Domain(xml=XML.replace("<sevhook:guest id='g'/>",
                                     "<sevhook:guest id='g'/><sevhook:monitor socket='/run/sevhook/d.qmp'/>"))
-    with pytest.raises(StepFailed, match="declares <sevhook:monitor>.*virsh start --paused d"):
+    with pytest.raises(StepFailed, match=r"declares <sevhook:monitor>.*virsh start --paused d"):
         run(domain, Broker(*blobs))
     assert domain.calls == []
 

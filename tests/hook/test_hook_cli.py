@@ -66,7 +66,8 @@ def _plain_sev_domain(path: Path) -> Path:
 def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
     source = _plain_sev_domain(tmp_path / "web1.xml")
     out = tmp_path / "web1.prepared.xml"
-    args = ["prepare-domain", str(source), "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
+    args = ["prepare-domain", str(source), "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID,
+            "--platform-export",
             str(world.export), "--token-file", str(world.token), "--timeout", "12", "-o", str(out)]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
@@ -76,7 +77,8 @@ def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
     domain = document.domain
     assert domain.launch_security.dh_cert and domain.launch_security.session
     attestation = domain.attestation
-    assert (attestation.guest_id, attestation.socket, attestation.timeout) == (GUEST_ID, "/run/sevhook/web1/qmp.sock", 12)
+    assert (attestation.guest_id, attestation.socket, attestation.timeout) == (
+        GUEST_ID, "/run/sevhook/web1/qmp.sock", 12)
     assert attestation.broker.url == world.broker_url and attestation.broker.token_file == str(world.token)
     assert attestation.launch_id
     root = etree.parse(str(out)).getroot()
@@ -94,7 +96,8 @@ def test_prepare_domain_writes_launch_metadata_and_monitor(world, tmp_path):
 
 def test_prepare_domain_reads_stdin_and_writes_stdout(world, tmp_path):
     source = _plain_sev_domain(tmp_path / "web1.xml").read_text()
-    result = cli("prepare-domain", "-", "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID, "--platform-export",
+    result = cli("prepare-domain", "-", "--mode", "hook", "--broker", world.broker_url, "--guest", GUEST_ID,
+                 "--platform-export",
                  str(world.export), "--token-file", str(world.token), "--socket", "/run/sv/w.qmp", stdin=source)
     assert result.returncode == 0, result.stderr
     assert "unix:/run/sv/w.qmp,server=on,wait=off" in result.stdout
@@ -124,7 +127,8 @@ def test_prepare_domain_errors_are_one_clear_line(world, tmp_path, change, words
         guest = "nobody"
     elif change == "bad-timeout":
         timeout = "0"
-    result = cli("prepare-domain", str(source), "--mode", "hook", "--broker", broker, "--guest", guest, "--platform-export", export,
+    result = cli("prepare-domain", str(source), "--mode", "hook", "--broker", broker, "--guest", guest,
+                 "--platform-export", export,
                  "--token-file", str(world.token), "--timeout", timeout, "-o", str(tmp_path / "out.xml"))
     assert result.returncode == status, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr

@@ -16,8 +16,8 @@ from sevhook.monitor.types import SevInfo, VmStatus
 
 
 def _info(**changes: object) -> SevInfo:
-    values: dict[str, object] = dict(enabled=True, api_major=1, api_minor=49, build_id=6, state="launch-secret",
-                                     sev_type="sev", policy=1, handle=1)
+    values: dict[str, object] = {"enabled": True, "api_major": 1, "api_minor": 49, "build_id": 6,
+                                 "state": "launch-secret", "sev_type": "sev", "policy": 1, "handle": 1}
     values.update(changes)
     return SevInfo(**values)  # type: ignore[arg-type]
 

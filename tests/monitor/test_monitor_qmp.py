@@ -91,7 +91,7 @@ def test_socket_that_never_greets_times_out(short_dir):
     server.listen()
     try:
         begin = time.monotonic()
-        with pytest.raises(MonitorTimeout, match="within 0.5 s"):
+        with pytest.raises(MonitorTimeout, match=r"within 0.5 s"):
             QmpMonitor(path, timeout=0.5)
         assert time.monotonic() - begin < 3
     finally:

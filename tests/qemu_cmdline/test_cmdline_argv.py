@@ -43,7 +43,8 @@ def test_keyval_object_before_the_machine_with_escaped_commas() -> None:
 
 
 def test_later_machine_options_merge_and_win() -> None:
-    argv = ["qemu", "-machine", "q35,confidential-guest-support=nothing", "--machine", "confidential-guest-support=lsec0", "--object", JSON_OBJ]
+    argv = ["qemu", "-machine", "q35,confidential-guest-support=nothing", "--machine",
+            "confidential-guest-support=lsec0", "--object", JSON_OBJ]
     assert read_launch_security(argv, FILES).model == SEV
 
 
@@ -73,8 +74,10 @@ def test_unreadable_files_are_listed_not_guessed() -> None:
 
 
 def test_argv_from_libvirt_args_text_and_proc_cmdline() -> None:
-    text = "LC_ALL=C \\\nPATH=/bin \\\n/usr/bin/qemu-system-x86_64 \\\n-name guest=g \\\n-object 'sev-guest,id=a,\\\npolicy=1' \\\n-S\n"
-    assert argv_from_text(text) == ["/usr/bin/qemu-system-x86_64", "-name", "guest=g", "-object", "sev-guest,id=a,policy=1", "-S"]
+    text = ("LC_ALL=C \\\nPATH=/bin \\\n/usr/bin/qemu-system-x86_64 \\\n-name guest=g \\\n"
+            "-object 'sev-guest,id=a,\\\npolicy=1' \\\n-S\n")
+    assert argv_from_text(text) == ["/usr/bin/qemu-system-x86_64", "-name", "guest=g", "-object",
+                                    "sev-guest,id=a,policy=1", "-S"]
     assert argv_from_text("qemu\0-object\0a b\0") == ["qemu", "-object", "a b"]
     log = (
         "2026-01-01 10:00:00.000+0000: starting up libvirt version: 9.0.0\n" + text.replace("-S", "-first")
@@ -105,12 +108,16 @@ def test_identical_command_line_passes_in_either_form() -> None:
 @pytest.mark.parametrize(
     "obj, difference",
     [
-        (JSON_OBJ.replace('"policy":51', '"policy":1'), "policy (from <policy>): domain wants 0x33, command line has 0x1"),
+        (JSON_OBJ.replace('"policy":51', '"policy":1'),
+         "policy (from <policy>): domain wants 0x33, command line has 0x1"),
         (JSON_OBJ.replace('"cbitpos":51,', ""), "cbitpos (from <cbitpos>): domain wants 51, command line has absent"),
-        (JSON_OBJ[:-1] + ',"handle":5}', "handle (from <handle> (libvirt never passes it)): domain wants absent, command line has 5"),
-        (JSON_OBJ[:-1] + ',"kernel-hashes":false}', "kernel-hashes (from kernelHashes=): domain wants absent, command line has false"),
+        (JSON_OBJ[:-1] + ',"handle":5}',
+         "handle (from <handle> (libvirt never passes it)): domain wants absent, command line has 5"),
+        (JSON_OBJ[:-1] + ',"kernel-hashes":false}',
+         "kernel-hashes (from kernelHashes=): domain wants absent, command line has false"),
         (JSON_OBJ.replace("session.base64", "other.base64"), "session-file (from <session>): domain wants"),
-        (JSON_OBJ.replace("sev-guest", "sev-snp-guest").replace(',"dh-cert-file"', '}').split("}")[0] + "}", "object type: domain wants sev-guest"),
+        (JSON_OBJ.replace("sev-guest", "sev-snp-guest").replace(',"dh-cert-file"', '}').split("}")[0] + "}",
+         "object type: domain wants sev-guest"),
         (JSON_OBJ[:-1] + ',"bogus":1}', "QEMU's sev-guest has no property 'bogus'"),
     ],
 )
@@ -128,7 +135,8 @@ def test_file_content_is_compared_when_readable(tmp_path: Path) -> None:
     from sevhook.qemu_cmdline.argv import DiskFiles
 
     result = compare(exp, read_launch_security(argv), DiskFiles())
-    assert result.differences == (f"session-file '{tmp_path}/session.base64' does not hold the exact text of <session>",)
+    assert result.differences == (
+        f"session-file '{tmp_path}/session.base64' does not hold the exact text of <session>",)
     (tmp_path / "session.base64").write_text("SE")
     assert compare(exp, read_launch_security(argv), DiskFiles()).ok
 
@@ -142,12 +150,14 @@ def test_unreadable_file_is_a_note_or_under_strict_a_difference() -> None:
 
 def test_no_launch_security_at_all() -> None:
     result = check(["q", "-machine", "q35"])
-    assert result.differences == ("the command line carries no launch security (expected sev-guest via -machine confidential-guest-support=lsec0)",)
+    assert result.differences == ("the command line carries no launch security (expected sev-guest via -machine "
+                                  "confidential-guest-support=lsec0)",)
 
 
 def test_host_values_missing_from_the_xml_are_taken_from_the_argv() -> None:
     model = SevSnpLaunchSecurity(policy=SnpPolicy(0x30000))
-    text = translate_launch_security(SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1), LIB).object_text
+    text = translate_launch_security(SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1),
+                                     LIB).object_text
     found = read_launch_security(["q", "-machine", "confidential-guest-support=lsec0", "-object", text], {})
     filled, notes = fill_from_argv(model, found)
     assert (filled.cbitpos, filled.reduced_phys_bits) == (51, 1) and len(notes) == 2  # type: ignore[union-attr]

@@ -91,7 +91,8 @@ def test_missing_file_exits_2(capsys, tmp_path: Path) -> None:  # type: ignore[n
 
 
 def test_libvirt4_compat_reproduces_the_4x_sample(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
-    code, out, _ = run(capsys, str(golden / "launch-security-sev.xml"), "--libvirt4-compat", "--lib-dir", "/tmp/lib/domain--1-QEMUGuest1")
+    code, out, _ = run(capsys, str(golden / "launch-security-sev.xml"), "--libvirt4-compat", "--lib-dir",
+                       "/tmp/lib/domain--1-QEMUGuest1")
     old = argv_from_text((golden / "launch-security-sev.args.libvirt-4.x-commit-11ab77fe").read_text())
     assert code == 0
     assert out.splitlines() == ["-machine", "memory-encryption=sev0", "-object", old[old.index("-object") + 1]]
@@ -99,14 +100,17 @@ def test_libvirt4_compat_reproduces_the_4x_sample(capsys, golden: Path) -> None:
 
 def test_old_qemu_and_auto_version(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(capsys, str(golden / "launch-security-sev.xml"), "--qemu-version", "5.2")
-    assert code == 0 and out.splitlines()[1] == "memory-encryption=lsec0" and out.splitlines()[3].startswith("sev-guest,id=lsec0,")
-    code, out, _ = run(capsys, str(golden / "launch-security-sev.xml"), "--qemu-version", "auto")  # the domain's QEMU 7.2
+    assert (code == 0 and out.splitlines()[1] == "memory-encryption=lsec0"
+            and out.splitlines()[3].startswith("sev-guest,id=lsec0,"))
+    # auto: the domain's QEMU 7.2
+    code, out, _ = run(capsys, str(golden / "launch-security-sev.xml"), "--qemu-version", "auto")
     assert code == 0 and out.splitlines()[1] == "confidential-guest-support=lsec0"
 
 
 def test_write_files_and_passthrough(capsys, golden: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     lib = tmp_path / "guest"
-    code, out, err = run(capsys, str(golden / "launch-security-sev.xml"), "--lib-dir", str(lib), "--write-files", "--passthrough")
+    code, out, err = run(capsys, str(golden / "launch-security-sev.xml"), "--lib-dir", str(lib), "--write-files",
+                         "--passthrough")
     assert code == 0
     argv = args_from_commandline(out)
     assert argv[:3] == ["-machine", "confidential-guest-support=lsec0", "-object"]
@@ -125,7 +129,8 @@ def test_passthrough_with_libvirts_lib_dir_warns(capsys, golden: Path) -> None: 
 def test_json_output(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(capsys, str(golden / "launch-security-s390-pv.xml"), "--json")
     assert code == 0
-    assert json.loads(out) == {"argv": ["-machine", "confidential-guest-support=lsec0", "-object", '{"qom-type":"s390-pv-guest","id":"lsec0"}'], "files": []}
+    assert json.loads(out) == {"argv": ["-machine", "confidential-guest-support=lsec0", "-object",
+                                        '{"qom-type":"s390-pv-guest","id":"lsec0"}'], "files": []}
 
 
 @pytest.mark.parametrize(
@@ -147,7 +152,9 @@ def test_domains_libvirt_refuses_exit_1(capsys, fixture: str, message: str) -> N
     assert (code, out) == (1, "") and message in err
 
 
-@pytest.mark.parametrize("fixture", ["sev-dhcert-wrong-usage.xml", "sev-session-wrong-size.xml", "sev-cbitpos-zero.xml", "snp-bit17-clear.xml"])
+@pytest.mark.parametrize("fixture",
+                         ["sev-dhcert-wrong-usage.xml", "sev-session-wrong-size.xml", "sev-cbitpos-zero.xml",
+                          "snp-bit17-clear.xml"])
 def test_problems_libvirt_lets_through_are_warnings(capsys, fixture: str) -> None:  # type: ignore[no-untyped-def]
     code, out, err = run(capsys, str(INVALID / fixture), "--cbitpos", "51", "--reduced-phys-bits", "1")
     assert code == 0 and out.splitlines()[2] == "-object" and "libvirt lets this through" in err
@@ -192,13 +199,16 @@ def test_check_reports_differences(capsys, golden: Path) -> None:  # type: ignor
     index = next(i for i, a in enumerate(argv) if '"sev-guest"' in a)
     argv[index] = argv[index].replace('"policy":1', '"policy":7')
     code, out, _ = run(capsys, "--check", str(golden / "launch-security-sev.xml"), "--", *argv)
-    assert code == 1 and out.splitlines() == ["difference: policy (from <policy>): domain wants 0x1, command line has 0x7"]
+    assert code == 1 and out.splitlines() == ["difference: policy (from <policy>): domain wants 0x1, command line has "
+                                              "0x7"]
     code, out, _ = run(capsys, "--json", "--check", str(golden / "launch-security-sev.xml"), "--", *argv)
-    assert code == 1 and json.loads(out)["differences"] == ["policy (from <policy>): domain wants 0x1, command line has 0x7"]
+    assert code == 1 and json.loads(out)["differences"] == ["policy (from <policy>): domain wants 0x1, command line "
+                                                            "has 0x7"]
 
 
 def test_check_a_command_line_without_launch_security(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
-    code, out, _ = run(capsys, "--check", str(golden / "launch-security-s390-pv.xml"), "--", "qemu", "-machine", "q35", "-S")
+    code, out, _ = run(capsys, "--check", str(golden / "launch-security-s390-pv.xml"), "--", "qemu", "-machine", "q35",
+                       "-S")
     assert code == 1 and "carries no launch security" in out
 
 
@@ -212,12 +222,13 @@ def test_check_with_options_between_domain_and_argv(capsys, golden: Path, tmp_pa
     caps.write_text(CAPS)
     argv = argv_from_text((golden / "launch-security-sev.x86_64-6.0.0.args").read_text())
     xml = str(golden / "launch-security-sev-missing-platform-info.xml")
-    code, out, err = run(capsys, "--check", xml, "--domcaps", str(caps), "--", *argv)
+    code, _out, err = run(capsys, "--check", xml, "--domcaps", str(caps), "--", *argv)
     assert code == 0 and "accepted from the command line" not in err
 
 
 def test_check_of_a_malformed_argv_is_one_clear_error(capsys, golden: Path) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run(capsys, "--check", str(golden / "launch-security-sev.xml"), "--", "qemu", "-machine", "q35,confidential-guest-support=lsec0", "-object", "{bad")
+    code, _, err = run(capsys, "--check", str(golden / "launch-security-sev.xml"), "--", "qemu", "-machine",
+                       "q35,confidential-guest-support=lsec0", "-object", "{bad")
     assert code == 1 and "not valid JSON" in err and "Traceback" not in err
 
 
@@ -254,6 +265,7 @@ def test_domain_id_names_the_running_domain_s_lib_dir(capsys, golden: Path, tmp_
                                                                                   "<domain type='kvm' id='12'>", 1))
     code, out, err = run(capsys, str(running))
     assert code == 0 and "/domain-12-QEMUGuest1/" in out and "inactive domain" not in err
-    for extra, message in ((["--domain-id", "0"], "1 or more"), (["--domain-id", "3", "--lib-dir", "/tmp/x"], "not both")):
+    for extra, message in ((["--domain-id", "0"], "1 or more"),
+                           (["--domain-id", "3", "--lib-dir", "/tmp/x"], "not both")):
         code, _, err = run(capsys, xml, *extra)
         assert code == 2 and message in err

@@ -48,7 +48,8 @@ def launch_security_args(argv: list[str]) -> tuple[str, str]:
 
 def test_there_is_golden_data(shared: Path) -> None:
     names = {xml.name for xml, _ in golden_pairs(shared)}
-    assert names == {"launch-security-sev.xml", "launch-security-sev-missing-platform-info.xml", "launch-security-s390-pv.xml"}
+    assert names == {"launch-security-sev.xml", "launch-security-sev-missing-platform-info.xml",
+                     "launch-security-s390-pv.xml"}
 
 
 def test_every_golden_input_gives_libvirts_object_byte_for_byte(shared: Path) -> None:
@@ -69,8 +70,10 @@ def test_missing_platform_info_is_filled_from_domcaps(shared: Path, tmp_path: Pa
     caps.write_bytes(DOMCAPS_QEMU_6_0)
     model, info = fill_platform(loaded.launch_security, DomainCapabilitiesFile(caps))
     assert info is not None and (info.cbitpos, info.reduced_phys_bits, info.source) == (47, 1, str(caps))
-    expected = launch_security_args(argv_from_text((golden / "launch-security-sev-missing-platform-info.x86_64-6.0.0.args").read_text()))
-    assert (translate(loaded.domain, model=model).machine_text, translate(loaded.domain, model=model).object_text) == expected
+    expected = launch_security_args(argv_from_text(
+        (golden / "launch-security-sev-missing-platform-info.x86_64-6.0.0.args").read_text()))
+    assert (translate(loaded.domain, model=model).machine_text,
+            translate(loaded.domain, model=model).object_text) == expected
 
 
 def test_libvirt_4x_sample_in_keyval_compat_mode(shared: Path) -> None:

@@ -77,14 +77,16 @@ def test_snp_order_inversion_and_verbatim_blobs() -> None:
 
 
 def test_snp_vcek_yes_is_vcek_disabled_false() -> None:
-    model = SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1, vcek=True, author_key=False)
+    model = SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1, vcek=True,
+                                 author_key=False)
     text = translate_launch_security(model, LIB).object_text
     assert text.endswith('"policy":196608,"author-key-enabled":false,"vcek-disabled":false}')
 
 
 def test_s390_pv_is_type_and_id_only() -> None:
     result = translate_launch_security(S390PvLaunchSecurity(), LIB)
-    assert result.argv == ["-machine", "confidential-guest-support=lsec0", "-object", '{"qom-type":"s390-pv-guest","id":"lsec0"}']
+    assert result.argv == ["-machine", "confidential-guest-support=lsec0", "-object",
+                           '{"qom-type":"s390-pv-guest","id":"lsec0"}']
 
 
 def test_tdx_is_refused_clearly() -> None:
@@ -119,21 +121,26 @@ def test_keyval_booleans_are_on_off() -> None:
 
 
 def test_libvirt4_compat_uses_sev0_and_hex_policy() -> None:
-    result = translate_launch_security(SevLaunchSecurity(policy=SevPolicy(0x33), cbitpos=47, reduced_phys_bits=1), LIB, options(libvirt4_compat=True))
-    assert result.argv == ["-machine", "memory-encryption=sev0", "-object", "sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x33"]
+    result = translate_launch_security(SevLaunchSecurity(policy=SevPolicy(0x33), cbitpos=47, reduced_phys_bits=1), LIB,
+                                       options(libvirt4_compat=True))
+    assert result.argv == ["-machine", "memory-encryption=sev0", "-object",
+                           "sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x33"]
 
 
 @pytest.mark.parametrize(
     "model, version, kwargs, message",
     [
-        (SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1), "7.2", {}, "'sev-snp' launch security is not supported"),
-        (SevLaunchSecurity(policy=SevPolicy(1), cbitpos=47, reduced_phys_bits=1, kernel_hashes=False), "6.1", {}, "measured direct kernel boot"),
+        (SevSnpLaunchSecurity(policy=SnpPolicy(0x30000), cbitpos=51, reduced_phys_bits=1), "7.2", {},
+         "'sev-snp' launch security is not supported"),
+        (SevLaunchSecurity(policy=SevPolicy(1), cbitpos=47, reduced_phys_bits=1, kernel_hashes=False), "6.1", {},
+         "measured direct kernel boot"),
         (SEV, "2.11", {}, "sev-guest needs QEMU 2.12"),
         (S390PvLaunchSecurity(), "5.2", {}, "'s390-pv' launch security is not supported"),
         (SEV, "5.2", {"syntax": "json"}, "no JSON -object syntax"),
         (SEV, None, {"libvirt4_compat": True, "syntax": "json"}, "drop --syntax json"),
         (S390PvLaunchSecurity(), None, {"libvirt4_compat": True}, "libvirt 4.x knew only"),
-        (SevLaunchSecurity(policy=SevPolicy(1), cbitpos=47, reduced_phys_bits=1, kernel_hashes=True), None, {"libvirt4_compat": True}, "libvirt 4.x had no kernelHashes"),
+        (SevLaunchSecurity(policy=SevPolicy(1), cbitpos=47, reduced_phys_bits=1, kernel_hashes=True), None,
+         {"libvirt4_compat": True}, "libvirt 4.x had no kernelHashes"),
     ],
 )
 def test_what_the_qemu_or_mode_lacks_is_refused(model, version, kwargs, message) -> None:  # type: ignore[no-untyped-def]
@@ -169,19 +176,23 @@ def test_json_does_not_escape_slashes_or_unicode() -> None:
 
 
 @pytest.mark.parametrize(
-    "text, value", [("0", 0), ("47", 47), ("0x2f", 47), ("0X2F", 47), ("057", 47), ("", None), ("-1", None), (" 1", None), ("0x", None), ("1k", None)]
+    "text, value",
+    [("0", 0), ("47", 47), ("0x2f", 47), ("0X2F", 47), ("057", 47), ("", None), ("-1", None), (" 1", None),
+     ("0x", None), ("1k", None)]
 )
 def test_keyval_numbers_read_like_qemu(text: str, value: int | None) -> None:
     assert keyval_number(text) == value
 
 
-@pytest.mark.parametrize("text, value", [("on", True), ("yes", True), ("true", True), ("off", False), ("n", False), ("1", None)])
+@pytest.mark.parametrize("text, value",
+                         [("on", True), ("yes", True), ("true", True), ("off", False), ("n", False), ("1", None)])
 def test_keyval_booleans_read_like_qemu(text: str, value: bool | None) -> None:
     assert keyval_bool(text) is value
 
 
 def test_keyval_split_rules() -> None:
-    assert keyval.split("sev-guest,id=a,,b,policy=1", "qom-type", "x") == [("qom-type", "sev-guest"), ("id", "a,b"), ("policy", "1")]
+    assert keyval.split("sev-guest,id=a,,b,policy=1", "qom-type", "x") == [("qom-type", "sev-guest"), ("id", "a,b"),
+                                                                           ("policy", "1")]
     assert keyval.split("qom-type=sev-guest,id=x", "qom-type", "x") == [("qom-type", "sev-guest"), ("id", "x")]
     with pytest.raises(FormatError, match="expected '=' after parameter 'bogus'"):
         keyval.split("sev-guest,bogus", "qom-type", "x")
@@ -190,7 +201,8 @@ def test_keyval_split_rules() -> None:
 
 
 def test_parsers_report_what_qemu_would_refuse() -> None:
-    parsed = json_syntax.parse_object('{"qom-type":"sev-guest","id":"l","policy":"1","cbitpos":-1,"bogus":1,"kernel-hashes":1,"x":{}}')
+    parsed = json_syntax.parse_object('{"qom-type":"sev-guest","id":"l","policy":"1","cbitpos":-1,"bogus":1,'
+                                      '"kernel-hashes":1,"x":{}}')
     assert parsed is not None
     assert parsed.obj.props == ()
     assert len(parsed.problems) == 5

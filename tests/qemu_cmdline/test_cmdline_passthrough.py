@@ -53,7 +53,8 @@ def test_not_xml_is_a_format_error() -> None:
 def test_libvirts_installed_schema_accepts_the_block(tmp_path: Path) -> None:
     schema = etree.RelaxNG(etree.parse(str(LIBVIRT_RNG)))
     for options in (CmdlineOptions(), CmdlineOptions(syntax="keyval")):
-        document = etree.fromstring(domain_with_passthrough("g", translate_launch_security(MODEL, tmp_path, options).argv))
+        argv = translate_launch_security(MODEL, tmp_path, options).argv
+        document = etree.fromstring(domain_with_passthrough("g", argv))
         assert schema.validate(document), schema.error_log
 
 
@@ -67,7 +68,8 @@ def test_real_libvirtd_passes_the_block_to_qemu(libvirt_uri: str, tmp_path: Path
     xml.write_bytes(domain_with_passthrough(name, translation.argv))
 
     def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["virsh", "-c", libvirt_uri, *args], capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(["virsh", "-c", libvirt_uri, *args], capture_output=True, text=True, timeout=120,
+                              check=False)
 
     defined = virsh("define", str(xml))
     assert defined.returncode == 0, defined.stderr

@@ -55,8 +55,11 @@ def test_domcaps_file(tmp_path: Path) -> None:
         (b"<domainCapabilities><features/></domainCapabilities>", "has no <features><sev>"),
         (b"<capabilities/>", "not <domainCapabilities>"),
         (b"not xml", "not XML"),
-        (b"<domainCapabilities><features><sev supported='yes'><cbitpos>x</cbitpos></sev></features></domainCapabilities>", "<cbitpos>: expected an unsigned number"),
-        (b"<!DOCTYPE d [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><domainCapabilities>&e;</domainCapabilities>", "has no <features><sev>"),
+        (b"<domainCapabilities><features><sev "
+         b"supported='yes'><cbitpos>x</cbitpos></sev></features></domainCapabilities>",
+         "<cbitpos>: expected an unsigned number"),
+        (b"<!DOCTYPE d [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><domainCapabilities>&e;</domainCapabilities>",
+         "has no <features><sev>"),
     ],
 )
 def test_bad_domcaps_are_clear_errors(data: bytes, message: str) -> None:
@@ -97,7 +100,8 @@ def test_live_qmp_of_real_qemu_reports_qemus_own_error(tmp_path: Path) -> None:
         while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert sock.exists(), "QEMU did not create its QMP socket"
-        with pytest.raises(SevhookError, match=r"query-sev-capabilities failed: (SEV is not enabled in KVM|KVM not enabled)"):
+        with pytest.raises(SevhookError,
+                           match=r"query-sev-capabilities failed: (SEV is not enabled in KVM|KVM not enabled)"):
             QmpSocket(str(sock), timeout=10).load()
     finally:
         proc.kill()
@@ -124,7 +128,8 @@ class QmpServer:
         if not self.greet:
             await reader.read()  # say nothing: the client must time out
             return
-        writer.write(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}\r\n')
+        writer.write(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+                     b'"capabilities": []}}\r\n')
         decoder, buffer = json.JSONDecoder(), ""
         while chunk := await reader.read(4096):  # QMP is a JSON stream: messages need no newline
             buffer += chunk.decode()
@@ -178,7 +183,8 @@ def test_qmp_reply_without_the_values(qmp_path: Path) -> None:
 
 def test_qmp_silent_peer_times_out(qmp_path: Path) -> None:
     started = time.monotonic()
-    with QmpServer(qmp_path, None, greet=False), pytest.raises(SevhookError, match=r"no answer within 0.5 s|cannot connect"):
+    with QmpServer(qmp_path, None, greet=False), pytest.raises(SevhookError,
+                                                               match=r"no answer within 0.5 s|cannot connect"):
         QmpSocket(str(qmp_path), timeout=0.5).load()
     assert time.monotonic() - started < 5
 

@@ -18,13 +18,15 @@ from sevhook.xml.models import SevLaunchSecurity, SevSnpLaunchSecurity
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 BASE = [QEMU, "-accel", "kvm", "-nodefaults", "-display", "none", "-S"]
-REACHED_SEV_INIT = re.compile(r"sev_kvm_init: (cbitpos check failed, host '\d+' requested '\d+'|Failed to open /dev/sev)")
+REACHED_SEV_INIT = re.compile(r"sev_kvm_init: (cbitpos check failed, host '\d+' requested '\d+'|Failed to open "
+                              r"/dev/sev)")
 PARSE_ERRORS = re.compile(r"is unexpected|Invalid parameter|expects|JSON|does not accept|Expected '='")
 
 pytestmark = [
     pytest.mark.qemu,
     pytest.mark.skipif(
-        Path("/dev/sev").exists(), reason="this host has /dev/sev: QEMU would really launch; these tests expect the failure at SEV init"
+        Path("/dev/sev").exists(),
+        reason="this host has /dev/sev: QEMU would really launch; these tests expect the failure at SEV init"
     ),
 ]
 
@@ -41,7 +43,8 @@ def assert_accepted(proc: subprocess.CompletedProcess[str]) -> None:
 
 def sev_translation(tmp_path: Path, cbitpos: int, kernel_hashes: bool | None = True, **options: object) -> Translation:
     model = SevLaunchSecurity(
-        policy=SevPolicy(0x0007), cbitpos=cbitpos, reduced_phys_bits=1, dh_cert="AAAA\n", session="BBBB", kernel_hashes=kernel_hashes
+        policy=SevPolicy(0x0007), cbitpos=cbitpos, reduced_phys_bits=1, dh_cert="AAAA\n", session="BBBB",
+        kernel_hashes=kernel_hashes
     )
     translation = translate_launch_security(model, tmp_path / "domain--1-g", CmdlineOptions(**options))  # type: ignore[arg-type]
     write_files(translation.files)  # present, as libvirt writes them before QEMU starts

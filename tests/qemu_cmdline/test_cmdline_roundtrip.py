@@ -57,10 +57,11 @@ def argv_and_back(domain: Domain, options: CmdlineOptions, model: object = None)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(model=models, name=names, domain_id=st.none() | st.integers(-1, 10**6), syntax=st.sampled_from(["json", "keyval"]))
+@given(model=models, name=names, domain_id=st.none() | st.integers(-1, 10**6),
+       syntax=st.sampled_from(["json", "keyval"]))
 def test_model_argv_model_identity(model, name: str, domain_id: int | None, syntax: str) -> None:  # type: ignore[no-untyped-def]
     domain = Domain(name=name, type="kvm", id=domain_id, launch_security=model)
-    argv, found = argv_and_back(domain, CmdlineOptions(syntax=syntax))  # type: ignore[arg-type]
+    _argv, found = argv_and_back(domain, CmdlineOptions(syntax=syntax))  # type: ignore[arg-type]
     assert found.model == model, found.problems  # type: ignore[attr-defined]
     assert found.problems == ()  # type: ignore[attr-defined]
 
@@ -98,7 +99,8 @@ def test_every_valid_fixture_round_trips(path: Path) -> None:
     try:
         loaded = load_for_cmdline(path)
     except SevhookError as exc:
-        assert "no <launchSecurity>" in exc.message, exc.message  # the only reason a valid fixture has nothing to translate
+        # the only reason a valid fixture has nothing to translate
+        assert "no <launchSecurity>" in exc.message, exc.message
         return
     if isinstance(loaded.launch_security, TdxLaunchSecurity):
         with pytest.raises(SevhookError, match="'tdx' is not supported"):
@@ -129,7 +131,8 @@ def test_object_parsers_raise_only_sevhook_errors(text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(argv=st.lists(st.sampled_from(["-object", "-machine", "-M", "-S", "--object", "q", "x,y=1"]) | st.text(max_size=30), max_size=12))
+@given(argv=st.lists(st.sampled_from(["-object", "-machine", "-M", "-S", "--object", "q", "x,y=1"])
+                     | st.text(max_size=30), max_size=12))
 def test_argv_reader_raises_only_sevhook_errors(argv: list[str]) -> None:
     try:
         read_launch_security(argv, {})

@@ -33,7 +33,7 @@ def test_sign_and_verify(pek) -> None:
 def test_any_altered_byte_is_detected(pek) -> None:
     key, cert = pek
     raw = AttestationReport(bytes(16), bytes(32), 1).sign(key).to_bytes()
-    for index in list(range(SIGNED_SIZE + 8)) + [0x40, 0x60, 0x88, 0x90, 0xCF]:
+    for index in [*range(SIGNED_SIZE + 8), 0x40, 0x60, 0x88, 0x90, 0xCF]:
         altered = raw[:index] + bytes([raw[index] ^ 0x01]) + raw[index + 1 :]
         with pytest.raises(VerificationError):
             AttestationReport.parse(altered).verify(cert)

@@ -65,7 +65,7 @@ def test_real_naples_certificate_fields(naples_certs: dict[str, SevCertificate])
 
 
 def test_real_naples_signatures_verify(naples_certs, naples_ca) -> None:
-    ask, ark = naples_ca
+    ask, _ark = naples_ca
     pdh, pek, oca, cek = (naples_certs[n] for n in ("pdh", "pek", "oca", "cek"))
     assert cek.verify_signed_by(ask).usage == Usage.ASK
     assert pek.verify_signed_by(cek).usage == Usage.CEK
@@ -121,7 +121,8 @@ def test_unsigned_form_is_refused_for_any_other_root(vectors: Path) -> None:
         AmdCertificate.parse(rome[:-512])
 
 
-@pytest.mark.parametrize("name,signer", [("pdh", "pek"), ("pek", "oca"), ("pek", "cek"), ("oca", "oca"), ("cek", "ask")])
+@pytest.mark.parametrize("name,signer",
+                         [("pdh", "pek"), ("pek", "oca"), ("pek", "cek"), ("oca", "oca"), ("cek", "ask")])
 def test_flipping_any_signed_byte_is_detected(naples: Path, naples_certs, naples_ca, name: str, signer: str) -> None:
     raw = (naples / f"{name}.cert").read_bytes()
     signer_cert = naples_ca[0] if signer == "ask" else naples_certs[signer]

@@ -84,10 +84,11 @@ def test_wrong_generation_fails_at_ask_to_cek(naples: Path, vectors: Path, gener
 
 def test_mixed_ask_and_ark_fail_at_ark_to_ask(naples: Path, vectors: Path) -> None:
     sev = (naples / "full_chain.bin").read_bytes()[: 4 * SEV_CERT_SIZE]
-    ca = (vectors / "amd-roots" / "naples_ask.cert").read_bytes() + (vectors / "amd-roots" / "rome_ark.cert").read_bytes()
+    ca = ((vectors / "amd-roots" / "naples_ask.cert").read_bytes()
+          + (vectors / "amd-roots" / "rome_ark.cert").read_bytes())
     report = verify_chain(CertificateChain.from_parts(sev, ca=ca))
     assert "ARK -> ASK" in [link.name for link in report.failures]
-    with pytest.raises(VerificationError, match="ARK -> ASK: .*certified by key id 1bb987c3"):
+    with pytest.raises(VerificationError, match=r"ARK -> ASK: .*certified by key id 1bb987c3"):
         CertificateChain.from_parts(sev, ca=ca).verify()
 
 
@@ -154,7 +155,8 @@ def test_certificates_in_the_wrong_order_are_named(naples: Path, vectors: Path) 
 
 @pytest.mark.parametrize(
     "size,message",
-    [(0, "expected PDH"), (100, "expected PDH"), (3 * SEV_CERT_SIZE + 5, "truncated inside"), (4 * SEV_CERT_SIZE, "no ASK/ARK")],
+    [(0, "expected PDH"), (100, "expected PDH"), (3 * SEV_CERT_SIZE + 5, "truncated inside"),
+     (4 * SEV_CERT_SIZE, "no ASK/ARK")],
 )
 def test_truncated_chains(naples: Path, size: int, message: str) -> None:
     data = (naples / "full_chain.bin").read_bytes()[:size]
@@ -174,7 +176,7 @@ def test_cert_chain_needs_the_pdh(naples: Path, vectors: Path) -> None:
 
 
 def test_bad_base64_from_qmp(vectors: Path) -> None:
-    with pytest.raises(FormatError, match="pdh .*base64"):
+    with pytest.raises(FormatError, match=r"pdh .*base64"):
         CertificateChain.from_qmp("not base64!", "", _roots(vectors, "naples"))
 
 

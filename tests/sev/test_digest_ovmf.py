@@ -110,16 +110,16 @@ def test_initrd_without_kernel_is_a_usage_error() -> None:
 
 
 def test_missing_file_names_it(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cannot read kernel file .*nope"):
+    with pytest.raises(UsageError, match=r"cannot read kernel file .*nope"):
         sev_launch_digest(build_image([(HASH_TABLE_GUID, struct.pack("<II", 0x1000, 0x400))]),
                           kernel=tmp_path / "nope")
 
 
 def test_error_in_the_concurrent_hash_reaches_the_caller(tmp_path: Path) -> None:
     image = build_image([(HASH_TABLE_GUID, struct.pack("<II", 0x1000, 0x400))])
-    with pytest.raises(UsageError, match="cannot read initrd file .*missing-initrd"):
+    with pytest.raises(UsageError, match=r"cannot read initrd file .*missing-initrd"):
         sev_launch_digest(image, kernel=b"kernel", initrd=tmp_path / "missing-initrd")
-    with pytest.raises(UsageError, match="cannot read kernel file .*missing-kernel"):
+    with pytest.raises(UsageError, match=r"cannot read kernel file .*missing-kernel"):
         sev_launch_digest(image, kernel=tmp_path / "missing-kernel", initrd=b"initrd")
 
 

@@ -51,7 +51,8 @@ def test_pre_0_17_form_has_no_version_bytes() -> None:
 
 def test_every_changed_input_is_a_mismatch() -> None:
     good = LaunchMeasurement(compute_measurement(TIK, 1, 51, 3, 0x30005, EMPTY_DIGEST, MNONCE), MNONCE)
-    args = dict(tik=TIK, api_major=1, api_minor=51, build_id=3, policy=0x30005, launch_digest=EMPTY_DIGEST)
+    args = {"tik": TIK, "api_major": 1, "api_minor": 51, "build_id": 3, "policy": 0x30005,
+            "launch_digest": EMPTY_DIGEST}
     assert verify_measurement(good, **args)
     assert verify_measurement(good.b64, **args) and verify_measurement(good.to_bytes(), **args)
     changes = {"tik": bytes(16), "api_major": 0, "api_minor": 52, "build_id": 4, "policy": 0x5,
@@ -72,7 +73,8 @@ def test_parse_forms() -> None:
         assert parsed.to_bytes() == raw and parsed.measurement == raw[:32] and parsed.mnonce == raw[32:]
 
 
-@pytest.mark.parametrize("data,message", [("", "0 bytes"), ("AAAA", "3 bytes"), ("@@@@", "base64"), (bytes(47), "base64|bytes")])
+@pytest.mark.parametrize("data,message",
+                         [("", "0 bytes"), ("AAAA", "3 bytes"), ("@@@@", "base64"), (bytes(47), "base64|bytes")])
 def test_bad_measurements(data, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         LaunchMeasurement.parse(data)
@@ -84,7 +86,8 @@ def test_bad_measurements(data, message: str) -> None:
      ({"api_major": 256}, "out of range"), ({"policy": 1 << 32}, "out of range")],
 )
 def test_bad_inputs(kwargs, message: str) -> None:
-    args = dict(tik=TIK, api_major=1, api_minor=0, build_id=1, policy=0, launch_digest=EMPTY_DIGEST, mnonce=MNONCE)
+    args = {"tik": TIK, "api_major": 1, "api_minor": 0, "build_id": 1, "policy": 0, "launch_digest": EMPTY_DIGEST,
+            "mnonce": MNONCE}
     with pytest.raises(FormatError, match=message):
         compute_measurement(**{**args, **kwargs})
 

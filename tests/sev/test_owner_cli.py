@@ -36,7 +36,8 @@ def test_verify_chain_qmp_base64_and_bundle(tmp_path: Path, naples: Path, vector
     (tmp_path / "pdh.b64").write_bytes(base64.b64encode((naples / "pdh.cert").read_bytes()))
     (tmp_path / "chain.b64").write_bytes(base64.b64encode((naples / "cert_chain_export.bin").read_bytes()))
     (tmp_path / "ask_ark_naples.cert").write_bytes(
-        (vectors / "amd-roots" / "naples_ask.cert").read_bytes() + (vectors / "amd-roots" / "naples_ark.cert").read_bytes()
+        (vectors / "amd-roots" / "naples_ask.cert").read_bytes()
+        + (vectors / "amd-roots" / "naples_ark.cert").read_bytes()
     )
     proc = sevhook("verify-chain", tmp_path / "chain.b64", "--pdh", tmp_path / "pdh.b64",
                    "--ark", tmp_path / "ask_ark_naples.cert")
@@ -61,7 +62,8 @@ def test_verify_chain_trust_anchor(tmp_path: Path, platform) -> None:
 
 @pytest.mark.parametrize(
     "content,code,message",
-    [(None, 2, "cannot read"), (b"garbage", 1, "expected PDH"), (b"\x01\0\0\0" + bytes(10000), 1, "usage ARK where the PDH belongs")],
+    [(None, 2, "cannot read"), (b"garbage", 1, "expected PDH"),
+     (b"\x01\0\0\0" + bytes(10000), 1, "usage ARK where the PDH belongs")],
 )
 def test_verify_chain_bad_files(tmp_path: Path, content: bytes | None, code: int, message: str) -> None:
     path = tmp_path / "chain.bin"

@@ -116,7 +116,8 @@ def test_measure_refuses_what_is_not_a_regular_file(tmp_path: Path, sevctl: Path
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # no writer: opening it must not block either
     path = {"DIR": str(tmp_path), "FIFO": str(fifo)}.get(special, special)
-    inputs = {"--firmware": str(sevctl / "OVMF.amdsev.trimmed.fd"), "--kernel": str(sevctl / "measurement_vmlinuz-fake")}
+    inputs = {"--firmware": str(sevctl / "OVMF.amdsev.trimmed.fd"),
+              "--kernel": str(sevctl / "measurement_vmlinuz-fake")}
     if option == "--initrd":
         inputs["--initrd"] = path
     else:
@@ -214,14 +215,16 @@ def test_session_json_names_the_files_not_the_keys(tmp_path: Path, naples: Path)
                    "--out-dir", tmp_path, "--name", "vm", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["policy"] == 3 and result["chain_root"] == "AMD Naples" and sorted(Path(p).name for p in result["files"].values()) == [
+    assert result["policy"] == 3 and result["chain_root"] == "AMD Naples"
+    assert sorted(Path(p).name for p in result["files"].values()) == [
         "vm_godh.b64", "vm_session.b64", "vm_tek.bin", "vm_tik.bin"]
     assert (tmp_path / "vm_tek.bin").read_bytes().hex() not in proc.stdout
 
 
 @pytest.mark.parametrize("command", [
     ("session", "--pdh", "PDH", "--policy", "0xZZ", "--out-dir", "TMP", "--insecure-skip-chain"),
-    ("measure", "--firmware", "FW", "--mode", "seves", "--vcpus", "2", "--vcpu-type", "EPYC", "--guest-features", "0xZZ"),
+    ("measure", "--firmware", "FW", "--mode", "seves", "--vcpus", "2", "--vcpu-type", "EPYC", "--guest-features",
+     "0xZZ"),
     ("measure", "--firmware", "FW", "--mode", "seves", "--vcpus", "two", "--vcpu-type", "EPYC"),
     ("measure", "--firmware", "FW", "--mode", "seves", "--vcpus", "2", "--vcpu-family", "x", "--vcpu-model", "1",
      "--vcpu-stepping", "1"),

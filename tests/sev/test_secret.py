@@ -33,13 +33,15 @@ MEASUREMENT = bytes(range(32))
 @pytest.fixture(scope="module")
 def sevctl(vectors: Path) -> dict[str, bytes]:
     base = vectors / "sevctl"
-    return {name: (base / f"secret_{name}").read_bytes() for name in ("tek1.bin", "tik1.bin", "secret1.txt", "secret2.txt")}
+    return {name: (base / f"secret_{name}").read_bytes()
+            for name in ("tek1.bin", "tik1.bin", "secret1.txt", "secret2.txt")}
 
 
 def test_sevctl_known_answer(sevctl) -> None:
     table = SecretTable(((DISK_PASSPHRASE_GUID, sevctl["secret1.txt"]),)).build()
     measurement = base64.b64decode(MEASUREMENT_BLOB)[:32]
-    header, ciphertext = wrap_secret(sevctl["tek1.bin"], sevctl["tik1.bin"], measurement, table, iv=base64.b64decode(IV))
+    header, ciphertext = wrap_secret(sevctl["tek1.bin"], sevctl["tik1.bin"], measurement, table,
+                                     iv=base64.b64decode(IV))
     assert base64.b64encode(header.to_bytes()).decode() == HEADER
     assert base64.b64encode(ciphertext).decode() == PAYLOAD
     plain = unwrap_secret(sevctl["tek1.bin"], sevctl["tik1.bin"], measurement, base64.b64decode(HEADER),

@@ -176,7 +176,7 @@ def test_write_files_bad_arguments(tmp_path: Path, pdh_pair) -> None:
 
 def test_read_key_file_errors(tmp_path: Path) -> None:
     (tmp_path / "tk.bin").write_bytes(bytes(32))
-    with pytest.raises(FormatError, match="32 bytes.*tmp_tk.bin"):
+    with pytest.raises(FormatError, match=r"32 bytes.*tmp_tk.bin"):
         read_key_file(tmp_path / "tk.bin", "TIK")
     with pytest.raises(UsageError, match="cannot read"):
         read_key_file(tmp_path / "none.bin", "TIK")

@@ -146,5 +146,5 @@ def pid_alive(pid: int) -> bool:
     return False
 
 
-def run(coroutine):  # noqa: ANN001, ANN201 - tiny helper for sync tests
+def run(coroutine):  # a tiny helper for sync tests
     return asyncio.run(asyncio.wait_for(coroutine, 60))

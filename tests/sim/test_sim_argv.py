@@ -35,7 +35,8 @@ def test_libvirt_json_syntax_with_fd_monitor(shared: Path) -> None:
 
 
 def test_libvirt_4x_keyval_syntax_with_path_monitor(shared: Path) -> None:
-    inv = parse_qemu_argv(golden_argv(shared / "libvirt-golden" / "launch-security-sev.args.libvirt-4.x-commit-11ab77fe"))
+    inv = parse_qemu_argv(golden_argv(
+        shared / "libvirt-golden" / "launch-security-sev.args.libvirt-4.x-commit-11ab77fe"))
     assert inv.sev is not None and inv.sev.object_id == "sev0" and inv.sev.policy == 1
     assert inv.confidential_guest_support == "sev0"  # memory-encryption=
     assert inv.monitors[0].path == "/tmp/lib/domain--1-QEMUGuest1/monitor.sock"
@@ -48,7 +49,8 @@ def test_firmware_from_blockdev_pflash_and_bios() -> None:
         "-machine", "q35,pflash0=p0f",
     ]
     assert parse_qemu_argv(blockdevs).firmware == "/fw/CODE.fd"
-    assert parse_qemu_argv(["-drive", "if=pflash,format=raw,unit=0,file=/fw/a,,b.fd,readonly=on"]).firmware == "/fw/a,b.fd"
+    assert parse_qemu_argv(["-drive",
+                            "if=pflash,format=raw,unit=0,file=/fw/a,,b.fd,readonly=on"]).firmware == "/fw/a,b.fd"
     assert parse_qemu_argv(["-bios", "/fw/OVMF.fd"]).firmware == "/fw/OVMF.fd"
 
 
@@ -64,7 +66,8 @@ def test_direct_boot_smp_and_kernel_hashes() -> None:
 
 def test_errors_name_the_option() -> None:
     with pytest.raises(UsageError, match="-object sev-snp-guest"):
-        parse_qemu_argv(["-machine", "q35,confidential-guest-support=s0", "-object", '{"qom-type":"sev-snp-guest","id":"s0"}'])
+        parse_qemu_argv(["-machine", "q35,confidential-guest-support=s0", "-object",
+                         '{"qom-type":"sev-snp-guest","id":"s0"}'])
     with pytest.raises(UsageError, match="requires an argument"):
         parse_qemu_argv(["-m"])
     with pytest.raises(UsageError, match="server=on"):
@@ -132,7 +135,7 @@ def test_sev_object_is_checked_as_qemu_checks_it() -> None:
     assert inv.sev is not None and (inv.sev.policy, inv.sev.handle, inv.sev.kernel_hashes) == (8, 2, True)
     for bad in ("sev-guest,id=s0,polcy=1", "sev-guest,id=s0,policy=1,policy=2", "sev-guest,id=s0,kernel-hashes=ON",
                 '{"qom-type":"sev-guest","id":"s0","policy":"1"}', "sev-guest,id=s0,policy=0x100000000"):
-        with pytest.raises(UsageError, match="-object sev-guest,id=s0: .*QEMU refuses it"):
+        with pytest.raises(UsageError, match=r"-object sev-guest,id=s0: .*QEMU refuses it"):
             parse_qemu_argv([*machine, "-object", bad])
     with pytest.raises(SevhookError, match=r"argv\[4\] \(-object\): sev-guest needs an id="):
         parse_qemu_argv([*machine, "-object", "sev-guest,policy=1"])

@@ -108,6 +108,6 @@ def test_stand_in_answers_like_qemu(platform: SoftwarePlatform, short_dir: Path)
                                    short_dir / "sim")
     assert shape(sim_greeting) == shape(real_greeting)
     assert sim_greeting["QMP"]["capabilities"] == real_greeting["QMP"]["capabilities"]
-    for line, real_reply, sim_reply in zip(SCRIPT, real, sim):
+    for line, real_reply, sim_reply in zip(SCRIPT, real, sim, strict=False):
         assert sim_reply == real_reply, f"{line!r}: QEMU said {real_reply}, the stand-in {sim_reply}"
     assert len(sim) == len(real) == len(SCRIPT)

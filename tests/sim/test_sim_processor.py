@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from sevhook.errors import UsageError
+from sevhook.errors import UsageError, VerificationError
 from sevhook.sev.attestation import AttestationReport
 from sevhook.sev.certs import AmdCertificate, SevCertificate, Usage
 from sevhook.sev.chain import CertificateChain
@@ -48,7 +48,7 @@ def test_chain_verifies_only_with_the_simulated_ark_as_anchor(platform: Software
     assert pinned_root(ark) is None  # our own key id, never AMD's
     report = chain.verify([TrustAnchor("sim", ark)])
     assert report.ok
-    with pytest.raises(Exception):
+    with pytest.raises(VerificationError):
         chain.verify([])
 
 
@@ -111,7 +111,7 @@ def test_launch_measurement_secret_and_finish(platform: SoftwarePlatform) -> Non
     assert SecretTable.parse(plaintext).entries == ((DISK_PASSPHRASE_GUID, b"s3cret\0"),)
     guest.launch_finish()
     assert guest.state == GuestState.RUNNING
-    record = [r for r in GuestRecorder.all(platform.state) if r["label"] == "unit-ok"][0]
+    record = next(r for r in GuestRecorder.all(platform.state) if r["label"] == "unit-ok")
     assert record["state"] == "running"
     assert record["secrets"][0]["table"][0]["guid"] == str(DISK_PASSPHRASE_GUID)
     assert record["secrets"][0]["table"][0]["length"] == 7
@@ -219,7 +219,7 @@ def test_inject_twice_keeps_both_and_the_latest_at_the_address(platform: Softwar
     for value in (b"first\0", b"second\0"):
         guest.launch_secret(*secret_for(session, blob[:32], platform, value), 0x2000)
     assert SecretTable.parse(guest.memory[0x2000]).entries[0][1] == b"second\0"
-    record = [r for r in GuestRecorder.all(platform.state) if r["label"] == "unit-twice"][0]
+    record = next(r for r in GuestRecorder.all(platform.state) if r["label"] == "unit-twice")
     assert len(record["secrets"]) == 2
 
 

@@ -263,7 +263,8 @@ def test_protocol_errors_and_negotiation(platform: SoftwarePlatform, short_dir: 
                                    "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}
     assert replies[1] == {"return": {}, "id": 1}
     assert replies[2]["error"]["class"] == "CommandNotFound"
-    assert replies[3] == {"id": "x", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}
+    assert replies[3] == {"id": "x",
+                          "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}
     assert replies[4]["error"]["desc"] == "QMP input must be a JSON object"
     assert replies[5] == {"id": 3, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}
     assert replies[6]["error"]["desc"] == "QMP input member 'arguments' must be an object"

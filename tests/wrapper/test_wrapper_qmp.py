@@ -199,7 +199,7 @@ class _SlowAttestation(http.server.BaseHTTPRequestHandler):
 
     upstream = ""
 
-    def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+    def do_POST(self) -> None:  # http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.path.endswith("/attestation"):
             time.sleep(20)
@@ -267,7 +267,7 @@ def test_ten_guests_started_at_once_all_attest(world, short_dir):
         return await asyncio.gather(*(_session(sockets[name], "cont", "query-status") for name in names))
 
     try:
-        for name, (cont, status) in zip(names, asyncio.run(all_cont())):
+        for name, (cont, status) in zip(names, asyncio.run(all_cont()), strict=True):
             assert cont == {}, (name, cont)
             assert status["running"] is True, name
             assert _secrets(world, name) == [SECRET], name

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevhook.wrapper.launch import sev_object_with_files
 from sevhook.wrapper.config import DEFAULT_QEMU, ConfigError, read_config
+from sevhook.wrapper.launch import sev_object_with_files
 
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
 
@@ -110,7 +110,8 @@ def test_prepare_domain_converts_between_modes_without_hand_editing(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["--mode", "start", "--qemu", "/usr/bin/qemu"], "--qemu /usr/bin/qemu: give an absolute path, with --mode emulator"),
+    (["--mode", "start", "--qemu", "/usr/bin/qemu"],
+     "--qemu /usr/bin/qemu: give an absolute path, with --mode emulator"),
     (["--socket", "/run/x.qmp"], "--socket is for --mode hook only"),
     (["--qemu", "qemu"], "--qemu qemu: give an absolute path"),
 ])
