@@ -4,8 +4,8 @@ the rule that unauthenticated platform fields (API < 0.17) cannot satisfy a vers
 
 from __future__ import annotations
 
-import json
 import datetime
+import json
 import os
 import sqlite3
 import stat
