@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,25 +314,28 @@ def run_list_roots(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_add_host(args: argparse.Namespace) -> int:
+def _save_new_token(token_file: Path, register: Callable[[str], object]) -> None:
+    """A fresh host token, saved (0600) before `register` takes it: a failed write then registers
+    nothing, and a failed registration removes the file again, so no token is ever lost or orphaned."""
     from sevhook.broker.vault import new_token
     from sevhook.errors import UsageError
     from sevhook.files import write_private_file
 
-    if args.token_file.exists():
-        raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
-    if not args.token_file.parent.is_dir():
-        raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
-    admin = _admin(args)
-    # The token is saved before the host is registered: a failed write then registers nothing, and a
-    # failed registration (a taken name) removes the file again, so no token is ever lost or orphaned.
+    if token_file.exists():
+        raise UsageError(f"--token-file {token_file} exists; choose a new file (tokens are shown once)")
+    if not token_file.parent.is_dir():
+        raise UsageError(f"--token-file {token_file}: directory {token_file.parent} does not exist")
     token = new_token()
-    write_private_file(args.token_file, (token + "\n").encode())
+    write_private_file(token_file, (token + "\n").encode())
     try:
-        admin.add_host(args.name, token=token)
+        register(token)
     except BaseException:
-        args.token_file.unlink(missing_ok=True)
+        token_file.unlink(missing_ok=True)
         raise
+
+
+def run_add_host(args: argparse.Namespace) -> int:
+    _save_new_token(args.token_file, lambda token: _admin(args).add_host(args.name, token=token))
     print(f"host {args.name}: token written to {args.token_file} (0600); give it to the host's sevhook config")
     return 0
 
@@ -509,23 +513,8 @@ def run_update_guest(args: argparse.Namespace) -> int:
 
 def run_rotate_host_token(args: argparse.Namespace) -> int:
     from sevhook.broker.admin_ops import rotate_host_token
-    from sevhook.broker.vault import new_token
-    from sevhook.errors import UsageError
-    from sevhook.files import write_private_file
 
-    if args.token_file.exists():
-        raise UsageError(f"--token-file {args.token_file} exists; choose a new file (tokens are shown once)")
-    if not args.token_file.parent.is_dir():
-        raise UsageError(f"--token-file {args.token_file}: directory {args.token_file.parent} does not exist")
-    broker = _admin(args)
-    # as add-host: the new token is saved first, and removed again if the rotation fails
-    token = new_token()
-    write_private_file(args.token_file, (token + "\n").encode())
-    try:
-        rotate_host_token(broker, args.name, token)
-    except BaseException:
-        args.token_file.unlink(missing_ok=True)
-        raise
+    _save_new_token(args.token_file, lambda token: rotate_host_token(_admin(args), args.name, token))
     print(f"host {args.name}: new token written to {args.token_file} (0600); the old token is refused from now on: "
           "install the new file on the host")
     return 0
