@@ -1,17 +1,18 @@
-"""`sevhook start`'s DomainPort on a real libvirt connection, using only libvirt's public SEV
-APIs (no QEMU monitor passthrough, so the domain is not tainted), and the host's platform
-certificates from virNodeGetSEVInfo or from an exported chain file."""
+"""`sevhook start`'s DomainPort on a real libvirt connection: the domain's life cycle (XML, define,
+start, destroy) here, its launch operations through sevhook.monitor.libvirt_monitor.LibvirtMonitor's
+public-API calls only (no QEMU monitor passthrough, so the domain is not tainted); and the host's
+platform certificates from virNodeGetSEVInfo or from an exported chain file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sevhook.errors import SevhookError
-from sevhook.flow.start import LaunchInfo, PlatformSource
+from sevhook.flow.start import PlatformSource
 from sevhook.hook.prepare import exported_platform as read_export
 from sevhook.hook.runtime import RUNTIME_DIR
-from sevhook.monitor.libvirt_monitor import host_capabilities, state_name
+from sevhook.monitor.libvirt_monitor import LibvirtMonitor, host_capabilities
+from sevhook.monitor.types import LaunchInfo
 from sevhook.virt import LibvirtError, libvirt_module
 
 _HOOK_FAILED = "Hook script execution failed"
@@ -35,6 +36,7 @@ class LibvirtDomain:
                 raise LibvirtError(f"domain {name} is not defined on this connection: define it first "
                                    f"(virsh define {name}.xml) or pass -c URI") from exc
             raise LibvirtError(f"cannot look up domain {name}: {_message(exc)}") from exc
+        self.monitor = LibvirtMonitor(self.domain)
 
     def _call(self, what: str, function: Any, *args: Any) -> Any:
         try:
@@ -43,8 +45,7 @@ class LibvirtDomain:
             raise LibvirtError(f"libvirt refused {what}: {_message(exc)}") from exc
 
     def state(self) -> str:
-        state, _reason = self._call("virDomainGetState", self.domain.state)
-        return state_name(state)
+        return self.monitor.status().status
 
     def inactive_xml(self) -> str:
         if not self._call("virDomainIsPersistent", self.domain.isPersistent):
@@ -55,6 +56,7 @@ class LibvirtDomain:
 
     def redefine(self, xml: str) -> None:
         self.domain = self._call("virDomainDefineXML", self.connection.defineXML, xml)
+        self.monitor = LibvirtMonitor(self.domain)
 
     def start_paused(self) -> None:
         try:
@@ -69,22 +71,13 @@ class LibvirtDomain:
             raise LibvirtError(f"libvirt refused to start the domain: {message}{hint}") from exc
 
     def launch_info(self) -> LaunchInfo:
-        info = self._call("virDomainGetLaunchSecurityInfo", self.domain.launchSecurityInfo)
-        measurement = info.get("sev-measurement")
-        keys = ("sev-api-major", "sev-api-minor", "sev-build-id", "sev-policy")
-        numbers = [value for value in (info.get(key) for key in keys) if isinstance(value, int)]
-        if not isinstance(measurement, str) or len(numbers) != len(keys):
-            raise SevhookError(f"libvirt's launch security info lacks the SEV measurement or firmware version "
-                               f"(got {sorted(info)}); is this an SEV guest?")
-        api_major, api_minor, build_id, policy = numbers
-        return LaunchInfo(measurement, api_major, api_minor, build_id, policy)
+        return self.monitor.launch_info()
 
     def inject(self, header_b64: str, secret_b64: str) -> None:
-        params = {"sev-secret-header": header_b64, "sev-secret": secret_b64}
-        self._call("virDomainSetLaunchSecurityState", self.domain.setLaunchSecurityState, params, 0)
+        self.monitor.inject_secret(header_b64, secret_b64)
 
     def resume(self) -> None:
-        self._call("virDomainResume", self.domain.resume)
+        self.monitor.cont()
 
     def destroy(self) -> bool:
         if not self._call("virDomainIsActive", self.domain.isActive):

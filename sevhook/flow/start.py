@@ -39,24 +39,13 @@ from sevhook.launch.broker import BrokerFactory, open_broker
 from sevhook.launch.checks import Deadline
 from sevhook.launch.sequence import AttestedLaunch, LaunchRequest, MeasuredLaunch, create_launch, fail_closed
 from sevhook.launch.steps import Steps
-from sevhook.monitor.types import SevInfo, VmStatus
+from sevhook.monitor.types import LaunchInfo, SevInfo, VmStatus
 from sevhook.sev.measurement import LaunchMeasurement
 from sevhook.xml import load_domain
 from sevhook.xml.models import SEVHOOK_NS, Attestation, SevLaunchSecurity
 from sevhook.xml.parsing import parse_document
 
 _GUEST = f"{{{SEVHOOK_NS}}}attestation/{{{SEVHOOK_NS}}}guest"
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """What libvirt reports for a measured launch (virDomainGetLaunchSecurityInfo)."""
-
-    measurement_b64: str
-    api_major: int
-    api_minor: int
-    build_id: int
-    policy: int
 
 
 class DomainPort(Protocol):

@@ -1,10 +1,11 @@
-"""libvirt's view of a domain for sevhook: the names of libvirt's domain states (the one table, also
-used by `sevhook start`'s adapter, sevhook.flow.libvirt_domain), the host's SEV platform
-(virNodeGetSEVInfo), and LibvirtMonitor, the LaunchMonitor interface over a libvirt domain handle.
-LibvirtMonitor uses libvirt's own calls where they exist, and for query-sev and the attestation
-report, which libvirt does not wrap, QEMU monitor passthrough (libvirt_qemu.qemuMonitorCommand),
-which marks the domain tainted; `sevhook start` therefore does not use it. Never call libvirt from
-inside a libvirt hook: a hook must not call back into libvirtd."""
+"""libvirt's view of a domain for sevhook, the one libvirt adapter: the names of libvirt's domain
+states, the host's SEV platform (virNodeGetSEVInfo), and LibvirtMonitor, the LaunchMonitor interface
+over a libvirt domain handle. `sevhook start` (sevhook.flow.libvirt_domain) drives its launches
+through LibvirtMonitor's public-API calls (state, launchSecurityInfo, setLaunchSecurityState,
+resume); only query-sev and the attestation report, which libvirt does not wrap, go through QEMU
+monitor passthrough (libvirt_qemu.qemuMonitorCommand), which marks the domain tainted, so `sevhook
+start` never calls those two. Never call libvirt from inside a libvirt hook: a hook must not call
+back into libvirtd."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from sevhook.errors import FormatError
 from sevhook.monitor.errors import MonitorError, MonitorProtocolError
-from sevhook.monitor.types import SevCapabilities, SevInfo, VmStatus, parse_report
+from sevhook.monitor.types import LaunchInfo, SevCapabilities, SevInfo, VmStatus, parse_report
 from sevhook.sev.measurement import LaunchMeasurement
 from sevhook.virt import libvirt_module
 
@@ -93,14 +94,22 @@ class LibvirtMonitor:
     def query_sev(self) -> SevInfo:
         return SevInfo.from_qmp(self.execute("query-sev"))
 
-    def launch_measurement(self) -> LaunchMeasurement:
+    def launch_info(self) -> LaunchInfo:
+        """The measurement and the firmware version and policy libvirt reports for the launch."""
         info = self._call("launchSecurityInfo", self.domain.launchSecurityInfo)
-        data = info.get("sev-measurement")
-        if not isinstance(data, str):
-            raise MonitorProtocolError("launchSecurityInfo: libvirt returned no sev-measurement",
+        measurement = info.get("sev-measurement")
+        keys = ("sev-api-major", "sev-api-minor", "sev-build-id", "sev-policy")
+        numbers = [value for value in (info.get(key) for key in keys) if isinstance(value, int)]
+        if not isinstance(measurement, str) or len(numbers) != len(keys):
+            raise MonitorProtocolError(f"libvirt's launch security info lacks the SEV measurement or firmware "
+                                       f"version (got {sorted(info)}); is this an SEV guest?",
                                        command="launchSecurityInfo")
+        api_major, api_minor, build_id, policy = numbers
+        return LaunchInfo(measurement, api_major, api_minor, build_id, policy)
+
+    def launch_measurement(self) -> LaunchMeasurement:
         try:
-            return LaunchMeasurement.parse(data, what="libvirt sev-measurement")
+            return LaunchMeasurement.parse(self.launch_info().measurement_b64, what="libvirt sev-measurement")
         except FormatError as exc:
             raise MonitorProtocolError(exc.message, command="launchSecurityInfo") from exc
 

@@ -53,6 +53,17 @@ def decode_base64(text: object, what: str, command: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class LaunchInfo:
+    """What libvirt reports for a measured launch (virDomainGetLaunchSecurityInfo)."""
+
+    measurement_b64: str
+    api_major: int
+    api_minor: int
+    build_id: int
+    policy: int
+
+
+@dataclass(frozen=True)
 class VmStatus:
     """`query-status`: QEMU's run state (prelaunch, paused, running, ...)."""
 

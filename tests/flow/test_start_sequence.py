@@ -15,9 +15,10 @@ import pytest
 
 from sevhook.broker.client import LaunchGrant, SecretGrant
 from sevhook.errors import SevhookError
-from sevhook.flow.start import LaunchInfo, StartSequence
+from sevhook.flow.start import StartSequence
 from sevhook.hook.runtime import MarkerState, start_marker, start_marker_path, start_marker_state
 from sevhook.launch.steps import FAILED, OK, StepFailed, Steps
+from sevhook.monitor.types import LaunchInfo
 from sevhook.sev.certs import SevCertificate
 from sevhook.sev.session import create_session
 from sevhook.xml.models import SEVHOOK_NS

@@ -65,6 +65,8 @@ def test_plain_guest_through_libvirt(start_paused):
     assert (caught.value.qmp_class, caught.value.desc) == ("GenericError", "SEV is not enabled")
     with pytest.raises(MonitorError):
         monitor.launch_measurement()
+    with pytest.raises(MonitorError, match="is this an SEV guest"):
+        monitor.launch_info()
     monitor.cont()
     assert monitor.status().running
     monitor.stop()
@@ -92,6 +94,9 @@ def test_sev_guest_on_the_stand_in(start_paused, shared, tmp_path):
     assert (info.enabled, info.state, info.policy) == (True, "launch-secret", 1)
     measurement = monitor.launch_measurement()
     assert len(measurement.measurement) == 32 and len(measurement.mnonce) == 16
+    launch = monitor.launch_info()  # what `sevhook start` reads: the measurement with the firmware's version
+    assert launch.measurement_b64 == measurement.b64 and launch.policy == 1
+    assert (launch.api_major, launch.api_minor) >= (0, 17) and launch.build_id >= 0
     monitor.cont()
     assert monitor.status().running
     assert monitor.query_sev().state == "running"
