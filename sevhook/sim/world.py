@@ -270,6 +270,20 @@ class SimWorld:
         wait_for_port(port, broker)
         return cls(root, sim_dir, firmware, token, f"http://127.0.0.1:{port}", broker, kds)
 
+    def register(self, guest_id: str, firmware: Path, policy: str = "0x1") -> None:
+        """Another guest at the broker, with `firmware`'s launch digest and the world's passphrase."""
+        sevhook("broker", "add-guest", guest_id, "--firmware", str(firmware), "--policy", policy,
+                "--disk-passphrase", str(self.root / "passphrase"), "--data-dir", str(self.root / "broker"))
+
+    def emulator_script(self) -> Path:
+        """The stand-in with this world's platform, as a domain's <emulator>: libvirt starts emulators with
+        a clean environment, so the state directory goes on the command line."""
+        script = self.root / "qemu-sim"
+        if not script.exists():
+            script.write_text(f"#!/bin/sh\nexec {SIM_QEMU} --sim-state-dir {self.sim_dir} \"$@\"\n")
+            script.chmod(0o755)
+        return script
+
     def close(self) -> None:
         self.kds.stop()
         if self.broker.poll() is None:

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from sevhook.flow.firmware import demo_firmware, tampered
-from sevhook.sim.kds import SimulatedKds
+from sevhook.sim.world import PASSPHRASE, SimWorld
 from sevhook.xml.models import SEVHOOK_NS
 
 libvirt = pytest.importorskip("libvirt")
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.timeout(600)
 
 SEVHOOK = [sys.executable, "-m", "sevhook.cli"]
 SIM_QEMU = Path(sys.executable).with_name("sevhook-sim-qemu")
-PASSPHRASE = "flow test passphrase"
+
 RUN = f"{os.getpid()}"
 
 
@@ -54,19 +53,26 @@ def free_port() -> int:
 
 @dataclass
 class World:
-    root: Path
+    """sevhook.sim.world's SimWorld (platform, export, KDS, broker) with the test libvirtd."""
+
+    sim: SimWorld
     uri: str
-    broker_url: str
-    broker: subprocess.Popen[bytes]
     connection: object
-    kds: SimulatedKds | None = None
     domains: list[str] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.sim.root
+
+    @property
+    def broker_url(self) -> str:
+        return self.sim.broker_url
 
     @property
     def export(self) -> Path:
         """The firmware's export (CEK unsigned, chip id) from the stand-in's query-sev-capabilities: the
         broker gets the signed CEK from the simulated KDS, as on a real host."""
-        return self.root / "platform"
+        return self.sim.export
 
     def domain_xml(self, name: str, guest_id: str, *, broker_url: str | None = None, sev: bool = True,
                    resume: bool = True, firmware: Path | None = None, timeout: str = "60",
@@ -87,7 +93,7 @@ class World:
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
-    <loader readonly='yes' type='rom'>{firmware or self.root / "OVMF.fd"}</loader></os>
+    <loader readonly='yes' type='rom'>{firmware or self.sim.firmware}</loader></os>
   <features><acpi/></features>
   <devices><emulator>{self.root / "qemu-sim"}</emulator><memballoon model='none'/></devices>
   {security}
@@ -122,7 +128,7 @@ class World:
 
     def secrets(self, name: str) -> list[bytes]:
         """Secret-table values the software processor received for the domain's latest launch."""
-        result = sevhook("sim", "secrets", "--state-dir", str(self.root / "sim"), "--domain", name, "--json",
+        result = sevhook("sim", "secrets", "--state-dir", str(self.sim.sim_dir), "--domain", name, "--json",
                          "--show-values")
         if result.returncode != 0:
             return []
@@ -133,50 +139,23 @@ class World:
 @pytest.fixture(scope="module")
 def world(libvirt_uri: str) -> Iterator[World]:
     root = Path(tempfile.mkdtemp(prefix="sevhook-flow-", dir="/tmp"))
-    must("sim", "platform", "init", "--state-dir", str(root / "sim"), "--rsa-bits", "2048")
-    (root / "export").mkdir()
-    must("sim", "platform", "export", "--state-dir", str(root / "sim"), "--out-dir", str(root / "export"))
-    emulator = root / "qemu-sim"  # libvirt starts QEMU with a clean environment: the state dir goes in argv
-    emulator.write_text(f"#!/bin/sh\nexec {SIM_QEMU} --sim-state-dir {root / 'sim'} \"$@\"\n")
-    emulator.chmod(0o755)
-    must("platform", "export", "--emulator", str(emulator), "--out-dir", str(root / "platform"))
-    kds = SimulatedKds([root / "sim"]).start()
-    firmware = root / "OVMF.fd"
-    firmware.write_bytes(demo_firmware())
-    data = ["--data-dir", str(root / "broker")]
-    must("broker", "init", *data)
-    must("broker", "add-root", "sim", "--ca", str(root / "export" / "ask_ark.cert"), "--test", *data)
-    must("broker", "add-host", "host1", "--token-file", str(root / "host.token"), *data)
-    (root / "passphrase").write_text(PASSPHRASE + "\n")
+    source = root / "demo.fd"
+    source.write_bytes(demo_firmware())
+    sim = SimWorld.create(root / "world", source)
     for guest in ("good", "json", "paused", "running", "nosev", "broken", "nohost"):
-        must("broker", "add-guest", guest, "--firmware", str(firmware), "--policy", "0x1",
-             "--disk-passphrase", str(root / "passphrase"), *data)
-    other = root / "other.fd"
+        sim.register(guest, sim.firmware)
+    other = sim.root / "other.fd"
     other.write_bytes(tampered(demo_firmware()))
-    must("broker", "add-guest", "mismatch", "--firmware", str(other), "--policy", "0x1",
-         "--disk-passphrase", str(root / "passphrase"), *data)
-    port = free_port()
-    with open(root / "broker.log", "wb") as log:
-        broker = subprocess.Popen([*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit",
-                                   "0", "--kds-url", kds.url, *data], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert broker.poll() is None and time.monotonic() < deadline, (root / "broker.log").read_text()
-            time.sleep(0.05)
-    connection = libvirt.open(libvirt_uri)
-    created = World(root, libvirt_uri, f"http://127.0.0.1:{port}", broker, connection, kds)
+    sim.register("mismatch", other)
+    sim.emulator_script()  # root/qemu-sim, every domain's <emulator>
+    created = World(sim, libvirt_uri, libvirt.open(libvirt_uri))
     try:
         yield created
     finally:
-        _tear_down(created)
+        _tear_down(created, root)
 
 
-def _tear_down(world: World) -> None:
+def _tear_down(world: World, root: Path) -> None:
     """Guests destroyed and undefined (on a fresh connection: libvirtd may have been restarted by
     another test module), the broker stopped, the files removed."""
     try:
@@ -189,15 +168,8 @@ def _tear_down(world: World) -> None:
                 continue
         world.connection.close()  # type: ignore[attr-defined]
     finally:
-        if world.kds is not None:
-            world.kds.stop()
-        world.broker.send_signal(signal.SIGTERM)
-        try:
-            world.broker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            world.broker.kill()
-            world.broker.wait(timeout=10)
-        shutil.rmtree(world.root, ignore_errors=True)
+        world.sim.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _reconnect(uri: str, seconds: float = 30) -> object:
@@ -355,7 +327,9 @@ def test_with_launch_writes_the_session_policy_and_launch_id(shared: Path) -> No
     from sevhook.sev.certs import SevCertificate
     from sevhook.sev.session import create_session
 
-    xml = World(Path("/srv"), "", "http://127.0.0.1:1", None, None).domain_xml("d", "g")  # type: ignore[arg-type]
+    offline = SimWorld(Path("/srv"), Path("/srv/sim"), Path("/srv/OVMF.fd"), Path("/srv/host.token"),
+                       "http://127.0.0.1:1", None, None)  # type: ignore[arg-type]  (no broker, no KDS: XML only)
+    xml = World(offline, "", None).domain_xml("d", "g")
     made = create_session(SevCertificate.parse((shared / "vectors/chains/naples/pdh.cert").read_bytes()), 0x5)
     godh, session = made.godh_b64, made.session_b64
     updated = with_launch(xml, LaunchGrant("L-1", godh, session, 0x5), "domain d")
