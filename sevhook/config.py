@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from sevhook.errors import UsageError
 
 DEFAULT_PATH = Path("/etc/sevhook/sevhook.toml")
+MODES = ("emulator", "hook", "start")  # who attests a domain's starts: sevhook-qemu, the hook, `sevhook start`
 DB_PASSWORD_ENV = "SEVHOOK_DB_PASSWORD"  # the database password, when no password-file names it
 CONFIG_ENV = "SEVHOOK_CONFIG"
 
@@ -53,6 +54,12 @@ def _http_url(text: str, where: str) -> str:
 def _kds_url(text: str, where: str) -> str:
     """AMD's KDS, a mirror, or `none` for an air-gapped broker (signed CEKs then come from add-cek)."""
     return text if text == "none" else _http_url(text, where)
+
+
+def _mode(text: str, where: str) -> str:
+    if text not in MODES:
+        raise UsageError(f"{where}: {text!r}: choose one of {', '.join(MODES)} (docs/emulator.md)")
+    return text
 
 
 def _database_url(text: str, where: str) -> str:
@@ -104,6 +111,8 @@ SETTINGS = {setting.name: setting for setting in (
     Setting("host", "broker-url", _http_url, lambda: None, "the guest owner's key broker"),
     Setting("host", "token-file", _absolute_path, lambda: None, "this host's bearer token file"),
     Setting("host", "ca-file", _absolute_path, lambda: None, "the CA that signed the broker's TLS certificate"),
+    Setting("host", "mode", _mode, lambda: "emulator",
+            "the mode prepare-domain gives a domain: emulator, hook or start"),
     Setting("host", "platform-export", _absolute_path, lambda: None,
             "directory (or file) with this host's exported PDH and certificate chain"),
 )}

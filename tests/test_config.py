@@ -161,3 +161,24 @@ def test_the_platform_export_comes_from_the_file(tmp_path: Path, monkeypatch: py
     apply_config(prepared)
     assert prepared.platform_export is None  # -c chose libvirt: the file's export does not override it
     assert prepared._config_sources["broker"] == "flag --broker"
+
+
+def test_the_host_mode_is_prepare_domains_default_and_the_flag_wins(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from sevhook.cli import build_parser
+    from sevhook.commands.arguments import apply_config
+
+    words = ["prepare-domain", "d.xml", "--guest", "g", "--broker", "http://127.0.0.1:1"]
+    monkeypatch.setenv("SEVHOOK_CONFIG", str(write(tmp_path / "none.toml", "")))
+    default = build_parser("prepare-domain").parse_args(words)
+    apply_config(default)
+    assert default.mode == "emulator"
+    monkeypatch.setenv("SEVHOOK_CONFIG", str(write(tmp_path / "s.toml", '[host]\nmode = "hook"\n')))
+    configured = build_parser("prepare-domain").parse_args(words)
+    apply_config(configured)
+    assert configured.mode == "hook" and configured._config_sources["mode"] == f"{tmp_path / 's.toml'}: host.mode"
+    flagged = build_parser("prepare-domain").parse_args([*words, "--mode", "start"])
+    apply_config(flagged)
+    assert flagged.mode == "start"
+    bad = sevhook("config", "show", config_file=write(tmp_path / "bad.toml", '[host]\nmode = "wrapper"\n'))
+    assert bad.returncode == 2 and "host.mode" in bad.stderr and "emulator, hook, start" in bad.stderr

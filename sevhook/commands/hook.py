@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sevhook.commands.arguments import config_defaults
+from sevhook.config import MODES
 from sevhook.hook.install import (
     DEFAULT_HOOKS_DIR,
     DEFAULT_PREFIX,
@@ -113,14 +114,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--token-file", type=Path, metavar="F", help="the host's bearer token for the broker")
     prepare.add_argument("--ca-file", type=Path, metavar="F", help="CA certificate (PEM) of an https broker")
     prepare.add_argument("-o", "--output", type=Path, metavar="OUT", help="write here (default: standard output)")
-    prepare.add_argument("--mode", choices=("emulator", "hook", "start"), default="emulator",
-                         help="who attests each start: the emulator wrapper sevhook-qemu (default), the libvirt "
-                         "hook (virsh start --paused), or `sevhook start` (docs/emulator.md)")
+    prepare.add_argument("--mode", choices=MODES,
+                         help="who attests each start: the emulator wrapper sevhook-qemu (default: mode in "
+                         "[host] of sevhook.toml, else emulator), the libvirt hook (virsh start --paused), or "
+                         "`sevhook start` (docs/emulator.md)")
     prepare.add_argument("--qemu", metavar="PATH", help="emulator mode: the QEMU sevhook-qemu runs (default "
                          "/usr/bin/qemu-system-x86_64; sevhook-sim-qemu on hosts without SEV)")
     prepare.set_defaults(func=_prepare)
     config_defaults(prepare, required=("broker",), broker="host.broker-url", token_file="host.token-file",
-                    ca_file="host.ca-file", platform_export="host.platform-export")
+                    ca_file="host.ca-file", platform_export="host.platform-export", mode="host.mode")
 
 
 def _hooks_dir(args: argparse.Namespace) -> Path:

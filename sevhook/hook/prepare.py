@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from sevhook.config import MODES
 from sevhook.errors import UsageError
 from sevhook.files import UnwritableFileError, read_input_file, write_private_file
 from sevhook.hook.plan import private_monitor_arg
@@ -35,7 +36,7 @@ from sevhook.xml.models import QEMU_NS, SEVHOOK_NS, BrokerRef
 from sevhook.xml.parsing import MAX_DOCUMENT_BYTES, parse_document, read_source
 
 MAX_EXPORT_BYTES = 64 * 1024  # a full chain is six certificates of 2084 bytes, base64 a third more
-MODES = ("emulator", "hook", "start")
+
 DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 WRAPPER_NAME = "sevhook-qemu"
 _QEMU = f"{{{QEMU_NS}}}"
