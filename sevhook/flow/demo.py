@@ -20,10 +20,9 @@ import hashlib
 import secrets
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sevhook.console import Console
 from sevhook.encoding import decode_base64
@@ -80,8 +79,17 @@ class LaunchResult:
     refused_reason: str = ""
 
 
-def _fingerprint(data: bytes) -> str:
+def fingerprint(data: bytes) -> str:
+    """What the demo shows of a secret: a SHA-256 prefix, never the value."""
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def secret_values(record: dict[str, Any]) -> list[bytes]:
+    """The secret-table values the software processor received in the guest's (only) LAUNCH_SECRET."""
+    received = record.get("secrets") or []
+    if len(received) != 1 or not received[0].get("table"):
+        raise SevhookError(f"the software processor received {len(received)} secret(s), expected one secret table")
+    return [decode_base64(entry["value_b64"]) for entry in received[0]["table"]]
 
 
 def work_directory() -> Path:
@@ -126,7 +134,7 @@ class Demo:
                 url = self.world.start_broker(GUEST_ID, firmware, POLICY, self.secret_value)
                 note.detail = (f"key broker on {url} (SQLite); guest {GUEST_ID} registered with the firmware's "
                                f"launch digest, policy {POLICY:#06x} and a {len(self.secret_value)}-byte disk "
-                               f"passphrase (sha256 {_fingerprint(self.secret_value)})")
+                               f"passphrase (sha256 {fingerprint(self.secret_value)})")
             self._verify_chain()
             self._section("2. attested launch of the guest")
             good = self._launch("good", firmware, url, show_cmdline=True)
@@ -310,16 +318,12 @@ class Demo:
 
     def _check_secret(self, record: dict[str, object]) -> str:
         """`sevhook sim secrets`, compared with what the owner registered."""
-        received = record.get("secrets") or []
-        if len(received) != 1 or not received[0].get("table"):
-            raise SevhookError(f"the software processor received {len(received)} secret(s), expected one secret table")
-        packet = received[0]
-        entries = {uuid.UUID(entry["guid"]): decode_base64(entry["value_b64"]) for entry in packet["table"]}
-        values = list(entries.values())
+        values = secret_values(record)
+        packet = record["secrets"][0]  # type: ignore[index]
         if values != [self.secret_value]:
             raise SevhookError("the secret the software processor received differs from the one registered")
         return (f"the software processor decrypted {packet['length']} bytes into the secret area "
-                f"{packet['gpa']:#x}: the {len(values[0])}-byte passphrase (sha256 {_fingerprint(values[0])}) "
+                f"{packet['gpa']:#x}: the {len(values[0])}-byte passphrase (sha256 {fingerprint(values[0])}) "
                 "is intact; guest state " + str(record.get("state")))
 
 

@@ -25,6 +25,7 @@ SEVHOOK = ROOT / ".venv" / "bin" / "sevhook"
 RUN = ROOT / "scripts" / "run"
 VENV_STAMP = ROOT / ".venv" / ".sevhook-installed"
 LIMIT_SECONDS = 5.0
+LIBVIRT_LIMIT_SECONDS = 30.0  # the issue's bound for the libvirt demo, once installed
 INSTALL_SECONDS = 600
 
 
@@ -44,19 +45,48 @@ def _venv_is_current() -> bool:
     return VENV_STAMP.is_file() and VENV_STAMP.read_text().strip() == digest
 
 
+@pytest.mark.libvirt
 @pytest.mark.timeout(INSTALL_SECONDS + 120)
 def test_demo_as_the_readme_runs_it() -> None:
+    """`scripts/run demo`: plain virsh starts of an emulator-mode guest through the test libvirtd (already
+    running here, so scripts/run leaves it running), in under LIBVIRT_LIMIT_SECONDS."""
     assert RUN.is_file() and os.access(RUN, os.X_OK), f"{RUN} is the README's main command and must be executable"
     if not _venv_is_current():  # a first run installs the virtualenv: neither its time nor its load is the demo's
         warm_up = subprocess.run([str(RUN), "demo"], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=INSTALL_SECONDS)
+                                 timeout=INSTALL_SECONDS, check=False)
         assert _venv_is_current(), warm_up.stdout + warm_up.stderr
-    assert SEVHOOK.is_file()
     begin = time.monotonic()
-    result = subprocess.run([str(RUN), "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(RUN), "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     wall = time.monotonic() - begin
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == ""  # an installed system and virtualenv: scripts/run says nothing
+    out = result.stdout
+    assert "\x1b[" not in out
+    steps = _step_lines(out)
+    for name in ("platform", "broker", "platform export", "emulator", "libvirt", "define web", "virsh restart",
+                 "define tampered"):
+        assert steps.get(name) == ["ok"], f"step {name} did not succeed:\n{out}"
+    assert steps["virsh start"] == ["ok", "ok"] and steps["virsh destroy"] == ["ok", "ok"]
+    handles = [int(h) for h in re.findall(r"approved launch handle (\d+)", out)]
+    assert len(handles) == 2 and handles[0] != handles[1], out  # every start its own launch, no re-define
+    assert re.search(r"ok\s+virsh start .*refused, shut off, no secret; virsh says: sevhook-qemu: "
+                     r"sevhook-demo-tampered-\w+: attest: the key broker refused.*measurement-mismatch", out)
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("PASS: both plain starts were attested"), out
+    assert wall < LIBVIRT_LIMIT_SECONDS, f"the demo took {wall:.2f} s"
+    assert not [line for line in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                                                capture_output=True, text=True, timeout=30, check=True
+                                                ).stdout.split() if line.startswith("sevhook-demo-")]
+
+
+def test_demo_without_libvirt() -> None:
+    assert SEVHOOK.is_file()
+    begin = time.monotonic()
+    result = subprocess.run([str(SEVHOOK), "demo", "--no-libvirt"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    wall = time.monotonic() - begin
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
     out = result.stdout
     assert "\x1b[" not in out  # not a terminal: plain lines, no colour codes
     steps = _step_lines(out)
