@@ -1,0 +1,400 @@
+"""The shell commands in README.md and docs/*.md run as written.
+
+Every ```sh (or bash, shell, console) block in the docs carries a mark on the line before it:
+
+    <!-- docs-test: run -->           the block runs, line by line in one bash session (`set -e`,
+                                      `pipefail`), in the document's scratch world; a failing line
+                                      fails the test with the document's file and line
+    <!-- docs-test: skip REASON -->   the block cannot run here (SEV hardware, installing into /etc or
+                                      /usr/local, restarting the shared libvirtd); REASON shows in
+                                      pytest's summary of skips
+
+An unmarked block fails `test_every_shell_block_is_marked`, so a new example cannot slip by.
+
+Each document's runnable blocks run in order in a world of their own (`DocsWorld`): a software SEV
+platform (`sevhook sim platform init`), its simulated AMD KDS, the stand-in QEMU, the test libvirtd
+(qemu:///system, shared: every domain the docs name gets a unique prefix and is destroyed and
+undefined afterwards), a key broker for the host's side served on 127.0.0.1 with TLS, holding this
+host's token and the guests the host-side examples start, and a scratch configuration file
+(`SEVHOOK_CONFIG`) whose [broker] section is the guest owner's own data directory, which the docs'
+`sevhook broker init` creates. Background jobs a block starts (`sevhook broker serve ... &`) are
+stopped when its bash session ends, and before each block the world's domains are shut off (each
+block is an example of its own). The docs are rewritten by the one table SUBSTITUTIONS, no more."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sevhook.flow.firmware import demo_firmware, tampered
+from sevhook.sim.kds import SimulatedKds
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DATA = ROOT / "tests" / "data"
+VENV_BIN = Path(sys.executable).parent
+SEVHOOK = [sys.executable, "-m", "sevhook"]
+SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
+MARK = re.compile(r"^<!-- docs-test: (?P<kind>run|skip)(?: (?P<reason>.+?))? -->$")
+FENCE = re.compile(r"^(?P<indent> *)```(?P<language>[\w-]*)\s*$")
+BLOCK_TIMEOUT = 240.0
+RUN = secrets.token_hex(3)
+EXAMPLE_DOMAIN_MARK = "<!-- sevhook-example: software-platform-domain -->"
+# the libvirt domains (and guest ids) the docs name; each becomes the world's prefix + name
+DOMAIN_NAMES = ("web1", "guest1")
+DEFINED_DOMAINS = ("web1",)  # the host's existing domain (`virsh dumpxml web1`); guest1.xml is a new one
+# what a document's examples take as done before them (its story starts in the middle), run in its
+# world before its first block, rewritten like the blocks
+GIVEN = {
+    "docs/troubleshooting.md": "sevhook broker init\nsevhook broker add-guest web1 --firmware OVMF.amdsev.fd "
+                               "--kernel vmlinuz --initrd initrd.img --cmdline 'console=ttyS0' --policy 0x3\n",
+}
+
+
+def substitutions(world: DocsWorld) -> list[tuple[re.Pattern[str], str]]:
+    """The one table of rewrites from the docs' placeholders to the scratch world, applied in order
+    to every runnable block and to the example files made from the docs. Each exists because the
+    real thing cannot be used by a test on a shared machine:
+    - the broker's public name and port: no name resolves here; the host's broker listens on loopback;
+    - a broker listening on every interface: the test listens on loopback only, on a free port;
+    - /etc/sevhook and /var/lib/sevhook: host-global; the world keeps them under its scratch root
+      (the code itself is pointed there by SEVHOOK_CONFIG, SEVHOOK_SIM_DIR and SEVHOOK_STATUS_DIR);
+    - /usr/local/bin/sevhook-sim-qemu: the installed stand-in; libvirtd runs emulators with an empty
+      environment, so the world's stand-in is a script naming the scratch platform's state directory;
+    - the domain names: libvirtd is shared, so each name gets a unique prefix."""
+    table = [
+        (re.escape("https://kbs.example.org:8700"), world.host_broker_url),
+        (re.escape("0.0.0.0:8700"), f"127.0.0.1:{world.owner_port}"),
+        (r"(?<![\w./-])/etc/sevhook/", f"{world.root}/etc/sevhook/"),
+        (r"(?<![\w./-])/var/lib/sevhook/", f"{world.root}/var/lib/sevhook/"),
+        (re.escape("/usr/local/bin/sevhook-sim-qemu"), str(world.standin)),
+    ]
+    table += [(rf"(?<![\w-]){name}(?![\w-])", world.prefix + name) for name in DOMAIN_NAMES]
+    table += [(rf"(?<![\w-]){name}(?=[._])", world.prefix + name) for name in DOMAIN_NAMES]  # web1.xml, web1_VARS
+    return [(re.compile(pattern), replacement) for pattern, replacement in table]
+
+
+def rewrite(text: str, table: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, replacement in table:
+        text = pattern.sub(lambda _match, value=replacement: value, text)
+    return text
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block: its document, the line of its opening fence, language, mark and text."""
+
+    path: Path
+    line: int
+    language: str
+    kind: str | None
+    reason: str | None
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def read_blocks(path: Path) -> list[Block]:
+    """Every fenced block of a Markdown file (any indentation), with the mark on the line before it."""
+    lines = path.read_text().splitlines()
+    blocks: list[Block] = []
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        indent = opening["indent"]
+        end = index + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        previous = lines[index - 1].strip() if index else ""
+        mark = MARK.match(previous)
+        body = "\n".join(line[len(indent):] if line.startswith(indent) else line for line in lines[index + 1:end])
+        blocks.append(Block(path, index + 1, opening["language"], mark["kind"] if mark else None,
+                            mark["reason"] if mark else None, body + "\n"))
+        index = end + 1
+    return blocks
+
+
+ALL_BLOCKS = [block for path in DOCS for block in read_blocks(path)]
+SHELL_BLOCKS = [block for block in ALL_BLOCKS if block.language in SHELL_LANGUAGES]
+
+
+def test_every_shell_block_is_marked() -> None:
+    problems = []
+    for block in ALL_BLOCKS:
+        if block.language in SHELL_LANGUAGES and block.kind is None:
+            problems.append(f"{block.where}: a ```{block.language} block without a mark: put "
+                            "`<!-- docs-test: run -->` or `<!-- docs-test: skip REASON -->` on the line before it")
+        elif block.kind is not None and block.language not in SHELL_LANGUAGES:
+            problems.append(f"{block.where}: a docs-test mark before a ```{block.language or '(plain)'} block: "
+                            f"only {', '.join(sorted(SHELL_LANGUAGES))} blocks run")
+        elif block.kind == "skip" and not block.reason:
+            problems.append(f"{block.where}: `docs-test: skip` needs a reason")
+        elif block.kind == "run" and block.language == "console":
+            problems.append(f"{block.where}: a console block is a transcript with output: it cannot run")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_marks_parse(tmp_path: Path) -> None:
+    """The reader finds indented fences and marks, and leaves unmarked blocks unmarked."""
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- docs-test: skip needs SEV -->\n```sh\nsevhook doctor\n```\n\n"
+                   "- item\n\n  ```sh\n  echo hi\n  ```\n<!-- docs-test: run -->\n```bash\ntrue\n```\n")
+    found = read_blocks(doc)
+    assert [(b.line, b.language, b.kind, b.reason, b.text) for b in found] == [
+        (3, "sh", "skip", "needs SEV", "sevhook doctor\n"),
+        (9, "sh", None, None, "echo hi\n"),
+        (13, "bash", "run", None, "true\n"),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def must(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    result = subprocess.run([*SEVHOOK, *args], capture_output=True, text=True, timeout=180, env=env, cwd=cwd)
+    assert result.returncode == 0, f"world set-up: sevhook {' '.join(args)}: {result.stderr.strip()}"
+    return result.stdout
+
+
+def example_domain() -> str:
+    """docs/quickstart.md's complete domain for the software platform, as written."""
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    match = re.search(rf"{re.escape(EXAMPLE_DOMAIN_MARK)}\n```xml\n(.*?)```", text, re.DOTALL)
+    assert match, f"docs/quickstart.md: no ```xml block after {EXAMPLE_DOMAIN_MARK}"
+    return match.group(1)
+
+
+@dataclass
+class DocsWorld:
+    """One document's scratch world (see the module's docstring)."""
+
+    root: Path
+    libvirt_uri: str
+    prefix: str  # of the libvirt domains and guest ids: docs-RUN-DOCUMENT-
+    host_broker_url: str = ""
+    owner_port: int = 0
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    kds: SimulatedKds | None = None
+    domains: list[str] = field(default_factory=list)
+    disks: list[Path] = field(default_factory=list)
+
+    @property
+    def work(self) -> Path:
+        """The blocks' working directory, holding the files the docs name."""
+        return self.root / "work"
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc" / "sevhook"
+
+    @property
+    def var(self) -> Path:
+        return self.root / "var" / "lib" / "sevhook"
+
+    @property
+    def standin(self) -> Path:
+        return self.root / "bin" / "sevhook-sim-qemu"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PATH": f"{self.root / 'bin'}:{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                "SEVHOOK_CONFIG": str(self.etc / "sevhook.toml"), "SEVHOOK_SIM_DIR": str(self.var / "sim"),
+                "SEVHOOK_STATUS_DIR": str(self.var / "status"), "LIBVIRT_DEFAULT_URI": self.libvirt_uri}
+
+    def create(self) -> None:
+        for directory in (self.work, self.etc, self.var, self.root / "bin"):
+            directory.mkdir(parents=True, mode=0o700)
+        host_port, self.owner_port = free_port(), free_port()
+        self.host_broker_url = f"https://127.0.0.1:{host_port}"
+        sim = self.var / "sim"
+        kds_port = free_port()
+        self.kds = SimulatedKds([sim], port=kds_port)
+        (self.etc / "sevhook.toml").write_text(f"""[broker]
+data-dir = "{self.var / 'broker'}"
+listen = "127.0.0.1:{self.owner_port}"
+kds-url = "http://127.0.0.1:{kds_port}"
+
+[host]
+broker-url = "{self.host_broker_url}"
+token-file = "{self.etc / 'host1.token'}"
+ca-file = "{self.etc / 'kbs-ca.pem'}"
+platform-export = "{self.var / 'platform'}"
+""")
+        env = self.env
+        must("sim", "platform", "init", "--state-dir", str(sim), "--rsa-bits", "2048", env=env)
+        self.kds.start()
+        self.standin.write_text(f"#!/bin/sh\nexec {VENV_BIN / 'sevhook-sim-qemu'} --sim-state-dir {sim} \"$@\"\n")
+        self.standin.chmod(0o755)
+        must("platform", "export", "--emulator", str(self.standin), "--out-dir", str(self.var / "platform"), env=env)
+        self._write_files()
+        self._start_host_broker(env, host_port)
+        self._define_example_domains()
+
+    def _write_files(self) -> None:
+        """The files the docs' examples name, in the working directory."""
+        firmware = demo_firmware()
+        (self.work / "OVMF.amdsev.fd").write_bytes(firmware)
+        (self.work / "OVMF.amdsev.new.fd").write_bytes(tampered(firmware))
+        (self.work / "vmlinuz").write_bytes(b"docs kernel " * 4096)
+        (self.work / "initrd.img").write_bytes(b"docs initrd " * 8192)
+        for name, text in (("luks.pass", "docs passphrase\n"), ("luks.new.pass", "new docs passphrase\n"),
+                           ("api-token.txt", "docs api token"), ("extra.bin", "extra secret")):
+            (self.work / name).write_text(text)
+            (self.work / name).chmod(0o600)
+        roots = DATA / "vectors" / "amd-roots"
+        (self.work / "ask_ark_milan.cert").write_bytes((roots / "milan_ask.cert").read_bytes()
+                                                      + (roots / "milan_ark.cert").read_bytes())
+
+    def _start_host_broker(self, env: dict[str, str], port: int) -> None:
+        """The guest owner's broker as the host sees it: TLS on loopback, this host's token, the simulated
+        platform's root, and the guests the host-side examples start (their firmware: the example's loader)."""
+        data = ["--data-dir", str(self.root / "host-broker")]
+        must("broker", "init", "--tls", *data, env=env)
+        shutil.copy(self.root / "host-broker" / "tls" / "ca.crt", self.etc / "kbs-ca.pem")
+        export = self.root / "sim-export"
+        export.mkdir()
+        must("sim", "platform", "export", "--out-dir", str(export), env=env)
+        must("broker", "add-root", "docs-sim", "--ca", str(export / "ask_ark.cert"), "--test", *data, env=env)
+        shutil.copy(export / "ask_ark.cert", self.work / "sim-ask-ark.cert")  # docs/broker.md's test root
+        must("broker", "add-host", "docs-host", "--token-file", str(self.etc / "host1.token"), *data, env=env)
+        loader = re.search(r"<loader[^>]*>([^<]+)</loader>", rewrite(example_domain(), substitutions(self)))
+        assert loader, "the example domain has no <loader>"
+        must("sim", "firmware", "--out", loader.group(1), env=env)  # the example's loader (docs/quickstart.md)
+        for name in DOMAIN_NAMES:
+            must("broker", "add-guest", self.prefix + name, "--firmware", loader.group(1), "--policy", "0x3",
+                 *data, env=env)
+        log = open(self.root / "host-broker.log", "wb")  # noqa: SIM115 - the broker's stderr while it runs
+        self.processes.append(subprocess.Popen(
+            [*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit", "0", "--kds-url",
+             self.kds.url if self.kds else "none", *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log, env=env))
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert self.processes[-1].poll() is None and time.monotonic() < deadline, \
+                    (self.root / "host-broker.log").read_text()
+                time.sleep(0.05)
+
+    def _define_example_domains(self) -> None:
+        """The quickstart's complete software-platform domain under each name the docs use, as a file
+        NAME.xml with its disk; the host's existing ones defined."""
+        table = substitutions(self)
+        for name in DOMAIN_NAMES:
+            text = rewrite(example_domain().replace("<name>web1</name>", f"<name>{name}</name>")
+                           .replace("web1.img", f"{name}.img").replace("web1_VARS", f"{name}_VARS"), table)
+            (self.work / f"{self.prefix}{name}.xml").write_text(text)
+            disk = re.search(r"<source file='([^']+)'", text)
+            if disk:
+                self.disks.append(Path(disk.group(1)))
+                Path(disk.group(1)).parent.mkdir(parents=True, exist_ok=True)
+                with open(disk.group(1), "wb") as image:  # a sparse raw disk
+                    image.truncate(64 << 20)
+            self.domains.append(self.prefix + name)
+            if name in DEFINED_DOMAINS:
+                self.virsh("define", str(self.work / f"{self.prefix}{name}.xml"))
+
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["virsh", "-c", self.libvirt_uri, *args], capture_output=True, text=True,
+                                timeout=120)
+        assert not check or result.returncode == 0, f"virsh {' '.join(args)}: {result.stderr.strip()}"
+        return result
+
+    def shut_off_domains(self) -> None:
+        for name in self.domains:
+            if self.virsh("domstate", name, check=False).stdout.strip() not in ("shut off", ""):
+                self.virsh("destroy", name, check=False)
+
+    def close(self) -> None:
+        """Domains destroyed and undefined (with their NVRAM), disks removed, servers stopped, files removed."""
+        try:
+            self.shut_off_domains()
+            for name in self.domains:
+                self.virsh("undefine", name, "--nvram", check=False)
+            for disk in self.disks:
+                disk.unlink(missing_ok=True)
+        finally:
+            if self.kds is not None:
+                self.kds.stop()
+            for process in self.processes:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+SCRIPT_HEADER = """set -eo pipefail
+trap 'echo "docs-test: line $((LINENO - {offset})) of the block failed with status $?: $BASH_COMMAND" >&2' ERR
+trap 'jobs -p | xargs -r kill 2>/dev/null; wait' EXIT
+"""
+
+
+def run_block(block: Block, world: DocsWorld) -> subprocess.CompletedProcess[str]:
+    """The block, rewritten, as one bash session in the world's working directory."""
+    header = SCRIPT_HEADER.format(offset=SCRIPT_HEADER.count("\n"))
+    script = world.root / f"block-{block.line}.sh"
+    script.write_text(header + rewrite(block.text, substitutions(world)))
+    return subprocess.run(["bash", str(script)], cwd=world.work, env=world.env, capture_output=True, text=True,
+                          timeout=BLOCK_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def worlds(libvirt_uri: str) -> Iterator[dict[Path, DocsWorld]]:
+    """One world per document, made when its first runnable block runs; all closed at the end."""
+    made: dict[Path, DocsWorld] = {}
+    try:
+        yield made
+    finally:
+        for world in made.values():
+            world.close()
+
+
+def world_for(block: Block, worlds: dict[Path, DocsWorld], libvirt_uri: str) -> DocsWorld:
+    if block.path not in worlds:
+        root = Path(tempfile.mkdtemp(prefix=f"sevhook-docs-{block.path.stem}-", dir="/tmp"))
+        world = worlds[block.path] = DocsWorld(root, libvirt_uri, f"docs-{RUN}-{block.path.stem}-")
+        world.create()
+        name = str(block.path.relative_to(ROOT))
+        if name in GIVEN:
+            given = run_block(Block(block.path, 0, "sh", "run", None, GIVEN[name]), world)
+            assert given.returncode == 0, f"{name}: what its examples take as done failed: {given.stderr}"
+    return worlds[block.path]
+
+
+@pytest.mark.libvirt
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("block", [b for b in SHELL_BLOCKS if b.kind in ("run", "skip")], ids=lambda b: b.where)
+def test_the_docs_commands_run(block: Block, worlds: dict[Path, DocsWorld], libvirt_uri: str) -> None:
+    if block.kind == "skip":
+        pytest.skip(f"{block.where}: {block.reason}")
+    world = world_for(block, worlds, libvirt_uri)
+    world.shut_off_domains()
+    result = run_block(block, world)
+    assert result.returncode == 0, (f"{block.where}: the block fails as written (status {result.returncode})\n"
+                                    f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
