@@ -51,8 +51,9 @@ MARK = re.compile(r"^<!-- docs-test: (?P<kind>run|skip)(?: (?P<reason>.+?))? -->
 FENCE = re.compile(r"^(?P<indent> *)```(?P<language>[\w-]*)\s*$")
 BLOCK_TIMEOUT = 240.0
 RUN = secrets.token_hex(3)
+PREFIX = f"docs-{RUN}-"  # of the libvirt domains and guest ids the docs name: libvirtd is shared
 EXAMPLE_DOMAIN_MARK = "<!-- sevhook-example: software-platform-domain -->"
-# the libvirt domains (and guest ids) the docs name; each becomes the world's prefix + name
+# the libvirt domains (and guest ids) the docs name; each becomes PREFIX + name
 DOMAIN_NAMES = ("web1", "guest1")
 DEFINED_DOMAINS = ("web1",)  # the host's existing domain (`virsh dumpxml web1`); guest1.xml is a new one
 # what a document's examples take as done before them (its story starts in the middle), run in its
@@ -81,8 +82,8 @@ def substitutions(world: DocsWorld) -> list[tuple[re.Pattern[str], str]]:
         (r"(?<![\w./-])/var/lib/sevhook/", f"{world.root}/var/lib/sevhook/"),
         (re.escape("/usr/local/bin/sevhook-sim-qemu"), str(world.standin)),
     ]
-    table += [(rf"(?<![\w-]){name}(?![\w-])", world.prefix + name) for name in DOMAIN_NAMES]
-    table += [(rf"(?<![\w-]){name}(?=[._])", world.prefix + name) for name in DOMAIN_NAMES]  # web1.xml, web1_VARS
+    table += [(rf"(?<![\w-]){name}(?![\w-])", PREFIX + name) for name in DOMAIN_NAMES]
+    table += [(rf"(?<![\w-]){name}(?=[._])", PREFIX + name) for name in DOMAIN_NAMES]  # web1.xml, web1_VARS
     return [(re.compile(pattern), replacement) for pattern, replacement in table]
 
 
@@ -185,18 +186,102 @@ def example_domain() -> str:
 
 
 @dataclass
+class HostSide:
+    """What every document's world shares, made once: the software platform's state (copied into each
+    world), what the host exported from the stand-in (its CEK unsigned, as real firmware's), the
+    simulated AMD KDS, and the guest owner's broker as the host sees it: TLS on loopback, this host's
+    token, the simulated platform's root, and the guests the host-side examples start, registered with
+    the example domain's firmware."""
+
+    root: Path
+    broker_url: str = ""
+    kds: SimulatedKds | None = None
+    broker: subprocess.Popen[bytes] | None = None
+
+    @property
+    def sim(self) -> Path:
+        return self.root / "sim"
+
+    @property
+    def platform(self) -> Path:
+        return self.root / "platform"
+
+    @property
+    def token(self) -> Path:
+        return self.root / "host1.token"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "broker" / "tls" / "ca.crt"
+
+    @property
+    def sim_ca(self) -> Path:
+        return self.root / "sim-export" / "ask_ark.cert"
+
+    def create(self) -> None:
+        env = {**os.environ, "SEVHOOK_CONFIG": str(self.root / "none.toml")}
+        (self.root / "none.toml").write_text("")
+        must("sim", "platform", "init", "--state-dir", str(self.sim), "--rsa-bits", "2048", env=env)
+        standin = self.root / "sevhook-sim-qemu"
+        standin.write_text(f"#!/bin/sh\nexec {VENV_BIN / 'sevhook-sim-qemu'} --sim-state-dir {self.sim} \"$@\"\n")
+        standin.chmod(0o755)
+        must("platform", "export", "--emulator", str(standin), "--out-dir", str(self.platform), env=env)
+        must("sim", "platform", "export", "--state-dir", str(self.sim), "--out-dir", str(self.sim_ca.parent), env=env)
+        self.kds = SimulatedKds([self.sim]).start()
+        data = ["--data-dir", str(self.root / "broker")]
+        must("broker", "init", "--tls", *data, env=env)
+        must("broker", "add-root", "docs-sim", "--ca", str(self.sim_ca), "--test", *data, env=env)
+        must("broker", "add-host", "docs-host", "--token-file", str(self.token), *data, env=env)
+        firmware = self.root / "OVMF.sim.fd"
+        must("sim", "firmware", "--out", str(firmware), env=env)  # the example domain's <loader>
+        for name in DOMAIN_NAMES:
+            must("broker", "add-guest", PREFIX + name, "--firmware", str(firmware), "--policy", "0x3", *data, env=env)
+        port = free_port()
+        with open(self.root / "broker.log", "wb") as log:
+            self.broker = subprocess.Popen(
+                [*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit", "0", "--kds-url",
+                 self.kds.url, *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert self.broker.poll() is None and time.monotonic() < deadline, \
+                    (self.root / "broker.log").read_text()
+                time.sleep(0.05)
+        self.broker_url = f"https://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        try:
+            if self.kds is not None:
+                self.kds.stop()
+            if self.broker is not None:
+                self.broker.terminate()
+                try:
+                    self.broker.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.broker.kill()
+                    self.broker.wait(timeout=10)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
 class DocsWorld:
-    """One document's scratch world (see the module's docstring)."""
+    """One document's scratch world (see the module's docstring); one at a time, since the domain names
+    are the same in every document."""
 
     root: Path
     libvirt_uri: str
-    prefix: str  # of the libvirt domains and guest ids: docs-RUN-DOCUMENT-
-    host_broker_url: str = ""
+    host: HostSide
     owner_port: int = 0
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    kds: SimulatedKds | None = None
     domains: list[str] = field(default_factory=list)
     disks: list[Path] = field(default_factory=list)
+
+    @property
+    def host_broker_url(self) -> str:
+        return self.host.broker_url
 
     @property
     def work(self) -> Path:
@@ -224,15 +309,16 @@ class DocsWorld:
     def create(self) -> None:
         for directory in (self.work, self.etc, self.var, self.root / "bin"):
             directory.mkdir(parents=True, mode=0o700)
-        host_port, self.owner_port = free_port(), free_port()
-        self.host_broker_url = f"https://127.0.0.1:{host_port}"
+        self.owner_port = free_port()
         sim = self.var / "sim"
-        kds_port = free_port()
-        self.kds = SimulatedKds([sim], port=kds_port)
+        shutil.copytree(self.host.sim, sim)  # the same platform (keys, chip id) as the host's export
+        shutil.copytree(self.host.platform, self.var / "platform")
+        shutil.copy(self.host.token, self.etc / "host1.token")
+        shutil.copy(self.host.ca, self.etc / "kbs-ca.pem")
         (self.etc / "sevhook.toml").write_text(f"""[broker]
 data-dir = "{self.var / 'broker'}"
 listen = "127.0.0.1:{self.owner_port}"
-kds-url = "http://127.0.0.1:{kds_port}"
+kds-url = "{self.host.kds.url if self.host.kds else 'none'}"
 
 [host]
 broker-url = "{self.host_broker_url}"
@@ -240,14 +326,9 @@ token-file = "{self.etc / 'host1.token'}"
 ca-file = "{self.etc / 'kbs-ca.pem'}"
 platform-export = "{self.var / 'platform'}"
 """)
-        env = self.env
-        must("sim", "platform", "init", "--state-dir", str(sim), "--rsa-bits", "2048", env=env)
-        self.kds.start()
         self.standin.write_text(f"#!/bin/sh\nexec {VENV_BIN / 'sevhook-sim-qemu'} --sim-state-dir {sim} \"$@\"\n")
         self.standin.chmod(0o755)
-        must("platform", "export", "--emulator", str(self.standin), "--out-dir", str(self.var / "platform"), env=env)
         self._write_files()
-        self._start_host_broker(env, host_port)
         self._define_example_domains()
 
     def _write_files(self) -> None:
@@ -264,58 +345,28 @@ platform-export = "{self.var / 'platform'}"
         roots = DATA / "vectors" / "amd-roots"
         (self.work / "ask_ark_milan.cert").write_bytes((roots / "milan_ask.cert").read_bytes()
                                                       + (roots / "milan_ark.cert").read_bytes())
-
-    def _start_host_broker(self, env: dict[str, str], port: int) -> None:
-        """The guest owner's broker as the host sees it: TLS on loopback, this host's token, the simulated
-        platform's root, and the guests the host-side examples start (their firmware: the example's loader)."""
-        data = ["--data-dir", str(self.root / "host-broker")]
-        must("broker", "init", "--tls", *data, env=env)
-        shutil.copy(self.root / "host-broker" / "tls" / "ca.crt", self.etc / "kbs-ca.pem")
-        export = self.root / "sim-export"
-        export.mkdir()
-        must("sim", "platform", "export", "--out-dir", str(export), env=env)
-        must("broker", "add-root", "docs-sim", "--ca", str(export / "ask_ark.cert"), "--test", *data, env=env)
-        shutil.copy(export / "ask_ark.cert", self.work / "sim-ask-ark.cert")  # docs/broker.md's test root
-        must("broker", "add-host", "docs-host", "--token-file", str(self.etc / "host1.token"), *data, env=env)
-        loader = re.search(r"<loader[^>]*>([^<]+)</loader>", rewrite(example_domain(), substitutions(self)))
-        assert loader, "the example domain has no <loader>"
-        must("sim", "firmware", "--out", loader.group(1), env=env)  # the example's loader (docs/quickstart.md)
-        for name in DOMAIN_NAMES:
-            must("broker", "add-guest", self.prefix + name, "--firmware", loader.group(1), "--policy", "0x3",
-                 *data, env=env)
-        log = open(self.root / "host-broker.log", "wb")  # noqa: SIM115 - the broker's stderr while it runs
-        self.processes.append(subprocess.Popen(
-            [*SEVHOOK, "broker", "serve", "--listen", f"127.0.0.1:{port}", "--rate-limit", "0", "--kds-url",
-             self.kds.url if self.kds else "none", *data], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=log, env=env))
-        log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert self.processes[-1].poll() is None and time.monotonic() < deadline, \
-                    (self.root / "host-broker.log").read_text()
-                time.sleep(0.05)
+        shutil.copy(self.host.sim_ca, self.work / "sim-ask-ark.cert")  # docs/broker.md's test root
 
     def _define_example_domains(self) -> None:
         """The quickstart's complete software-platform domain under each name the docs use, as a file
-        NAME.xml with its disk; the host's existing ones defined."""
+        NAME.xml with its firmware and disk; the host's existing ones defined."""
         table = substitutions(self)
         for name in DOMAIN_NAMES:
             text = rewrite(example_domain().replace("<name>web1</name>", f"<name>{name}</name>")
                            .replace("web1.img", f"{name}.img").replace("web1_VARS", f"{name}_VARS"), table)
-            (self.work / f"{self.prefix}{name}.xml").write_text(text)
+            (self.work / f"{PREFIX}{name}.xml").write_text(text)
+            loader = re.search(r"<loader[^>]*>([^<]+)</loader>", text)
+            assert loader, "the example domain has no <loader>"
+            shutil.copy(self.host.root / "OVMF.sim.fd", loader.group(1))  # what `sevhook sim firmware` wrote
             disk = re.search(r"<source file='([^']+)'", text)
             if disk:
                 self.disks.append(Path(disk.group(1)))
                 Path(disk.group(1)).parent.mkdir(parents=True, exist_ok=True)
                 with open(disk.group(1), "wb") as image:  # a sparse raw disk
                     image.truncate(64 << 20)
-            self.domains.append(self.prefix + name)
+            self.domains.append(PREFIX + name)
             if name in DEFINED_DOMAINS:
-                self.virsh("define", str(self.work / f"{self.prefix}{name}.xml"))
+                self.virsh("define", str(self.work / f"{PREFIX}{name}.xml"))
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(["virsh", "-c", self.libvirt_uri, *args], capture_output=True, text=True,
@@ -329,7 +380,8 @@ platform-export = "{self.var / 'platform'}"
                 self.virsh("destroy", name, check=False)
 
     def close(self) -> None:
-        """Domains destroyed and undefined (with their NVRAM), disks removed, servers stopped, files removed."""
+        """Domains destroyed and undefined (with their NVRAM), disks removed, files removed; background
+        jobs of the blocks ended with their bash sessions."""
         try:
             self.shut_off_domains()
             for name in self.domains:
@@ -337,15 +389,6 @@ platform-export = "{self.var / 'platform'}"
             for disk in self.disks:
                 disk.unlink(missing_ok=True)
         finally:
-            if self.kds is not None:
-                self.kds.stop()
-            for process in self.processes:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -365,8 +408,18 @@ def run_block(block: Block, world: DocsWorld) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def worlds(libvirt_uri: str) -> Iterator[dict[Path, DocsWorld]]:
-    """One world per document, made when its first runnable block runs; all closed at the end."""
+def host_side(libvirt_uri: str) -> Iterator[HostSide]:
+    host = HostSide(Path(tempfile.mkdtemp(prefix="sevhook-docs-host-", dir="/tmp")))
+    try:
+        host.create()
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.fixture(scope="module")
+def worlds(host_side: HostSide) -> Iterator[dict[Path, DocsWorld]]:
+    """The current document's world (the previous one is closed when the next document starts)."""
     made: dict[Path, DocsWorld] = {}
     try:
         yield made
@@ -375,10 +428,12 @@ def worlds(libvirt_uri: str) -> Iterator[dict[Path, DocsWorld]]:
             world.close()
 
 
-def world_for(block: Block, worlds: dict[Path, DocsWorld], libvirt_uri: str) -> DocsWorld:
+def world_for(block: Block, worlds: dict[Path, DocsWorld], host: HostSide, libvirt_uri: str) -> DocsWorld:
     if block.path not in worlds:
+        for previous in list(worlds):
+            worlds.pop(previous).close()
         root = Path(tempfile.mkdtemp(prefix=f"sevhook-docs-{block.path.stem}-", dir="/tmp"))
-        world = worlds[block.path] = DocsWorld(root, libvirt_uri, f"docs-{RUN}-{block.path.stem}-")
+        world = worlds[block.path] = DocsWorld(root, libvirt_uri, host)
         world.create()
         name = str(block.path.relative_to(ROOT))
         if name in GIVEN:
@@ -390,10 +445,11 @@ def world_for(block: Block, worlds: dict[Path, DocsWorld], libvirt_uri: str) -> 
 @pytest.mark.libvirt
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("block", [b for b in SHELL_BLOCKS if b.kind in ("run", "skip")], ids=lambda b: b.where)
-def test_the_docs_commands_run(block: Block, worlds: dict[Path, DocsWorld], libvirt_uri: str) -> None:
+def test_the_docs_commands_run(block: Block, worlds: dict[Path, DocsWorld], host_side: HostSide,
+                               libvirt_uri: str) -> None:
     if block.kind == "skip":
         pytest.skip(f"{block.where}: {block.reason}")
-    world = world_for(block, worlds, libvirt_uri)
+    world = world_for(block, worlds, host_side, libvirt_uri)
     world.shut_off_domains()
     result = run_block(block, world)
     assert result.returncode == 0, (f"{block.where}: the block fails as written (status {result.returncode})\n"
