@@ -165,6 +165,45 @@ def test_the_marks_parse(tmp_path: Path) -> None:
     ]
 
 
+def bare_world(tmp_path: Path) -> DocsWorld:
+    """A world with its directories and no services, for the runner's own tests."""
+    world = DocsWorld(tmp_path / "world", "qemu:///system", HostSide(tmp_path / "host", broker_url="https://127.0.0.1:1"))
+    world.work.mkdir(parents=True)
+    return world
+
+
+def test_a_failing_line_fails_its_block_and_is_named(tmp_path: Path) -> None:
+    world = bare_world(tmp_path)
+    result = run_block(Block(ROOT / "README.md", 1, "sh", "run", None, "true\nfalse | cat\necho never\n"), world)
+    assert result.returncode == 1
+    assert "line 2 of the block failed" in result.stderr and "never" not in result.stdout
+
+
+def test_background_jobs_end_with_their_block(tmp_path: Path) -> None:
+    world = bare_world(tmp_path)
+    started = time.monotonic()
+    result = run_block(Block(ROOT / "README.md", 1, "sh", "run", None, "sleep 300 &\necho $! > pid\n"), world)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    assert not Path(f"/proc/{(world.work / 'pid').read_text().strip()}").exists()
+
+
+def test_the_substitutions(tmp_path: Path) -> None:
+    world = bare_world(tmp_path)
+    world.owner_port = 8123
+    text = ("sevhook prepare-domain web1.xml --broker https://kbs.example.org:8700 --guest web1 "
+            "--token-file /etc/sevhook/host1.token -o web1.prepared.xml\n"
+            "sevhook broker serve --listen 0.0.0.0:8700 &  # not /x/var/lib/sevhook/ nor web10 or my-web1\n"
+            "<loader>/var/lib/sevhook/OVMF.sim.fd</loader><emulator>/usr/local/bin/sevhook-sim-qemu</emulator>"
+            "<nvram>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>\n")
+    assert rewrite(text, substitutions(world)) == (
+        f"sevhook prepare-domain {PREFIX}web1.xml --broker https://127.0.0.1:1 --guest {PREFIX}web1 "
+        f"--token-file {world.root}/etc/sevhook/host1.token -o {PREFIX}web1.prepared.xml\n"
+        "sevhook broker serve --listen 127.0.0.1:8123 &  # not /x/var/lib/sevhook/ nor web10 or my-web1\n"
+        f"<loader>{world.root}/var/lib/sevhook/OVMF.sim.fd</loader><emulator>{world.standin}</emulator>"
+        f"<nvram>/var/lib/libvirt/qemu/nvram/{PREFIX}web1_VARS.fd</nvram>\n")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
