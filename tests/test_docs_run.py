@@ -44,10 +44,13 @@ from sevhook.sim.kds import SimulatedKds
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DATA = ROOT / "tests" / "data"
+STOCK_OVMF = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
 VENV_BIN = Path(sys.executable).parent
 SEVHOOK = [sys.executable, "-m", "sevhook"]
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
 MARK = re.compile(r"^<!-- docs-test: (?P<kind>run|skip)(?: (?P<reason>.+?))? -->$")
+# a line of a plain (no language) block that is a command: such a block needs a language and a mark
+COMMAND_LINE = re.compile(r"^\s*(\$ )?(sevhook|sevhook-sim-qemu|sevhook-qemu|virsh|sevctl)(\s|$)")
 FENCE = re.compile(r"^(?P<indent> *)```(?P<language>[\w-]*)\s*$")
 BLOCK_TIMEOUT = 240.0
 RUN = secrets.token_hex(3)
@@ -147,6 +150,9 @@ def test_every_shell_block_is_marked() -> None:
                             f"only {', '.join(sorted(SHELL_LANGUAGES))} blocks run")
         elif block.kind == "skip" and not block.reason:
             problems.append(f"{block.where}: `docs-test: skip` needs a reason")
+        elif not block.language and any(COMMAND_LINE.match(line) for line in block.text.splitlines()):
+            problems.append(f"{block.where}: a plain ``` block with a command: make it ```sh with a docs-test mark, "
+                            "```console for a transcript (command and output) or ```text for a synopsis")
         elif block.kind == "run" and block.language == "console":
             problems.append(f"{block.where}: a console block is a transcript with output: it cannot run")
     assert not problems, "\n".join(problems)
@@ -375,6 +381,7 @@ platform-export = "{self.var / 'platform'}"
         firmware = demo_firmware()
         (self.work / "OVMF.amdsev.fd").write_bytes(firmware)
         (self.work / "OVMF.amdsev.new.fd").write_bytes(tampered(firmware))
+        shutil.copy(STOCK_OVMF, self.work / "OVMF.fd")  # a stock OVMF build: no secret or kernel-hashes area
         (self.work / "vmlinuz").write_bytes(b"docs kernel " * 4096)
         (self.work / "initrd.img").write_bytes(b"docs initrd " * 8192)
         for name, text in (("luks.pass", "docs passphrase\n"), ("luks.new.pass", "new docs passphrase\n"),
