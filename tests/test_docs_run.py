@@ -392,6 +392,10 @@ platform-export = "{self.var / 'platform'}"
         (self.work / "ask_ark_milan.cert").write_bytes((roots / "milan_ask.cert").read_bytes()
                                                       + (roots / "milan_ark.cert").read_bytes())
         shutil.copy(self.host.sim_ca, self.work / "sim-ask-ark.cert")  # docs/broker.md's test root
+        golden = DATA / "libvirt-golden"  # docs/cmdline.md's guest: libvirt's own SEV test domain
+        shutil.copy(golden / "launch-security-sev.xml", self.work / "guest.xml")
+        shutil.copy(golden / "launch-security-sev.x86_64-6.0.0.args", self.work / "guest.args")
+        (self.work / "caps.xml").write_text(self.virsh("domcapabilities", "--emulatorbin", str(self.standin)).stdout)
 
     def _define_example_domains(self) -> None:
         """The quickstart's complete software-platform domain under each name the docs use, as a file
