@@ -6,20 +6,23 @@ Every ```sh (or bash, shell, console) block in the docs carries a mark on the li
                                       `pipefail`), in the document's scratch world; a failing line
                                       fails the test with the document's file and line
     <!-- docs-test: skip REASON -->   the block cannot run here (SEV hardware, installing into /etc or
-                                      /usr/local, restarting the shared libvirtd); REASON shows in
-                                      pytest's summary of skips
+                                      /usr/local, the hook in the shared libvirtd, a transcript with
+                                      its output: ```console); REASON shows in pytest's summary
 
-An unmarked block fails `test_every_shell_block_is_marked`, so a new example cannot slip by.
+An unmarked block fails `test_every_shell_block_is_marked`, and so does a plain ``` block holding a
+command (it must say ```sh, ```console or ```text), so a new example cannot slip by.
 
-Each document's runnable blocks run in order in a world of their own (`DocsWorld`): a software SEV
-platform (`sevhook sim platform init`), its simulated AMD KDS, the stand-in QEMU, the test libvirtd
-(qemu:///system, shared: every domain the docs name gets a unique prefix and is destroyed and
-undefined afterwards), a key broker for the host's side served on 127.0.0.1 with TLS, holding this
-host's token and the guests the host-side examples start, and a scratch configuration file
-(`SEVHOOK_CONFIG`) whose [broker] section is the guest owner's own data directory, which the docs'
-`sevhook broker init` creates. Background jobs a block starts (`sevhook broker serve ... &`) are
-stopped when its bash session ends, and before each block the world's domains are shut off (each
-block is an example of its own). The docs are rewritten by the one table SUBSTITUTIONS, no more."""
+A document's runnable blocks run in order in its world (`DocsWorld`, one document at a time): a copy
+of the software SEV platform (`sevhook sim platform init`) that the stand-in QEMU (`sevhook-sim-qemu`)
+runs on, the test libvirtd (qemu:///system, shared: the domains the docs name get a unique prefix and
+are destroyed and undefined afterwards) with the host's existing domain `web1` defined, the files the
+docs name, and a scratch configuration file (`SEVHOOK_CONFIG`): its [host] section names the guest
+owner's broker as the host sees it (`HostSide`, made once: TLS on loopback, this host's token, the
+guests the host-side examples start, the simulated AMD KDS), its [broker] section the owner's own data
+directory, which the docs' `sevhook broker init` creates. GIVEN holds what a document takes as done
+before its first block. Background jobs a block starts (`sevhook broker serve ... &`) end with its bash
+session, and before each block the world's domains are shut off (each block is an example of its own).
+The docs' placeholders are rewritten by the one table in `substitutions`, no more."""
 
 from __future__ import annotations
 
