@@ -486,8 +486,13 @@ def world_for(block: Block, worlds: dict[Path, DocsWorld], host: HostSide, libvi
         for previous in list(worlds):
             worlds.pop(previous).close()
         root = Path(tempfile.mkdtemp(prefix=f"sevhook-docs-{block.path.stem}-", dir="/tmp"))
-        world = worlds[block.path] = DocsWorld(root, libvirt_uri, host)
-        world.create()
+        world = DocsWorld(root, libvirt_uri, host)
+        try:
+            world.create()
+        except BaseException:
+            world.close()  # a half-made world is not reused by the document's next block
+            raise
+        worlds[block.path] = world
         name = str(block.path.relative_to(ROOT))
         if name in GIVEN:
             given = run_block(Block(block.path, 0, "sh", "run", None, GIVEN[name]), world)
