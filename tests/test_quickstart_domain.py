@@ -30,8 +30,8 @@ def test_the_software_platform_domain_validates_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"{domain}: valid" and result.stderr == ""
     text = domain.read_text()
-    for part in ("<domain type='qemu'>", "<loader readonly='yes' type='rom'>/usr/share/OVMF/OVMF.amdsev.fd",
-                 "<emulator>/usr/local/bin/sevhook-sim-qemu</emulator>"):
+    for part in ("<domain type='qemu'>", "<loader readonly='yes' type='pflash'>/var/lib/sevhook/OVMF.sim.fd",
+                 "<nvram ", "<emulator>/usr/local/bin/sevhook-sim-qemu</emulator>"):
         assert part in text
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sevhook.commands.arguments import number_type
 from sevhook.encoding import decode_base64
+from sevhook.files import write_private_file
 
 PLATFORM_EPILOG = """examples:
   sevhook sim platform init --state-dir /tmp/sim --api-major 1 --api-minor 55 --build-id 21
@@ -130,7 +131,6 @@ def _layouts(platform) -> dict[str, bytes]:  # noqa: ANN001
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sevhook.errors import UsageError
-    from sevhook.files import write_private_file
 
     platform = _loaded_platform(args)
     layouts = _layouts(platform)
@@ -248,6 +248,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_firmware(args: argparse.Namespace) -> int:
+    """A firmware image whose OVMF footer table has the secret area (no AmdSev OVMF on most machines)."""
+    from sevhook.flow.firmware import demo_firmware  # noqa: PLC0415 - loads the SEV formats (cryptography)
+
+    path = write_private_file(args.out, demo_firmware(), mode=0o644)
+    print(f"wrote {path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     sim = subparsers.add_parser(
         "sim", help="the software SEV platform: create, export, inspect",
@@ -360,3 +369,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prune.add_argument("--older-than", type=number_type("--older-than"), metavar="SECONDS",
                        help="only records not updated for this long")
     prune.set_defaults(func=cmd_prune)
+    _register_firmware(sim_sub)
+
+
+def _register_firmware(sim_sub: argparse._SubParsersAction) -> None:
+    firmware = sim_sub.add_parser(
+        "firmware", help="write a firmware image with an SEV secret area, for a domain's <loader>",
+        description="Write the firmware image `sevhook demo` boots: not a working OVMF, but with the footer table of "
+                    "an AmdSev build (secret area, kernel-hashes area, SEV-ES reset block), so that a launch on "
+                    "the software platform can be measured and given its secret where no AmdSev OVMF is installed.",
+        epilog="example:\n  sevhook sim firmware --out /var/lib/sevhook/OVMF.sim.fd",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    firmware.add_argument("--out", type=Path, required=True, metavar="FILE", help="the image to write (mode 0644)")
+    firmware.set_defaults(func=cmd_firmware)
