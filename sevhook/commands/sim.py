@@ -250,7 +250,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_firmware(args: argparse.Namespace) -> int:
     """A firmware image whose OVMF footer table has the secret area (no AmdSev OVMF on most machines)."""
-    from sevhook.flow.firmware import demo_firmware  # noqa: PLC0415 - loads the SEV formats (cryptography)
+    from sevhook.flow.firmware import demo_firmware
 
     path = write_private_file(args.out, demo_firmware(), mode=0o644)
     print(f"wrote {path}")
