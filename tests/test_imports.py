@@ -215,7 +215,7 @@ ALLOWED: dict[str, set[str]] = {
     "wrapper": {"hook", "interpose", "launch", "monitor", "qemu_cmdline", "sev", "xml", "sim.argv",
                 "sim.qmp_protocol", "sim.qmp_server"},
     "sim": {"broker", "hook.prepare", "interpose", "qemu_cmdline", "sev", "xml"},
-    "flow": {"broker", "hook", "launch", "monitor", "qemu_cmdline", "sev", "sim", "xml"},
+    "flow": {"broker", "hook", "launch", "monitor", "qemu_cmdline", "sev", "sim", "xml", "wrapper.config"},
     "doctor": {"monitor", "sev"},
 }
 
