@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from sevhook.errors import SevhookError
-from sevhook.monitor.qmp import QmpMonitor
+from sevhook.monitor.probe import probe_capabilities
 from sevhook.sev.secret_area import NoSecretArea, require_secret_area
 from sevhook.virt import LibvirtError, libvirt_module, open_connection
 
@@ -252,49 +248,15 @@ def _process_start_time(pid: int) -> float | None:
 
 
 DEFAULT_DAEMON_PIDFILES = (Path("/run/libvirtd.pid"), Path("/run/virtqemud.pid"))
-PROBE_TIMEOUT = 30.0
 
 
-def probe_emulator(emulator: Path, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str | None]:
-    """Start `emulator` as libvirt probes it (-machine none, -S, a QMP socket) and ask
-    query-sev-capabilities: (what it answered, None) or (None, why not). The process is always stopped."""
-    if not (emulator.is_file() and os.access(emulator, os.X_OK)):
-        return None, "not an executable file"
-    directory = Path(tempfile.mkdtemp(prefix="sevhook-doctor-"))
-    socket, errors = directory / "probe.qmp", directory / "stderr"
+def probe_emulator(emulator: Path) -> tuple[str | None, str | None]:
+    """(what the emulator's query-sev-capabilities answered, None) or (None, why not)."""
     try:
-        with errors.open("wb") as stderr:  # a file, not a pipe: a chatty emulator can never block on it
-            process = subprocess.Popen(
-                [str(emulator), "-S", "-no-user-config", "-nodefaults", "-nographic", "-machine",
-                 "none,accel=kvm:tcg", "-qmp", f"unix:{socket},server=on,wait=off"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-    except OSError as exc:
-        shutil.rmtree(directory, ignore_errors=True)
-        return None, f"cannot run it ({exc.strerror})"
-    try:
-        deadline = time.monotonic() + timeout
-        while not socket.exists():
-            if process.poll() is not None:
-                lines = errors.read_text(errors="replace").strip().splitlines()
-                return None, f"exited with status {process.returncode}" + (f": {lines[-1]}" if lines else "")
-            if time.monotonic() > deadline:
-                return None, f"no QMP socket within {timeout:g} s"
-            time.sleep(0.05)
-        try:
-            with QmpMonitor(socket, timeout=max(1.0, deadline - time.monotonic())) as monitor:
-                caps = monitor.capabilities()
-        except SevhookError as exc:
-            return None, f"query-sev-capabilities: {exc.message}"
-        return f"query-sev-capabilities answers (cbitpos {caps.cbitpos}, PDH and chain)", None
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+        caps = probe_capabilities(emulator)
+    except SevhookError as exc:
+        return None, exc.message
+    return f"query-sev-capabilities answers (cbitpos {caps.cbitpos}, PDH and chain)", None
 
 
 def gather_facts(uri: str | None, hooks_dir: Path, daemon_pidfiles: Iterable[Path] = DEFAULT_DAEMON_PIDFILES,

@@ -6,11 +6,7 @@ probes it, or a running QEMU's monitor; with --full also the chain with AMD's si
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,40 +40,14 @@ def _capabilities_from_monitor(socket_path: str, timeout: float = PROBE_TIMEOUT)
 
 
 def _capabilities_from_emulator(emulator: str) -> Any:
-    """Start the binary as libvirt's capability probe does (-machine none, -S, a QMP socket), ask
-    query-sev-capabilities, then stop that process (by its own pid)."""
+    """The emulator binary's platform, asked as libvirt's capability probe asks it."""
     from sevhook.errors import SevhookError
+    from sevhook.monitor.probe import probe_capabilities
 
-    with tempfile.TemporaryDirectory(prefix="sevhook-probe-") as directory:
-        socket_path = os.path.join(directory, "qmp.sock")
-        argv = [emulator, "-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=kvm:tcg",
-                "-qmp", f"unix:{socket_path},server=on,wait=off"]
-        try:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise SevhookError(f"--emulator {emulator}: cannot run it ({exc.strerror or exc})") from exc
-        try:
-            deadline = time.monotonic() + PROBE_TIMEOUT
-            while not os.path.exists(socket_path):
-                if process.poll() is not None:
-                    error = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
-                    raise SevhookError(f"--emulator {emulator}: exited with status {process.returncode} before "
-                                       f"its monitor listened: {error[-500:] or 'no message'}")
-                if time.monotonic() > deadline:
-                    raise SevhookError(f"--emulator {emulator}: no QMP monitor within {PROBE_TIMEOUT:g} s")
-                time.sleep(0.02)
-            return _capabilities_from_monitor(socket_path)
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
-            if process.stderr:
-                process.stderr.close()
+    try:
+        return probe_capabilities(Path(emulator))
+    except SevhookError as exc:
+        raise SevhookError(f"--emulator {emulator}: {exc.message}") from exc
 
 
 def _signed_cek(chip_id_hex: str, kds_url: str) -> bytes:
