@@ -468,20 +468,31 @@ def run_add_guest(args: argparse.Namespace) -> int:
         reusable=args.reusable,
         digest_labels=tuple(labels),
     )
-    if spec.secrets and args.firmware:
-        from sevhook.sev.secret import SecretTable
-        from sevhook.sev.secret_area import require_secret_area
+    if spec.secrets:
+        _require_secret_areas([args.firmware] if args.firmware else [], spec.secrets)
+    _print_guest(_admin(args).add_guest(spec), "registered")
+    return 0
 
-        require_secret_area(args.firmware, len(SecretTable(spec.secrets).build()))
-    guest = _admin(args).add_guest(spec)
+
+def _require_secret_areas(firmwares: list[Path], secrets: Any) -> None:
+    """Each firmware the guest may launch must have an SEV secret area that holds its secret table
+    (else QEMU would write the secret at guest address 0); `secrets`: (GUID, value) pairs."""
+    from sevhook.sev.secret import SecretTable
+    from sevhook.sev.secret_area import require_secret_area
+
+    needed = len(SecretTable(tuple(secrets)).build()) if secrets else 1
+    for firmware in firmwares:
+        require_secret_area(firmware, needed)
+
+
+def _print_guest(guest: dict[str, Any], what: str) -> None:
     # the guest's minimum API is its own rule, not the policy's API field (which describe() would show)
-    print(f"guest {guest['id']}: {len(guest['digests'])} digest(s), policies "
+    print(f"guest {guest['id']}: {what}; {len(guest['digests'])} digest(s), policies "
           f"{', '.join(_policy_text(p) for p in guest['policies'])}, "
           f"minimum API {guest['min_api']} build {guest['min_build']}, "
           f"{len(guest['secret_guids'])} secret(s), {'reusable' if guest['reusable'] else 'single-use'} launches")
     for digest in guest["digests"]:
         print(f"  digest {digest['digest']}  {digest['label']}")
-    return 0
 
 
 def run_update_guest(args: argparse.Namespace) -> int:
@@ -502,12 +513,10 @@ def run_update_guest(args: argparse.Namespace) -> int:
         min_build=args.min_build,
         secrets=tuple(_secrets(args)),
     )
-    guest = update_guest(_admin(args), change)
-    print(f"guest {guest['id']}: updated; {len(guest['digests'])} digest(s), policies "
-          f"{', '.join(hex(p) for p in guest['policies'])}, minimum API {guest['min_api']} build "
-          f"{guest['min_build']}, {len(guest['secret_guids'])} secret(s)")
-    for digest in guest["digests"]:
-        print(f"  digest {digest['digest']}  {digest['label']}")
+    admin = _admin(args)
+    if args.add_firmware and (change.secrets or admin.guest(args.guest_id)["secret_guids"]):
+        _require_secret_areas(list(args.add_firmware), change.secrets)
+    _print_guest(update_guest(admin, change), "updated")
     return 0
 
 

@@ -74,6 +74,10 @@ def test_broker_add_guest_refuses_secrets_for_firmware_without_an_area(tmp_path:
     accepted = run("broker", "add-guest", "amdsev", "--firmware", AMDSEV, "--disk-passphrase", passphrase, *data)
     assert accepted.returncode == 0, accepted.stderr
     assert len(SecretTable(((uuid.uuid4(), b"correct horse\0"),)).build()) < 0xC00
+    # rolling the guest forward onto a firmware without an area is refused the same way, and changes nothing
+    rolled = run("broker", "update-guest", "amdsev", "--add-firmware", OVMFX64, *data)
+    assert rolled.returncode != 0 and str(OVMFX64) in rolled.stderr and "OvmfPkg/AmdSev" in rolled.stderr
+    assert run("broker", "list-guests", "--json", *data).stdout.count('"digest"') == 1
 
 
 def test_broker_add_guest_refuses_an_es_only_policy_without_vmsas(tmp_path: Path) -> None:
