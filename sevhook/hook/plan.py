@@ -8,10 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import StepError
-from sevhook.launch.sequence import LaunchRequest
 from sevhook.xml.models import Attestation, Domain, SevLaunchSecurity
+
+if TYPE_CHECKING:
+    from sevhook.launch.sequence import LaunchRequest
 
 
 class Action(Enum):
@@ -122,6 +125,8 @@ def private_monitor_arg(socket: str) -> str:
 
 def launch_request(guest: ManagedGuest) -> LaunchRequest:
     """What the attested launch of this guest asks for (the launch was registered by prepare-domain)."""
+    from sevhook.launch.sequence import LaunchRequest  # the hook's other operations never load it
+
     if not guest.attestation.launch_id:
         raise HookFailure("metadata", "<sevhook:guest> has no launch='...': run `sevhook prepare-domain`")
     return LaunchRequest(guest.name, guest.attestation.launch_id, guest.launch_security.policy.value,
