@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from sevhook.errors import UsageError
 from sevhook.sev.cpu_types import CpuModel, distinct_models
-from sevhook.sev.kernel_hashes import BinaryInput
+from sevhook.sev.inputs import BinaryInput
 from sevhook.sev.launch_digest import check_boot_inputs, hash_launch_inputs
 from sevhook.sev.measurement import LaunchMeasurement, compute_measurement, uses_versioned_form
 from sevhook.sev.ovmf import OvmfFooter

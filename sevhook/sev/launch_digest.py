@@ -12,15 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sevhook.errors import FormatError, UsageError
-from sevhook.sev.kernel_hashes import (
-    TABLE_SIZE,
-    BinaryInput,
-    KernelHashes,
-    feed,
-    hash_boot_inputs,
-    input_name,
-    open_input,
-)
+from sevhook.sev.inputs import BinaryInput, input_name, open_input
+from sevhook.sev.kernel_hashes import TABLE_SIZE, KernelHashes, feed, hash_boot_inputs
 from sevhook.sev.ovmf import FirmwareCapabilityError, OvmfFooter
 from sevhook.sev.vmsa import VMSA_SIZE, HostKernel, Vmsa, vcpu_vmsas
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from sevhook.errors import FormatError, SevhookError
-from sevhook.sev.kernel_hashes import BinaryInput, input_name, open_input
+from sevhook.sev.inputs import BinaryInput, input_name, open_input
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, a cost every command start would pay
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sevhook.errors import FormatError, SevhookError
-from sevhook.sev.kernel_hashes import BinaryInput, input_name
+from sevhook.sev.inputs import BinaryInput, input_name
 from sevhook.sev.ovmf import GuestRegion, OvmfFooter
 
 AMDSEV_ADVICE = ("use an AmdSev OVMF build (OvmfPkg/AmdSev, e.g. Debian/Ubuntu's OVMF.amdsev.fd or "

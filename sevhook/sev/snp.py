@@ -12,7 +12,8 @@ import hashlib
 import struct
 
 from sevhook.errors import FormatError
-from sevhook.sev.kernel_hashes import PAGE_SIZE, BinaryInput, KernelHashes, hash_boot_inputs, input_name, open_input
+from sevhook.sev.inputs import BinaryInput, input_name, open_input
+from sevhook.sev.kernel_hashes import PAGE_SIZE, KernelHashes, hash_boot_inputs
 from sevhook.sev.launch_digest import Component, LaunchDigest, check_boot_inputs, vmsa_pages
 from sevhook.sev.ovmf import FirmwareCapabilityError, OvmfFooter, SnpMetadataSection, SnpSectionType
 from sevhook.sev.vmsa import SNP_ACTIVE, HostKernel, vcpu_vmsas
