@@ -33,12 +33,11 @@ def write_private_file(path: str | os.PathLike[str], data: bytes | str, mode: in
     then renamed over the target, so readers see the old file or the whole new one, never a mix; on
     any failure the temp file is removed. An OSError becomes UnwritableFileError (naming the path,
     chained to the OSError), so no caller can let a traceback reach the user."""
-    import tempfile  # noqa: PLC0415 - the hook reads its token file through this module, and writes nothing
-
     target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temp = target.with_name(f".{target.name}.{os.urandom(8).hex()}.tmp")
+    try:  # what tempfile.mkstemp does, without its imports (shutil, bz2, lzma) on the hook's path
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise UnwritableFileError(target, exc) from exc
     try:
