@@ -1,3 +1,3 @@
-"""Fixtures for the wrapper tests (the worlds themselves: tests/wrapper/world.py)."""
+"""Fixtures for the wrapper tests (the simulated world itself: sevhook/sim/world.py)."""
 
 from tests.monitor.qemu_process import short_dir  # noqa: F401

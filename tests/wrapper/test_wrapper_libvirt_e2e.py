@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import subprocess
 import threading
 import time
@@ -19,28 +20,22 @@ import pytest
 from lxml import etree
 
 from sevhook.sim.state import default_state_dir
+from sevhook.sim.world import PASSPHRASE, EmulatorConf, SimWorld, free_port, sevhook
 from sevhook.virt import libvirt_module, open_connection
-from tests.wrapper.world import (
-    PASSPHRASE,
-    EmulatorConf,
-    SimWorld,
-    emulator_domain,
-    free_port,
-    launch_ids,
-    sevhook,
-    write_platform_cache,
-)
+from sevhook.wrapper.config import CONFIG_FILE
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(400)]
 PREFIX = "shq-"
 SECRET = PASSPHRASE.encode() + b"\0"
+LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
+LAUNCH_LINE = re.compile(r"sevhook-qemu: (\S+): launch (\S+) from the key broker")
 
 
 @pytest.fixture(scope="module")
 def world(shared: Path, tmp_path_factory: pytest.TempPathFactory, libvirt_uri: str) -> Iterator[SimWorld]:
     created = SimWorld.create(tmp_path_factory.mktemp("qworld"), shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd",
                               sim_dir=default_state_dir())
-    conf = EmulatorConf(write_platform_cache(created, created.root / "platform"))
+    conf = EmulatorConf(CONFIG_FILE, created.platform_cache(created.root / "platform"))
     conf.install()
     try:
         yield created
@@ -99,6 +94,13 @@ def _start_error(start: object) -> str:
     return ""
 
 
+def launch_ids(name: str) -> list[str]:
+    """The launch ids the wrapper reported in libvirt's log of the domain, oldest first."""
+    path = LIBVIRT_LOG_DIR / f"{name}.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [match.group(2) for match in LAUNCH_LINE.finditer(text) if match.group(1) == name]
+
+
 def _taints(name: str) -> list[str]:
     status = etree.parse(f"/run/libvirt/qemu/{name}.xml").getroot()
     return [taint.get("flag") for taint in status.iterfind("taint")]
@@ -107,7 +109,7 @@ def _taints(name: str) -> list[str]:
 def test_plain_start_attests_and_a_restart_is_a_fresh_launch(world, conn):
     libvirt = libvirt_module()
     name = f"{PREFIX}plain"
-    domain = conn.defineXML(emulator_domain(world, name))
+    domain = conn.defineXML(world.emulator_domain(name))
     for attempt in range(2):  # virsh start; virsh destroy; virsh start: no prepare, no define in between
         domain.create()
         assert _becomes(domain, libvirt.VIR_DOMAIN_RUNNING), attempt
@@ -125,7 +127,7 @@ def test_plain_start_attests_and_a_restart_is_a_fresh_launch(world, conn):
 def test_start_paused_attests_at_resume(world, conn):
     libvirt = libvirt_module()
     name = f"{PREFIX}paused"
-    domain = conn.defineXML(emulator_domain(world, name))
+    domain = conn.defineXML(world.emulator_domain(name))
     domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     time.sleep(0.5)
     assert _state(domain) == libvirt.VIR_DOMAIN_PAUSED
@@ -139,7 +141,7 @@ def test_start_paused_attests_at_resume(world, conn):
 def test_transient_create_attests(world, conn):
     libvirt = libvirt_module()
     name = f"{PREFIX}transient"
-    domain = conn.createXML(emulator_domain(world, name), 0)
+    domain = conn.createXML(world.emulator_domain(name), 0)
     assert _becomes(domain, libvirt.VIR_DOMAIN_RUNNING)
     assert _secrets(world, name) == [SECRET]
     domain.destroy()
@@ -170,7 +172,7 @@ def test_failures_leave_the_domain_shut_off_with_the_wrappers_reason(world, conn
         data = ["--data-dir", str(world.root / "broker")]
         sevhook("broker", "add-host", "host-revoked", "--token-file", str(token), *data)
         sevhook("broker", "revoke-host", "host-revoked", *data)
-    domain = conn.defineXML(emulator_domain(world, name, firmware=firmware, broker_url=broker_url, token=token))
+    domain = conn.defineXML(world.emulator_domain(name, firmware=firmware, broker_url=broker_url, token=token))
     error = _start_error(domain.create)
     expected = {"fw": "attest: the key broker refused", "down": "launch: ", "revoked": "launch: the key broker refused"}
     assert f"sevhook-qemu: {name}: {expected[case]}" in error, error
@@ -186,7 +188,7 @@ def test_failures_leave_the_domain_shut_off_with_the_wrappers_reason(world, conn
 def test_ten_plain_starts_at_once_all_attest(world, conn):
     libvirt = libvirt_module()
     names = [f"{PREFIX}crowd{index}" for index in range(10)]
-    domains = {name: conn.defineXML(emulator_domain(world, name, timeout=120)) for name in names}
+    domains = {name: conn.defineXML(world.emulator_domain(name, timeout=120)) for name in names}
     errors: dict[str, str] = {}
 
     def start(name: str) -> None:
@@ -217,7 +219,7 @@ def test_autostart_comes_up_attested_when_libvirtd_starts(world, conn, libvirt_u
     holds `autostarted`), so the file is removed before the daemon restarts, as after a reboot."""
     libvirt = libvirt_module()
     name = f"{PREFIX}autostart"
-    conn.defineXML(emulator_domain(world, name)).setAutostart(1)
+    conn.defineXML(world.emulator_domain(name)).setAutostart(1)
     Path("/run/libvirt/qemu/autostarted").unlink(missing_ok=True)
     _restart_libvirtd()
     fresh = open_connection(libvirt_uri)

@@ -25,7 +25,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.state import StateDir
-from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, sevhook, write_platform_cache
+from sevhook.sim.world import PASSPHRASE, SimWorld, sevhook
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
@@ -36,7 +36,7 @@ SECRET = PASSPHRASE.encode() + b"\0"
 def world(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
     created = SimWorld.create(tmp_path_factory.mktemp("qmpworld"), shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd")
     (created.root / "state").mkdir()
-    cache = write_platform_cache(created, created.root / "platform")
+    cache = created.platform_cache(created.root / "platform")
     (created.root / "emulator.conf").write_text(f"qemu = /usr/bin/qemu-system-x86_64\nplatform-cache = {cache}\n"
                                                f"libvirt-state-dir = {created.root / 'state'}\n")
     yield created
@@ -58,7 +58,7 @@ def _start(world: SimWorld, name: str, argv: list[str], socket: Path,
     """The shell writes libvirt's status file with its own pid, then execs the wrapper (same pid)."""
     template = world.root / f"{name}.status"
     template.write_text("<domstatus state='paused' reason='starting up' pid='@PID@'>\n"
-                        f"{domain_xml or emulator_domain(world, name)}</domstatus>\n")
+                        f"{domain_xml or world.emulator_domain(name)}</domstatus>\n")
     status = world.root / "state" / f"{name}.xml"
     script = f'sed "s/@PID@/$$/" {template} > {status} && exec {WRAPPER} "$@"'
     env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / conf),
@@ -127,7 +127,7 @@ def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, sho
     image[0] ^= 0xFF
     patched.write_bytes(bytes(image))
     process = _start(world, name, _libvirt_argv(world, name, socket, patched), socket,
-                     emulator_domain(world, name, firmware=patched))
+                     world.emulator_domain(name, firmware=patched))
     try:
         (cont,) = asyncio.run(_session(socket, "cont"))
         assert isinstance(cont, ExecuteError)
@@ -149,7 +149,7 @@ def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(worl
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: argv: the QEMU command line has no sev-guest object" in _log(world, name)
     name, socket = "q-down", short_dir / "down.sock"
-    domain = emulator_domain(world, name, broker_url="http://127.0.0.1:9")
+    domain = world.emulator_domain(name, broker_url="http://127.0.0.1:9")
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: launch: " in _log(world, name)
@@ -226,7 +226,7 @@ def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     name, socket = "q-slow", short_dir / "slow.sock"
-    domain = emulator_domain(world, name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    domain = world.emulator_domain(name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
     try:
         begin = time.monotonic()
@@ -249,7 +249,7 @@ def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
     sevhook("broker", "add-host", "host-revoked", "--token-file", str(token), *data)
     sevhook("broker", "revoke-host", "host-revoked", *data)
     name, socket = "q-revoked", short_dir / "revoked.sock"
-    process = _start(world, name, _libvirt_argv(world, name, socket), socket, emulator_domain(world, name, token=token))
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, world.emulator_domain(name, token=token))
     assert process.wait(timeout=60) == 1
     log = _log(world, name)
     assert f"sevhook-qemu: {name}: launch: the key broker refused" in log and "revoked" in log, log
@@ -259,7 +259,7 @@ def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
 def test_ten_guests_started_at_once_all_attest(world, short_dir):
     names = [f"q-crowd{index}" for index in range(10)]
     sockets = {name: short_dir / f"{name}.sock" for name in names}
-    domains = {name: emulator_domain(world, name, timeout=120) for name in names}
+    domains = {name: world.emulator_domain(name, timeout=120) for name in names}
     processes = [_start(world, name, _libvirt_argv(world, name, sockets[name]), sockets[name], domains[name])
                  for name in names]
 
