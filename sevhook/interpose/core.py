@@ -31,6 +31,10 @@ PR_SET_PDEATHSIG = 1
 SIGNAL_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 KILL_GRACE = 10.0
 STDERR_TAIL_LINES = 20
+POLL_INTERVAL = 0.002  # while QEMU creates its monitor sockets: each start waits for them
+# How QEMU begins a reply line; such a line is relayed without parsing it (libvirt sends hundreds of
+# commands at start-up, and each crosses the relay). Any other line is parsed: an event, or odd spacing.
+REPLY_PREFIXES = (b'{"return"', b'{"error"')
 
 
 def private_monitor_value(spec: MonitorSpec, path: str) -> str:
@@ -59,7 +63,8 @@ class MonitorRelay:
         self.upstream_path = upstream_path
         self.negotiated = False
         self.pending: deque[str] = deque()  # commands relayed and not yet answered, in order
-        self.idle = asyncio.Condition()
+        self.idle = asyncio.Event()  # set while nothing is pending
+        self.idle.set()
         self.up_writer: asyncio.StreamWriter | None = None
 
     async def run(self) -> None:
@@ -81,8 +86,7 @@ class MonitorRelay:
                 # The client left. Wait for the replies still owed before closing: once QEMU sees the
                 # connection close, it would deliver them to the next client of this monitor.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    async with self.idle:
-                        await asyncio.wait_for(self.idle.wait_for(lambda: not self.pending), DRAIN_TIMEOUT)
+                    await asyncio.wait_for(self.wait_idle(), DRAIN_TIMEOUT)
                 downstream.cancel()
             elif downstream.done() and not upstream.done():
                 upstream.cancel()
@@ -102,24 +106,34 @@ class MonitorRelay:
                 return
             except (ConnectionError, asyncio.LimitOverrunError):
                 return
-            try:
-                message = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                message = None
-            if isinstance(message, dict):
-                if "event" in message:
-                    self.interposer.observe_event(message)
-                elif "return" in message or "error" in message:
-                    if not self.pending:
-                        # QEMU keeps one output queue per monitor: a reply to a command of a client that
-                        # left arrives on the next connection. It is not this client's: drop it.
+            if line.startswith(REPLY_PREFIXES):
+                if not self._reply_arrived(succeeded=line.startswith(REPLY_PREFIXES[0])):
+                    continue
+            else:
+                try:
+                    message = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    message = None
+                if isinstance(message, dict):
+                    if "event" in message:
+                        self.interposer.observe_event(message)
+                    elif ("return" in message or "error" in message) and not self._reply_arrived(
+                            succeeded="return" in message):
                         continue
-                    command = self.pending.popleft()
-                    if command == "qmp_capabilities" and "return" in message:
-                        self.negotiated = True
-                    async with self.idle:
-                        self.idle.notify_all()
             await self.client.send_raw(line)
+
+    def _reply_arrived(self, succeeded: bool) -> bool:
+        """A reply to the oldest relayed command. False when none is owed: QEMU keeps one output queue per
+        monitor, so a reply to a command of a client that left arrives on the next connection; it is not
+        this client's and is dropped."""
+        if not self.pending:
+            return False
+        command = self.pending.popleft()
+        if command == "qmp_capabilities" and succeeded:
+            self.negotiated = True
+        if not self.pending:
+            self.idle.set()
+        return True
 
     async def _relay_requests(self) -> None:
         """Client -> upstream; a negotiated command the interposer takes is not relayed."""
@@ -135,6 +149,7 @@ class MonitorRelay:
                     if await self.interposer.intercept(self, command, value):
                         continue
                 self.pending.append(command if isinstance(command, str) else "")
+                self.idle.clear()
                 await self._send_upstream(parsed.raw + b"\n")
                 if command == "qmp_capabilities" and not self.negotiated:
                     # what follows depends on whether negotiation succeeded: wait for its reply
@@ -142,8 +157,8 @@ class MonitorRelay:
 
     async def wait_idle(self) -> None:
         """Until every relayed command has its reply: a local answer must not overtake them."""
-        async with self.idle:
-            await self.idle.wait_for(lambda: not self.pending)
+        while self.pending:
+            await self.idle.wait()
 
     async def answer(self, message: dict) -> None:
         """Send a locally made reply, after every earlier reply has gone out."""
@@ -231,7 +246,7 @@ class Interposer:
         while not all(os.path.exists(path) for path in paths):
             if self.process.returncode is not None or loop.time() > deadline:
                 return False
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL_INTERVAL)
         return self.process.returncode is None
 
     async def connect_upstream(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -245,7 +260,7 @@ class Interposer:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if loop.time() > deadline:
                     raise UpstreamGone() from exc
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL_INTERVAL)
 
     async def _session(self, spec: MonitorSpec, connection: Connection) -> None:
         await MonitorRelay(self, connection, self.private_paths[spec.option_index]).run()

@@ -8,6 +8,7 @@ save` uses too) are refused for an attested guest."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 import sys
 from dataclasses import replace
@@ -32,6 +33,8 @@ REFUSED_COMMANDS = {
     "migrate-incoming": "an attested SEV guest cannot receive a migration or a saved state",
 }
 STALE_PDH_MARKS = ("LAUNCH_START", "sev_launch_start")
+# what run_attestation needs at libvirt's `cont`, loaded while QEMU starts instead (qemu.qmp, the sequence)
+ATTESTATION_MODULES = ("sevhook.launch.qmp_port", "sevhook.launch.sequence", "sevhook.monitor.qmp")
 
 
 class AttestingInterposer(Interposer):
@@ -53,6 +56,11 @@ class AttestingInterposer(Interposer):
         assert self.inv.sev_object_index is not None
         argv[self.inv.sev_object_index] = self.sev_object
         return [*argv, "-qmp", f"unix:{self.attest_socket},server=on,wait=off"]
+
+    async def start(self, binary: str) -> None:
+        await super().start(binary)
+        for module in ATTESTATION_MODULES:  # QEMU takes far longer to open its monitors than these to load
+            importlib.import_module(module)
 
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         if command in REFUSED_COMMANDS:

@@ -4,28 +4,37 @@ get a fresh launch from the guest owner's broker for this host's platform (the p
 cache), check its policy is the domain's, and write its GODH and session where the sev-guest object
 reads them (root-only /run/sevhook/NAME/). Then run QEMU behind the attesting interposer.
 
+Every millisecond here delays `virsh start`: the broker's answer is awaited in a thread while this one
+imports the relay (asyncio), and the attestation step's modules load while QEMU starts (interposer).
+
 A guest without emulator-mode metadata, or a QEMU that libvirt is not starting, is handed to the
 real QEMU unchanged. Failures print `sevhook-qemu: NAME: STEP: REASON` on stderr (libvirt's log,
 which virsh's error quotes) and exit 1 before QEMU ever ran."""
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import ManagedGuest
 from sevhook.hook.steplog import StepLog
+from sevhook.launch.broker import SESSION_RETRIES, open_broker
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
+
+if TYPE_CHECKING:
+    from sevhook.broker.client import LaunchGrant
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
@@ -134,22 +143,56 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
                       "with `sevhook prepare-domain --qemu PATH`")
 
 
+T = TypeVar("T")
+
+
+class _InThread(Generic[T]):
+    """A call running in a thread of its own while the caller does something else; `result()` waits
+    for it and returns its value or raises what it raised."""
+
+    def __init__(self, call: Callable[[], T]) -> None:
+        self._call = call
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sevhook-qemu-launch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:  # noqa: BLE001  handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
 def _fresh_launch(guest: ManagedGuest, cache: Path, files: Path) -> ManagedGuest:
-    """A launch made now, for this host's platform; its GODH and session written for QEMU to read."""
+    """A launch made now, for this host's platform; its GODH and session written for QEMU to read.
+    The broker works on it while this thread imports the relay QEMU will run behind."""
     from sevhook.files import write_private_file
-    from sevhook.launch.broker import SESSION_RETRIES, open_broker
     from sevhook.sev.platform_export import read_export
 
     try:
         pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
     except SevhookError as exc:
         raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform export`)") from exc
-    try:
+    importlib.import_module("sevhook.broker.client")  # here, not in the thread: no import races
+
+    def create_launch() -> LaunchGrant:
         broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT), SESSION_RETRIES)
         try:
-            grant = broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+            return broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
         finally:
             broker.close()
+
+    request = _InThread(create_launch)
+    importlib.import_module("sevhook.wrapper.interposer")  # asyncio and the relay, while the broker answers
+    try:
+        grant = request.result()
     except SevhookError as exc:
         raise Refused("launch", exc.message) from exc
     wanted = guest.launch_security.policy.value
@@ -180,6 +223,8 @@ def sev_object_with_files(value: str, files: Path) -> str:
 
 
 def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, files: Path, log: StepLog) -> int:
+    import asyncio  # loaded while the broker made the launch (_fresh_launch)
+
     from sevhook.sim.qmp_server import listening_socket
     from sevhook.wrapper.interposer import AttestingInterposer
 
