@@ -328,15 +328,15 @@ class SimWorld:
         return sev_domain_xml(name, firmware or self.firmware, self.root / f"{name}_VARS.fd", emulator)
 
     def emulator_domain(self, name: str, *, firmware: Path | None = None, broker_url: str | None = None,
-                        token: Path | None = None, timeout: float = 30) -> str:
-        """A plain SEV domain made emulator-mode by prepare-domain, with the stand-in as the QEMU behind
-        sevhook-qemu (no broker call: every start makes its own launch)."""
+                        token: Path | None = None, timeout: float = 30, qemu: str = SIM_QEMU) -> str:
+        """A plain SEV domain made emulator-mode by prepare-domain, with `qemu` (by default the stand-in)
+        as the QEMU behind sevhook-qemu (no broker call: every start makes its own launch)."""
         source = self.root / f"{name}.xml"
         source.write_text(self.plain_sev_domain(name, firmware=firmware))
         prepared = self.root / f"{name}.emulator.xml"
         prepare_domain_file(source, broker_url=broker_url or self.broker_url, guest_id=GUEST_ID,
                             token_file=token or self.token, timeout=timeout, output=prepared, mode="emulator",
-                            qemu=SIM_QEMU)
+                            qemu=qemu)
         return prepared.read_text()
 
     def start_standalone(self, prepared: Path, *, paused: bool = True, firmware: Path | None = None,

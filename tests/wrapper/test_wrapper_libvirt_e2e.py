@@ -1,8 +1,9 @@
 """End to end through real libvirtd 9.0: emulator-mode domains whose <emulator> is sevhook-qemu, with
 the software platform's stand-in as the real QEMU behind it (real QEMU 7.2 TCG behind that), and a
 real key broker process on loopback. No hook is installed and nothing is re-defined between starts:
-a plain `virsh start` attests, and every failure leaves the domain shut off with sevhook-qemu's
-reason in libvirt's error."""
+a plain `virsh start` attests, and every failure (tampered firmware, broker down, broker slower than
+the deadline, revoked host token, stale PDH) leaves the domain shut off with sevhook-qemu's reason
+in libvirt's error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import base64
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -17,10 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from lxml import etree
 
-from sevhook.sim.state import default_state_dir
-from sevhook.sim.world import PASSPHRASE, EmulatorConf, SimWorld, free_port, sevhook
+from sevhook.sev.certs import SevCertificate, Usage
+from sevhook.sim.platform import CERT_FILES, KEY_FILES, SoftwarePlatform
+from sevhook.sim.state import StateDir, default_state_dir
+from sevhook.sim.world import PASSPHRASE, SIM_QEMU, EmulatorConf, SimWorld, free_port, sevhook
 from sevhook.virt import libvirt_module, open_connection
 from sevhook.wrapper.config import CONFIG_FILE
 
@@ -183,6 +189,52 @@ def test_failures_leave_the_domain_shut_off_with_the_wrappers_reason(world, conn
     assert _shut_off_or_gone(conn, name)
     if case == "fw":  # launched, measured, refused: no secret reached the guest
         assert _secrets(world, name) == []
+
+
+def test_a_broker_slower_than_the_deadline_leaves_the_domain_shut_off(world, conn, slow_broker):
+    """The broker makes the launch at once but takes 20 s to attest; the guest's deadline is 3 s."""
+    name = f"{PREFIX}slow"
+    domain = conn.defineXML(world.emulator_domain(name, broker_url=slow_broker, timeout=3))
+    begin = time.monotonic()
+    error = _start_error(domain.create)
+    elapsed = time.monotonic() - begin
+    assert f"sevhook-qemu: {name}: attest: " in error, error
+    assert "3 s budget ran out" in error or "no verdict within" in error, error
+    assert elapsed < 15, elapsed  # the deadline ended the start, not the broker's answer
+    assert _shut_off_or_gone(conn, name)
+    assert _secrets(world, name) == []
+
+
+def _regenerate_pdh(state_dir: Path) -> None:
+    """What the firmware's PDH_GEN does: a new PDH key pair, its certificate signed by the platform's PEK."""
+    state = StateDir(state_dir)
+    platform = SoftwarePlatform(state)
+    key = ec.generate_private_key(ec.SECP384R1())
+    certificate = (SevCertificate.generate(Usage.PDH, key.public_key(), platform.config.api_major,
+                                           platform.config.api_minor)
+                   .sign(Usage.PEK, platform.pek_private_key))
+    state.write_private(KEY_FILES["pdh"], key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    state.write_private(CERT_FILES["pdh"], certificate.to_bytes())
+
+
+def test_a_stale_pdh_leaves_the_domain_shut_off_naming_the_fix(world, conn):
+    """The platform's PDH is regenerated after `sevhook platform export` wrote the cache: the broker makes
+    the launch for the cached PDH, and the firmware's LAUNCH_START refuses it. The platform is a copy of
+    the world's (same chip, chain and roots; the shared one stays as libvirt's probe and the other tests
+    see it), run by the domain's own QEMU with its state directory on the command line."""
+    name = f"{PREFIX}stalepdh"
+    platform = world.root / "sim-pdh-regenerated"
+    shutil.copytree(world.sim_dir, platform, ignore=shutil.ignore_patterns("guests"))
+    _regenerate_pdh(platform)
+    qemu = world.root / "qemu-sim-pdh-regenerated"
+    qemu.write_text(f"#!/bin/sh\nexec {SIM_QEMU} --sim-state-dir {platform} \"$@\"\n")
+    qemu.chmod(0o755)
+    domain = conn.defineXML(world.emulator_domain(name, qemu=str(qemu)))
+    error = _start_error(domain.create)
+    assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in error, error
+    assert _shut_off_or_gone(conn, name)
 
 
 def test_ten_plain_starts_at_once_all_attest(world, conn):

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,40 +190,9 @@ def test_a_stale_pdh_in_the_cache_is_named(world, short_dir):
     assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in log
 
 
-class _SlowAttestation(http.server.BaseHTTPRequestHandler):
-    """A real HTTP proxy to the broker that relays launch creation at once and never answers an
-    attestation in time (a broker slower than the guest's deadline)."""
-
-    upstream = ""
-
-    def do_POST(self) -> None:  # http.server's naming
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        if self.path.endswith("/attestation"):
-            time.sleep(20)
-            return
-        host, port = self.upstream.rsplit(":", 1)
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        connection.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
-        answer = connection.getresponse()
-        data = answer.read()
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        connection.close()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir):
-    _SlowAttestation.upstream = world.broker_url.removeprefix("http://")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowAttestation)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir, slow_broker):
     name, socket = "q-slow", short_dir / "slow.sock"
-    domain = world.emulator_domain(name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    domain = world.emulator_domain(name, broker_url=slow_broker, timeout=3)
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
     try:
         begin = time.monotonic()
@@ -240,7 +206,6 @@ def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir
         assert _secrets(world, name) == []
     finally:
         _stop(process)
-        server.shutdown()
 
 
 def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
