@@ -1,29 +1,30 @@
-"""An SEV guest under `sevhook-qemu`. Before the real QEMU runs: find the domain's metadata (libvirt's
-status file), refuse what an attested launch cannot survive (-incoming, no -S, a session of its own),
-get a fresh launch from the guest owner's broker for this host's platform (the platform export
-cache), check its policy is the domain's, and write its GODH and session where the sev-guest object
-reads them (root-only /run/sevhook/NAME/). Then run QEMU behind the attesting interposer.
+"""An SEV guest under `sevhook-qemu`. First, before QEMU runs: find the domain's metadata (libvirt's
+status file) and refuse what an attested launch cannot survive (-incoming, no -S, a session of its
+own). Then QEMU starts behind the attesting interposer, its sev-guest object reading its GODH and
+session from two FIFOs in root-only /run/sevhook/NAME/, and meanwhile a fresh launch is asked of the
+guest owner's broker for this host's platform (the platform export cache), its policy checked
+against the domain's, and its GODH and session written into the FIFOs. QEMU cannot get past
+LAUNCH_START before that: no launch, no guest; a refused launch kills QEMU while it waits.
 
-Every millisecond here delays `virsh start`: the broker's answer is awaited in a thread while this one
-imports the relay (asyncio), and the attestation step's modules load while QEMU starts (interposer).
+Every millisecond here delays `virsh start`, so QEMU's own start-up overlaps the broker's work, and
+only what deciding needs is imported before QEMU runs.
 
 A guest without emulator-mode metadata, or a QEMU that libvirt is not starting, is handed to the
 real QEMU unchanged. Failures print `sevhook-qemu: NAME: STEP: REASON` on stderr (libvirt's log,
-which virsh's error quotes) and exit 1 before QEMU ever ran."""
+which virsh's error quotes) and exit 1 before the guest ever ran."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import ManagedGuest
@@ -34,15 +35,17 @@ from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
 
 if TYPE_CHECKING:
-    from sevhook.broker.client import LaunchGrant
+    from sevhook.wrapper.interposer import FreshLaunch
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
 LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sevhook:attestation timeout>)
+GODH_FIFO = "godh.b64"  # the FIFOs QEMU's sev-guest reads its dh-cert-file and session-file from
+SESSION_FIFO = "session.b64"
 
 
 class Refused(StepError):
-    """The start is refused before QEMU runs; `step: reason` goes to libvirt's log."""
+    """The start is refused before the guest runs; `step: reason` goes to libvirt's log."""
 
 
 def run_sev_guest(args: Sequence[str], config: dict[str, str]) -> int:
@@ -76,9 +79,7 @@ def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
     files = RUN_DIR / name
     try:
         _check_startable(inv, qemu)
-        with log.steps.step("launch"):
-            guest = _fresh_launch(guest, Path(config["platform-cache"]), files)
-        return _serve(inv, guest, qemu, files, log)
+        return _serve(inv, guest, qemu, Path(config["platform-cache"]), files, log)
     except StepError as exc:
         log.total("failed")
         return _refuse(name, exc.step, exc.reason)
@@ -143,76 +144,53 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
                       "with `sevhook prepare-domain --qemu PATH`")
 
 
-T = TypeVar("T")
+def fresh_launch(guest: ManagedGuest, cache: Path, log: StepLog) -> FreshLaunch:
+    """A launch made now by the guest owner's broker for this host's platform, its policy the domain's.
+    Runs in a thread while QEMU starts; raises StepError or SevhookError."""
+    from sevhook.sev.platform_export import read_export  # loaded by the interposer before this runs
+    from sevhook.wrapper.interposer import FreshLaunch
 
-
-class _InThread(Generic[T]):
-    """A call running in a thread of its own while the caller does something else; `result()` waits
-    for it and returns its value or raises what it raised."""
-
-    def __init__(self, call: Callable[[], T]) -> None:
-        self._call = call
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sevhook-qemu-launch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
+    with log.steps.step("launch"):
         try:
-            self._value = self._call()
-        except BaseException as exc:  # noqa: BLE001  handed to the caller by result()
-            self._error = exc
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-
-def _fresh_launch(guest: ManagedGuest, cache: Path, files: Path) -> ManagedGuest:
-    """A launch made now, for this host's platform; its GODH and session written for QEMU to read.
-    The broker works on it while this thread imports the relay QEMU will run behind."""
-    from sevhook.files import write_private_file
-    from sevhook.sev.platform_export import read_export
-
-    try:
-        pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
-    except SevhookError as exc:
-        raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform export`)") from exc
-    importlib.import_module("sevhook.broker.client")  # here, not in the thread: no import races
-
-    def create_launch() -> LaunchGrant:
-        broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT), SESSION_RETRIES)
+            pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
+        except SevhookError as exc:
+            raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform "
+                          "export`)") from exc
         try:
-            return broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
-        finally:
-            broker.close()
-
-    request = _InThread(create_launch)
-    importlib.import_module("sevhook.wrapper.interposer")  # asyncio and the relay, while the broker answers
-    try:
-        grant = request.result()
-    except SevhookError as exc:
-        raise Refused("launch", exc.message) from exc
-    wanted = guest.launch_security.policy.value
-    if grant.policy != wanted:
-        raise Refused("policy", f"the key broker made the launch for policy {grant.policy:#06x} but the domain asks "
-                      f"for {wanted:#06x}: make <launchSecurity><policy> the policy the guest owner registered")
-    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.rmtree(files, ignore_errors=True)  # a leftover of a start that was killed
-    files.mkdir(mode=0o700)
-    write_private_file(files / "godh.b64", grant.godh_b64)
-    write_private_file(files / "session.b64", grant.session_b64)
+            broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT),
+                                 SESSION_RETRIES)
+            try:
+                grant = broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+            finally:
+                broker.close()
+        except SevhookError as exc:
+            raise Refused("launch", exc.message) from exc
+        wanted = guest.launch_security.policy.value
+        if grant.policy != wanted:
+            raise Refused("policy", f"the key broker made the launch for policy {grant.policy:#06x} but the "
+                          f"domain asks for {wanted:#06x}: make <launchSecurity><policy> the policy the guest owner "
+                          "registered")
     print(f"{PROG}: {guest.name}: launch {grant.launch_id} from the key broker for guest "
           f"{guest.attestation.guest_id}, policy {grant.policy:#06x}", file=sys.stderr)
     # the wrapper resumes through libvirt's own `cont`, never by itself
-    return replace(guest, attestation=replace(guest.attestation, launch_id=grant.launch_id, resume=False))
+    launched = replace(guest, attestation=replace(guest.attestation, launch_id=grant.launch_id, resume=False))
+    return FreshLaunch(launched, grant.godh_b64, grant.session_b64)
+
+
+def _launch_fifos(files: Path) -> tuple[Path, Path]:
+    """Two FIFOs in a fresh root-only directory: QEMU's reads of its GODH and session wait for the launch."""
+    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.rmtree(files, ignore_errors=True)  # a leftover of a start that was killed
+    files.mkdir(mode=0o700)
+    fifos = files / GODH_FIFO, files / SESSION_FIFO
+    for fifo in fifos:
+        os.mkfifo(fifo, 0o600)
+    return fifos
 
 
 def sev_object_with_files(value: str, files: Path) -> str:
     """libvirt's -object sev-guest argument (JSON or key=value) with dh-cert-file and session-file."""
-    godh, session = str(files / "godh.b64"), str(files / "session.b64")
+    godh, session = str(files / GODH_FIFO), str(files / SESSION_FIFO)
     if value.lstrip().startswith("{"):
         props = json.loads(value)
         props["dh-cert-file"], props["session-file"] = godh, session
@@ -222,17 +200,22 @@ def sev_object_with_files(value: str, files: Path) -> str:
     return ",".join([*parts, f"dh-cert-file={escaped[0]}", f"session-file={escaped[1]}"])
 
 
-def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, files: Path, log: StepLog) -> int:
-    import asyncio  # loaded while the broker made the launch (_fresh_launch)
+def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
+    import asyncio  # only for a guest sevhook-qemu attests
 
     from sevhook.sim.qmp_server import listening_socket
     from sevhook.wrapper.interposer import AttestingInterposer
 
     assert inv.sev_object_index is not None
+    fifos = _launch_fifos(files)
     sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)
-    interposer = AttestingInterposer(inv, guest, sev_object, log)
+    interposer = AttestingInterposer(inv, guest, sev_object, log, partial(fresh_launch, guest, cache, log), fifos)
     try:
         sockets = [listening_socket(spec) for spec in inv.monitors]
-        return asyncio.run(interposer.run(qemu, sockets, lambda: None))
+        status = asyncio.run(interposer.run(qemu, sockets, lambda: None))
     finally:
         interposer.cleanup()
+    if interposer.launch_refusal is not None:
+        log.total("failed")
+        return _refuse(guest.name, interposer.launch_refusal.step, interposer.launch_refusal.reason)
+    return status
