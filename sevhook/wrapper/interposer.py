@@ -42,10 +42,8 @@ REFUSED_COMMANDS = {
     "migrate-incoming": "an attested SEV guest cannot receive a migration or a saved state",
 }
 STALE_PDH_MARKS = ("LAUNCH_START", "sev_launch_start")
-# Loaded while QEMU starts, in this thread (never two threads importing at once): what the launch thread
-# needs (the platform cache reader, the broker's HTTP client), then what run_attestation needs at
-# libvirt's `cont` (qemu.qmp, the launch sequence).
-LAUNCH_MODULES = ("sevhook.sev.platform_export", "sevhook.broker.client")
+# What run_attestation needs at libvirt's `cont` (qemu.qmp, the launch sequence), loaded while QEMU starts,
+# once the launch thread (which imports what it needs itself) is done: never two threads importing at once.
 ATTESTATION_MODULES = ("sevhook.launch.qmp_port", "sevhook.launch.sequence", "sevhook.monitor.qmp")
 
 
@@ -59,8 +57,9 @@ class FreshLaunch:
     session_b64: str
 
 
-class InThread:
-    """A call running in a daemon thread while the event loop goes on; `outcome()` awaits it."""
+class LaunchRequest:
+    """The broker's launch, asked in a daemon thread (a blocking HTTP call) while the event loop goes on
+    with QEMU's start-up; `outcome()` awaits it."""
 
     def __init__(self, call: Callable[[], FreshLaunch]) -> None:
         self._call = call
@@ -118,16 +117,13 @@ class AttestingInterposer(Interposer):
     async def _deliver_launch(self) -> None:
         """The broker's launch into QEMU's FIFOs; on any failure, QEMU is killed before it has a session."""
         try:
-            for module in LAUNCH_MODULES:
-                importlib.import_module(module)
-            request = InThread(self.make_launch)
-            for module in ATTESTATION_MODULES:  # QEMU takes far longer to open its monitors than these to load
-                importlib.import_module(module)
-            launch = await request.outcome()
+            launch = await LaunchRequest(self.make_launch).outcome()
             self.guest = launch.guest
             godh, session = self.fifos
             await asyncio.gather(self._feed(godh, launch.godh_b64.encode("ascii")),
                                  self._feed(session, launch.session_b64.encode("ascii")))
+            for module in ATTESTATION_MODULES:  # QEMU takes far longer to open its monitors than these to load
+                importlib.import_module(module)
         except StepError as exc:
             self.launch_refusal = exc
         except SevhookError as exc:
@@ -161,6 +157,8 @@ class AttestingInterposer(Interposer):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return  # QEMU died while reading; its own exit is the failure reported
         finally:
             os.close(fd)
 

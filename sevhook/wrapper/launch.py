@@ -147,7 +147,7 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
 def fresh_launch(guest: ManagedGuest, cache: Path, log: StepLog) -> FreshLaunch:
     """A launch made now by the guest owner's broker for this host's platform, its policy the domain's.
     Runs in a thread while QEMU starts; raises StepError or SevhookError."""
-    from sevhook.sev.platform_export import read_export  # loaded by the interposer before this runs
+    from sevhook.sev.platform_export import read_export  # in the launch thread, while QEMU starts
     from sevhook.wrapper.interposer import FreshLaunch
 
     with log.steps.step("launch"):

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from qemu.qmp import ExecuteError, QMPClient
 
+from sevhook.errors import SevhookError
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.state import StateDir
@@ -135,7 +136,9 @@ def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, sho
         _stop(process)
 
 
-def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
+def test_incoming_unlinked_sev_and_broker_down_are_refused_before_the_guest_launches(world, short_dir):
+    """-incoming and an unlinked sev-guest are refused before QEMU runs; with the broker down, QEMU
+    (started at once, waiting for its session on the FIFOs) is killed before its LAUNCH_START."""
     name, socket = "q-in", short_dir / "in.sock"
     process = _start(world, name, [*_libvirt_argv(world, name, socket), "-incoming", "defer"], socket)
     assert process.wait(timeout=60) == 1
@@ -151,6 +154,8 @@ def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(worl
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: launch: " in _log(world, name)
     assert not socket.exists() or not _alive(process)
+    with pytest.raises(SevhookError, match="has been launched"):  # the platform never saw a LAUNCH_START
+        sevhook("sim", "secrets", "--state-dir", str(world.sim_dir), "--domain", name, "--json")
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
