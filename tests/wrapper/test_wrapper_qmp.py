@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.state import StateDir
 from sevhook.sim.world import PASSPHRASE, SimWorld, sevhook
+from sevhook.wrapper.launch import GODH_FIFO, RUN_DIR, SESSION_FIFO
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
@@ -103,8 +105,13 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
 def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
     name, socket = "q-good", short_dir / "good.sock"
     process = _start(world, name, _libvirt_argv(world, name, socket), socket)
+    files = RUN_DIR / name
     try:
         assert socket.exists(), _log(world, name)
+        # QEMU read its GODH and session from FIFOs only root can reach, written once the broker answered
+        assert stat.S_IMODE(files.stat().st_mode) == 0o700
+        for fifo in (files / GODH_FIFO, files / SESSION_FIFO):
+            assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_IMODE(fifo.stat().st_mode) == 0o600
         before, reset, cont, after = asyncio.run(_session(socket, "query-status", "system_reset", "cont",
                                                           "query-status"))
         assert before["status"] == "prelaunch"
@@ -116,6 +123,7 @@ def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
     finally:
         _stop(process)
     assert not (world.root / "state" / name).exists()
+    assert not files.exists()
 
 
 def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, short_dir):
