@@ -3,31 +3,30 @@ a relay in front of each monitor the caller (libvirt) asked for. Everything is r
 a subclass of Interposer sees each negotiated command first and may answer it itself, and sees every
 event. The caller's listening fds and paths stay with the interposer; the child dies with it
 (PR_SET_PDEATHSIG), signals are forwarded, its exit status is returned, and its stderr goes where
-ours goes (libvirt's log)."""
+ours goes (libvirt's log). The child itself (its private sockets, its command line, starting it) is
+sevhook.interpose.child, which needs no asyncio: a caller may start it before importing this module
+and hand it over (`adopt`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
+import subprocess
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 
-from sevhook.sim.argv import MonitorSpec, inherited_fds
+from sevhook.interpose.child import PrivateMonitors
+from sevhook.sim.argv import MonitorSpec
 from sevhook.sim.qmp_protocol import StreamSplitter
 from sevhook.sim.qmp_server import Connection, MonitorListener
 
 UPSTREAM_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 30.0
 STREAM_LIMIT = 256 * 1024 * 1024
-PR_SET_PDEATHSIG = 1
 SIGNAL_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 KILL_GRACE = 10.0
 STDERR_TAIL_LINES = 20
@@ -37,17 +36,48 @@ POLL_INTERVAL = 0.002  # while QEMU creates its monitor sockets: each start wait
 REPLY_PREFIXES = (b'{"return"', b'{"error"')
 
 
-def private_monitor_value(spec: MonitorSpec, path: str) -> str:
-    """The value of the monitor option that points the real QEMU at its private socket instead."""
-    if spec.option == "qmp":
-        return f"unix:{path},server=on,wait=off"
-    return f"socket,id={spec.chardev_id},path={path},server=on,wait=off"
+class ChildProcess:
+    """The real QEMU, a subprocess.Popen (started before the event loop, or by `Interposer.start`), as
+    the event loop sees it: its exit awaited through a pidfd, its stderr pipe as a StreamReader."""
 
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.stderr: asyncio.StreamReader | None = None
 
-def set_parent_death_signal() -> None:
-    """Runs in the child before exec: die with the interposer even if it is SIGKILLed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    async def connect_stderr(self) -> None:
+        if self.popen.stderr is not None:
+            reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+            await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                               self.popen.stderr)
+            self.stderr = reader
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    async def wait(self) -> int:
+        if self.popen.poll() is None:
+            try:
+                pidfd = os.pidfd_open(self.popen.pid)
+            except OSError:  # reaped meanwhile, or a kernel without pidfds
+                pidfd = None
+            if pidfd is None:
+                while self.popen.poll() is None:
+                    await asyncio.sleep(0.05)
+            else:
+                loop = asyncio.get_running_loop()
+                exited = loop.create_future()
+                loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+                try:
+                    if self.popen.poll() is None:  # not reaped before the pidfd was opened
+                        await exited
+                finally:
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
+        return self.popen.wait()
 
 
 class UpstreamGone(Exception):
@@ -179,27 +209,26 @@ class Interposer:
     say how the child's command line looks (`child_argv`) and what to intercept."""
 
     def __init__(self, argv: list[str], monitors: list[MonitorSpec], *, daemonize: bool = False,
-                 dir_prefix: str = "sevhook-", keep_stderr_tail: bool = False) -> None:
+                 dir_prefix: str = "sevhook-", keep_stderr_tail: bool = False,
+                 private: PrivateMonitors | None = None) -> None:
+        """`private`: the child's private sockets when the caller made them (and started the child) first."""
         self.argv = argv
         self.monitors = monitors
         self.daemonize = daemonize
         self.keep_stderr_tail = keep_stderr_tail  # relay the child's stderr and remember its last lines
         self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
-        self.private_dir = Path(tempfile.mkdtemp(prefix=dir_prefix, dir=_runtime_dir()))
-        self.private_paths = {spec.option_index: str(self.private_dir / f"monitor{n}.sock")
-                              for n, spec in enumerate(monitors)}
-        self.extra_sockets: list[str] = []  # private monitors of the interposer's own, waited for too
-        self.process: asyncio.subprocess.Process | None = None
+        self.private = private or PrivateMonitors(argv, monitors, dir_prefix)
+        self.private_dir = self.private.directory
+        self.private_paths = self.private.paths
+        self.extra_sockets = self.private.extra  # private monitors of the interposer's own, waited for too
+        self.process: ChildProcess | None = None
         self.listeners: list[MonitorListener] = []
         self._stderr_task: asyncio.Future | None = None
 
     # --- what subclasses decide -------------------------------------------------------------------
     def child_argv(self) -> list[str]:
         """The real QEMU's arguments (without the program); by default only the monitors change."""
-        argv = list(self.argv)
-        for spec in self.monitors:
-            argv[spec.option_index] = private_monitor_value(spec, self.private_paths[spec.option_index])
-        return argv
+        return self.private.child_argv()
 
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         """A negotiated command from a client: True when it was answered here (not relayed)."""
@@ -217,22 +246,19 @@ class Interposer:
     # --- the child --------------------------------------------------------------------------------
     def extra_socket(self, name: str) -> str:
         """A private monitor path of the interposer's own (the caller adds the option to the argv)."""
-        path = str(self.private_dir / name)
-        self.extra_sockets.append(path)
-        return path
+        return self.private.extra_socket(name)
 
     async def start(self, binary: str) -> None:
-        argv = self.child_argv()
-        monitor_fds = {spec.fd for spec in self.monitors if spec.fd is not None}
-        keep = sorted(fd for fd in inherited_fds(self.argv) - monitor_fds if _fd_open(fd))
-        # A daemonized QEMU must not hold the caller's stdio open (libvirt's probe waits for EOF on
-        # its stderr pipe): relay stderr ourselves, to wherever fd 2 points (/dev/null once daemonized).
-        relay = asyncio.subprocess.PIPE if self.daemonize or self.keep_stderr_tail else None
-        self.process = await asyncio.create_subprocess_exec(
-            binary, *argv, pass_fds=keep, preexec_fn=set_parent_death_signal,
-            stdin=asyncio.subprocess.DEVNULL if self.daemonize else None,
-            stdout=asyncio.subprocess.DEVNULL if self.daemonize else None, stderr=relay,
-        )
+        """Start the child now (relaying its stderr, to wherever fd 2 points, when asked to or when
+        daemonized)."""
+        popen = self.private.spawn(binary, self.child_argv(), relay_stderr=self.keep_stderr_tail,
+                                   daemonize=self.daemonize)
+        await self.adopt(popen)
+
+    async def adopt(self, popen: subprocess.Popen[bytes]) -> None:
+        """Take over a child started from `self.private` (by `start`, or by the caller before the loop)."""
+        self.process = ChildProcess(popen)
+        await self.process.connect_stderr()
         if self.process.stderr is not None:
             tail = self.stderr_tail if self.keep_stderr_tail else None
             self._stderr_task = asyncio.ensure_future(_copy_to_stderr(self.process.stderr, tail))
@@ -314,7 +340,7 @@ class Interposer:
         asyncio.get_running_loop().call_later(KILL_GRACE, self.kill, signal.SIGKILL)
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.private_dir, ignore_errors=True)
+        self.private.cleanup()
 
 
 async def _copy_to_stderr(stream: asyncio.StreamReader, tail: deque[bytes] | None) -> None:
@@ -329,18 +355,3 @@ async def _copy_to_stderr(stream: asyncio.StreamReader, tail: deque[bytes] | Non
             tail.append(chunk)
         with contextlib.suppress(OSError):
             os.write(2, chunk)
-
-
-def _fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def _runtime_dir() -> str | None:
-    for candidate in ("/run", "/tmp"):
-        if os.access(candidate, os.W_OK):
-            return candidate
-    return None
