@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import HookFailure, ManagedGuest, launch_request
 from sevhook.hook.steplog import StepLog
+from sevhook.interpose.child import PrivateMonitors
 from sevhook.interpose.core import POLL_INTERVAL, UPSTREAM_TIMEOUT, Interposer, MonitorRelay
 from sevhook.launch.checks import Deadline
 from sevhook.sim.argv import QemuInvocation
@@ -86,32 +88,29 @@ class LaunchRequest:
 class AttestingInterposer(Interposer):
     """The real QEMU of one emulator-mode guest, with libvirt's `cont` held for the verdict."""
 
-    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, sev_object: str, log: StepLog,
-                 make_launch: Callable[[], FreshLaunch], fifos: tuple[Path, Path]) -> None:
-        """`make_launch` asks the broker (blocking; run in a thread); `fifos` are the GODH and session FIFOs
-        `sev_object` names."""
-        super().__init__(inv.argv, inv.monitors, dir_prefix="sevhook-qemu-", keep_stderr_tail=True)
+    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, log: StepLog, make_launch: Callable[[], FreshLaunch],
+                 fifos: tuple[Path, Path], private: PrivateMonitors, child: subprocess.Popen[bytes],
+                 attest_socket: str) -> None:
+        """`child`: the real QEMU, already started from `private` (sevhook.wrapper.launch), its sev-guest
+        object reading `fifos` (GODH, session) and `attest_socket` the wrapper's own monitor;
+        `make_launch` asks the broker (blocking; run in a thread)."""
+        super().__init__(inv.argv, inv.monitors, keep_stderr_tail=True, private=private)
         self.inv = inv
         self.guest = guest
-        self.sev_object = sev_object
         self.log = log
+        self.child = child
         self.make_launch = make_launch
         self.fifos = fifos
         self.launch_refusal: StepError | None = None  # why the launch was not given to QEMU
         self._launch: asyncio.Future | None = None
-        self.attest_socket = self.extra_socket("attest.sock")
+        self.attest_socket = attest_socket
         self.attested = False
         self.refusal: str | None = None
         self._verdict_lock = asyncio.Lock()
 
-    def child_argv(self) -> list[str]:
-        argv = super().child_argv()
-        assert self.inv.sev_object_index is not None
-        argv[self.inv.sev_object_index] = self.sev_object
-        return [*argv, "-qmp", f"unix:{self.attest_socket},server=on,wait=off"]
-
     async def start(self, binary: str) -> None:
-        await super().start(binary)
+        """QEMU runs already: take it over, and give it its launch."""
+        await self.adopt(self.child)
         self._launch = asyncio.ensure_future(self._deliver_launch())
 
     async def _deliver_launch(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,11 +36,13 @@ from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
 
 if TYPE_CHECKING:
+    from sevhook.interpose.child import PrivateMonitors
     from sevhook.wrapper.interposer import FreshLaunch
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
 LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sevhook:attestation timeout>)
+ATTEST_SOCKET = "attest.sock"  # the wrapper's own monitor of QEMU, for the attestation
 GODH_FIFO = "godh.b64"  # the FIFOs QEMU's sev-guest reads its dh-cert-file and session-file from
 SESSION_FIFO = "session.b64"
 
@@ -200,19 +203,50 @@ def sev_object_with_files(value: str, files: Path) -> str:
     return ",".join([*parts, f"dh-cert-file={escaped[0]}", f"session-file={escaped[1]}"])
 
 
-def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
-    import asyncio  # only for a guest sevhook-qemu attests
+def _child_argv(inv: QemuInvocation, private: PrivateMonitors, sev_object: str, attest_socket: str) -> list[str]:
+    """The real QEMU's arguments: libvirt's, with its monitors on private sockets, the sev-guest object
+    reading the launch FIFOs, and one more monitor, the wrapper's own, for the attestation."""
+    assert inv.sev_object_index is not None
+    argv = private.child_argv()
+    argv[inv.sev_object_index] = sev_object
+    return [*argv, "-qmp", f"unix:{attest_socket},server=on,wait=off"]
 
-    from sevhook.sim.qmp_server import listening_socket
-    from sevhook.wrapper.interposer import AttestingInterposer
+
+def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
+    """QEMU first, then (while it starts) the relay's imports, the launch and the relay itself."""
+    from sevhook.interpose.child import PrivateMonitors  # no asyncio: QEMU starts before the relay is imported
 
     assert inv.sev_object_index is not None
     fifos = _launch_fifos(files)
     sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)
-    interposer = AttestingInterposer(inv, guest, sev_object, log, partial(fresh_launch, guest, cache, log), fifos)
+    private = PrivateMonitors(inv.argv, inv.monitors, "sevhook-qemu-")
+    attest_socket = private.extra_socket(ATTEST_SOCKET)
+    try:
+        child = private.spawn(qemu, _child_argv(inv, private, sev_object, attest_socket), relay_stderr=True,
+                              daemonize=False)
+    except OSError as exc:
+        private.cleanup()
+        raise Refused("qemu", f"cannot run the real QEMU {qemu}: {exc.strerror}") from exc
+    try:
+        return _relay(inv, guest, cache, log, fifos, private, child, attest_socket)
+    finally:
+        if child.poll() is None:  # the relay never took it over (a failure before the event loop ran)
+            child.kill()
+            child.wait()
+
+
+def _relay(inv: QemuInvocation, guest: ManagedGuest, cache: Path, log: StepLog, fifos: tuple[Path, Path],
+           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str) -> int:
+    import asyncio  # while QEMU starts
+
+    from sevhook.sim.qmp_server import listening_socket
+    from sevhook.wrapper.interposer import AttestingInterposer
+
+    interposer = AttestingInterposer(inv, guest, log, partial(fresh_launch, guest, cache, log), fifos, private,
+                                     child, attest_socket)
     try:
         sockets = [listening_socket(spec) for spec in inv.monitors]
-        status = asyncio.run(interposer.run(qemu, sockets, lambda: None))
+        status = asyncio.run(interposer.run(child.args[0], sockets, lambda: None))
     finally:
         interposer.cleanup()
     if interposer.launch_refusal is not None:
