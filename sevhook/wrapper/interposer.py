@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import importlib
 import os
 import signal
@@ -123,6 +124,8 @@ class AttestingInterposer(Interposer):
                                  self._feed(session, launch.session_b64.encode("ascii")))
             for module in ATTESTATION_MODULES:  # QEMU takes far longer to open its monitors than these to load
                 importlib.import_module(module)
+            gc.freeze()  # what start-up loaded stays: later collections (the guest's lifetime) skip it
+            gc.enable()  # sevhook.wrapper.main turned it off for start-up
         except StepError as exc:
             self.launch_refusal = exc
         except SevhookError as exc:
