@@ -3,47 +3,81 @@ a relay in front of each monitor the caller (libvirt) asked for. Everything is r
 a subclass of Interposer sees each negotiated command first and may answer it itself, and sees every
 event. The caller's listening fds and paths stay with the interposer; the child dies with it
 (PR_SET_PDEATHSIG), signals are forwarded, its exit status is returned, and its stderr goes where
-ours goes (libvirt's log)."""
+ours goes (libvirt's log). The child itself (its private sockets, its command line, starting it) is
+sevhook.interpose.child, which needs no asyncio: a caller may start it before importing this module
+and hand it over (`adopt`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
+import subprocess
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 
-from sevhook.sim.argv import MonitorSpec, inherited_fds
+from sevhook.interpose.child import PrivateMonitors
+from sevhook.sim.argv import MonitorSpec
 from sevhook.sim.qmp_protocol import StreamSplitter
 from sevhook.sim.qmp_server import Connection, MonitorListener
 
 UPSTREAM_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 30.0
 STREAM_LIMIT = 256 * 1024 * 1024
-PR_SET_PDEATHSIG = 1
 SIGNAL_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 KILL_GRACE = 10.0
 STDERR_TAIL_LINES = 20
+POLL_INTERVAL = 0.002  # while QEMU creates its monitor sockets: each start waits for them
+# How QEMU begins a reply line; such a line is relayed without parsing it (libvirt sends hundreds of
+# commands at start-up, and each crosses the relay). Any other line is parsed: an event, or odd spacing.
+REPLY_PREFIXES = (b'{"return"', b'{"error"')
 
 
-def private_monitor_value(spec: MonitorSpec, path: str) -> str:
-    """The value of the monitor option that points the real QEMU at its private socket instead."""
-    if spec.option == "qmp":
-        return f"unix:{path},server=on,wait=off"
-    return f"socket,id={spec.chardev_id},path={path},server=on,wait=off"
+class ChildProcess:
+    """The real QEMU, a subprocess.Popen (started before the event loop, or by `Interposer.start`), as
+    the event loop sees it: its exit awaited through a pidfd, its stderr pipe as a StreamReader."""
 
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.stderr: asyncio.StreamReader | None = None
 
-def set_parent_death_signal() -> None:
-    """Runs in the child before exec: die with the interposer even if it is SIGKILLed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    async def connect_stderr(self) -> None:
+        if self.popen.stderr is not None:
+            reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+            await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                               self.popen.stderr)
+            self.stderr = reader
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    async def wait(self) -> int:
+        if self.popen.poll() is None:
+            try:
+                pidfd = os.pidfd_open(self.popen.pid)
+            except OSError:  # reaped meanwhile, or a kernel without pidfds
+                pidfd = None
+            if pidfd is None:
+                while self.popen.poll() is None:
+                    await asyncio.sleep(0.05)
+            else:
+                loop = asyncio.get_running_loop()
+                exited = loop.create_future()
+                loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+                try:
+                    if self.popen.poll() is None:  # not reaped before the pidfd was opened
+                        await exited
+                finally:
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
+        return self.popen.wait()
 
 
 class UpstreamGone(Exception):
@@ -59,7 +93,8 @@ class MonitorRelay:
         self.upstream_path = upstream_path
         self.negotiated = False
         self.pending: deque[str] = deque()  # commands relayed and not yet answered, in order
-        self.idle = asyncio.Condition()
+        self.idle = asyncio.Event()  # set while nothing is pending
+        self.idle.set()
         self.up_writer: asyncio.StreamWriter | None = None
 
     async def run(self) -> None:
@@ -81,8 +116,7 @@ class MonitorRelay:
                 # The client left. Wait for the replies still owed before closing: once QEMU sees the
                 # connection close, it would deliver them to the next client of this monitor.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    async with self.idle:
-                        await asyncio.wait_for(self.idle.wait_for(lambda: not self.pending), DRAIN_TIMEOUT)
+                    await asyncio.wait_for(self.wait_idle(), DRAIN_TIMEOUT)
                 downstream.cancel()
             elif downstream.done() and not upstream.done():
                 upstream.cancel()
@@ -102,24 +136,34 @@ class MonitorRelay:
                 return
             except (ConnectionError, asyncio.LimitOverrunError):
                 return
-            try:
-                message = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                message = None
-            if isinstance(message, dict):
-                if "event" in message:
-                    self.interposer.observe_event(message)
-                elif "return" in message or "error" in message:
-                    if not self.pending:
-                        # QEMU keeps one output queue per monitor: a reply to a command of a client that
-                        # left arrives on the next connection. It is not this client's: drop it.
+            if line.startswith(REPLY_PREFIXES):
+                if not self._reply_arrived(succeeded=line.startswith(REPLY_PREFIXES[0])):
+                    continue
+            else:
+                try:
+                    message = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    message = None
+                if isinstance(message, dict):
+                    if "event" in message:
+                        self.interposer.observe_event(message)
+                    elif ("return" in message or "error" in message) and not self._reply_arrived(
+                            succeeded="return" in message):
                         continue
-                    command = self.pending.popleft()
-                    if command == "qmp_capabilities" and "return" in message:
-                        self.negotiated = True
-                    async with self.idle:
-                        self.idle.notify_all()
             await self.client.send_raw(line)
+
+    def _reply_arrived(self, succeeded: bool) -> bool:
+        """A reply to the oldest relayed command. False when none is owed: QEMU keeps one output queue per
+        monitor, so a reply to a command of a client that left arrives on the next connection; it is not
+        this client's and is dropped."""
+        if not self.pending:
+            return False
+        command = self.pending.popleft()
+        if command == "qmp_capabilities" and succeeded:
+            self.negotiated = True
+        if not self.pending:
+            self.idle.set()
+        return True
 
     async def _relay_requests(self) -> None:
         """Client -> upstream; a negotiated command the interposer takes is not relayed."""
@@ -135,6 +179,7 @@ class MonitorRelay:
                     if await self.interposer.intercept(self, command, value):
                         continue
                 self.pending.append(command if isinstance(command, str) else "")
+                self.idle.clear()
                 await self._send_upstream(parsed.raw + b"\n")
                 if command == "qmp_capabilities" and not self.negotiated:
                     # what follows depends on whether negotiation succeeded: wait for its reply
@@ -142,8 +187,8 @@ class MonitorRelay:
 
     async def wait_idle(self) -> None:
         """Until every relayed command has its reply: a local answer must not overtake them."""
-        async with self.idle:
-            await self.idle.wait_for(lambda: not self.pending)
+        while self.pending:
+            await self.idle.wait()
 
     async def answer(self, message: dict) -> None:
         """Send a locally made reply, after every earlier reply has gone out."""
@@ -164,27 +209,26 @@ class Interposer:
     say how the child's command line looks (`child_argv`) and what to intercept."""
 
     def __init__(self, argv: list[str], monitors: list[MonitorSpec], *, daemonize: bool = False,
-                 dir_prefix: str = "sevhook-", keep_stderr_tail: bool = False) -> None:
+                 dir_prefix: str = "sevhook-", keep_stderr_tail: bool = False,
+                 private: PrivateMonitors | None = None) -> None:
+        """`private`: the child's private sockets when the caller made them (and started the child) first."""
         self.argv = argv
         self.monitors = monitors
         self.daemonize = daemonize
         self.keep_stderr_tail = keep_stderr_tail  # relay the child's stderr and remember its last lines
         self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
-        self.private_dir = Path(tempfile.mkdtemp(prefix=dir_prefix, dir=_runtime_dir()))
-        self.private_paths = {spec.option_index: str(self.private_dir / f"monitor{n}.sock")
-                              for n, spec in enumerate(monitors)}
-        self.extra_sockets: list[str] = []  # private monitors of the interposer's own, waited for too
-        self.process: asyncio.subprocess.Process | None = None
+        self.private = private or PrivateMonitors(argv, monitors, dir_prefix)
+        self.private_dir = self.private.directory
+        self.private_paths = self.private.paths
+        self.extra_sockets = self.private.extra  # private monitors of the interposer's own, waited for too
+        self.process: ChildProcess | None = None
         self.listeners: list[MonitorListener] = []
         self._stderr_task: asyncio.Future | None = None
 
     # --- what subclasses decide -------------------------------------------------------------------
     def child_argv(self) -> list[str]:
         """The real QEMU's arguments (without the program); by default only the monitors change."""
-        argv = list(self.argv)
-        for spec in self.monitors:
-            argv[spec.option_index] = private_monitor_value(spec, self.private_paths[spec.option_index])
-        return argv
+        return self.private.child_argv()
 
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         """A negotiated command from a client: True when it was answered here (not relayed)."""
@@ -202,22 +246,19 @@ class Interposer:
     # --- the child --------------------------------------------------------------------------------
     def extra_socket(self, name: str) -> str:
         """A private monitor path of the interposer's own (the caller adds the option to the argv)."""
-        path = str(self.private_dir / name)
-        self.extra_sockets.append(path)
-        return path
+        return self.private.extra_socket(name)
 
     async def start(self, binary: str) -> None:
-        argv = self.child_argv()
-        monitor_fds = {spec.fd for spec in self.monitors if spec.fd is not None}
-        keep = sorted(fd for fd in inherited_fds(self.argv) - monitor_fds if _fd_open(fd))
-        # A daemonized QEMU must not hold the caller's stdio open (libvirt's probe waits for EOF on
-        # its stderr pipe): relay stderr ourselves, to wherever fd 2 points (/dev/null once daemonized).
-        relay = asyncio.subprocess.PIPE if self.daemonize or self.keep_stderr_tail else None
-        self.process = await asyncio.create_subprocess_exec(
-            binary, *argv, pass_fds=keep, preexec_fn=set_parent_death_signal,
-            stdin=asyncio.subprocess.DEVNULL if self.daemonize else None,
-            stdout=asyncio.subprocess.DEVNULL if self.daemonize else None, stderr=relay,
-        )
+        """Start the child now (relaying its stderr, to wherever fd 2 points, when asked to or when
+        daemonized)."""
+        popen = self.private.spawn(binary, self.child_argv(), relay_stderr=self.keep_stderr_tail,
+                                   daemonize=self.daemonize)
+        await self.adopt(popen)
+
+    async def adopt(self, popen: subprocess.Popen[bytes]) -> None:
+        """Take over a child started from `self.private` (by `start`, or by the caller before the loop)."""
+        self.process = ChildProcess(popen)
+        await self.process.connect_stderr()
         if self.process.stderr is not None:
             tail = self.stderr_tail if self.keep_stderr_tail else None
             self._stderr_task = asyncio.ensure_future(_copy_to_stderr(self.process.stderr, tail))
@@ -231,7 +272,7 @@ class Interposer:
         while not all(os.path.exists(path) for path in paths):
             if self.process.returncode is not None or loop.time() > deadline:
                 return False
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL_INTERVAL)
         return self.process.returncode is None
 
     async def connect_upstream(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -245,7 +286,7 @@ class Interposer:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if loop.time() > deadline:
                     raise UpstreamGone() from exc
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL_INTERVAL)
 
     async def _session(self, spec: MonitorSpec, connection: Connection) -> None:
         await MonitorRelay(self, connection, self.private_paths[spec.option_index]).run()
@@ -299,7 +340,7 @@ class Interposer:
         asyncio.get_running_loop().call_later(KILL_GRACE, self.kill, signal.SIGKILL)
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.private_dir, ignore_errors=True)
+        self.private.cleanup()
 
 
 async def _copy_to_stderr(stream: asyncio.StreamReader, tail: deque[bytes] | None) -> None:
@@ -314,18 +355,3 @@ async def _copy_to_stderr(stream: asyncio.StreamReader, tail: deque[bytes] | Non
             tail.append(chunk)
         with contextlib.suppress(OSError):
             os.write(2, chunk)
-
-
-def _fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def _runtime_dir() -> str | None:
-    for candidate in ("/run", "/tmp"):
-        if os.access(candidate, os.W_OK):
-            return candidate
-    return None

@@ -18,7 +18,8 @@ import socket
 import sys
 
 from sevhook.errors import UsageError
-from sevhook.interpose.core import Interposer, MonitorRelay, private_monitor_value
+from sevhook.interpose.child import private_monitor_value
+from sevhook.interpose.core import Interposer, MonitorRelay
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import PROG, SIM_FLAGS, SIM_OPTIONS, QemuInvocation, split_options
 from sevhook.sim.lifecycle import Daemon, run_launched

@@ -9,6 +9,10 @@ platform export comes from the stand-in's query-sev-capabilities (`sevhook platf
 --emulator`), so its CEK is unsigned as real firmware's, and the broker fetches the signed CEK from a
 simulated AMD KDS by the chip id prepare-domain sends.
 
+Emulator mode (sevhook-qemu as libvirt's <emulator>) on top of a SimWorld: its platform export cache
+(`SimWorld.platform_cache`), plain and emulator-mode domains (`plain_sev_domain`, `emulator_domain`),
+and EmulatorConf, the host's emulator.conf naming the stand-in as the QEMU.
+
 LocalWorld: the same world inside this process, for the demo, which runs without a network and
 without child processes other than the stand-in: the platform, its KDS, and the broker as a LocalBroker.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,6 +66,7 @@ LOCAL_BROKER_START_TIMEOUT = 10.0
 LOCAL_BROKER_STOP_TIMEOUT = 5.0
 STANDIN_START_TIMEOUT = 15.0
 STANDIN_STOP_TIMEOUT = 5.0
+SYSTEM_QEMU = "/usr/bin/qemu-system-x86_64"
 
 
 def standin_command() -> list[str]:
@@ -308,6 +314,31 @@ class SimWorld:
             prepared.write_text(text)
         return prepared
 
+    def platform_cache(self, directory: Path) -> Path:
+        """The cache `sevhook platform export` writes, in `directory` (root-only): the world's export of the
+        stand-in's platform (the firmware's unsigned CEK and the chip id, which the broker resolves at its
+        simulated KDS)."""
+        if directory != self.export:
+            shutil.copytree(self.export, directory)
+        directory.chmod(0o700)
+        return directory
+
+    def plain_sev_domain(self, name: str, *, firmware: Path | None = None, emulator: str = SYSTEM_QEMU) -> str:
+        """An SEV domain with the world's firmware and no sevhook metadata (nothing attests it)."""
+        return sev_domain_xml(name, firmware or self.firmware, self.root / f"{name}_VARS.fd", emulator)
+
+    def emulator_domain(self, name: str, *, firmware: Path | None = None, broker_url: str | None = None,
+                        token: Path | None = None, timeout: float = 30, qemu: str = SIM_QEMU) -> str:
+        """A plain SEV domain made emulator-mode by prepare-domain, with `qemu` (by default the stand-in)
+        as the QEMU behind sevhook-qemu (no broker call: every start makes its own launch)."""
+        source = self.root / f"{name}.xml"
+        source.write_text(self.plain_sev_domain(name, firmware=firmware))
+        prepared = self.root / f"{name}.emulator.xml"
+        prepare_domain_file(source, broker_url=broker_url or self.broker_url, guest_id=GUEST_ID,
+                            token_file=token or self.token, timeout=timeout, output=prepared, mode="emulator",
+                            qemu=qemu)
+        return prepared.read_text()
+
     def start_standalone(self, prepared: Path, *, paused: bool = True, firmware: Path | None = None,
                          monitor: bool = True) -> StandIn:
         """The stand-in QEMU as libvirt would run it for the prepared domain (files written 0600)."""
@@ -341,6 +372,28 @@ class SimWorld:
         entries = json.loads(sevhook("sim", "secrets", "--state-dir", str(self.sim_dir), "--domain", name,
                                      "--json", "--show-values"))
         return [secret for entry in entries for secret in entry.get("secrets", [])]
+
+
+class EmulatorConf:
+    """The host's emulator.conf at `path` (sevhook-qemu reads /etc/sevhook/emulator.conf, since libvirtd
+    clears the environment of the emulators it runs) naming the stand-in as the QEMU that answers
+    libvirt's probes (so that libvirt sees SEV support) and `cache` as the platform export cache.
+    `remove` puts back what was there before, or removes the file if it is still the one written here."""
+
+    def __init__(self, path: Path, cache: Path) -> None:
+        self.path = path
+        self.text = f"# written by sevhook's simulated world\nqemu = {SIM_QEMU}\nplatform-cache = {cache}\n"
+        self.previous = path.read_text() if path.exists() else None
+
+    def install(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.text)
+
+    def remove(self) -> None:
+        if self.previous is not None:
+            self.path.write_text(self.previous)
+        elif self.path.exists() and self.path.read_text() == self.text:
+            self.path.unlink()
 
 
 def stop(standins: Sequence[StandIn]) -> None:

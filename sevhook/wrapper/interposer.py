@@ -3,20 +3,33 @@ first `cont` is held until the attested launch (sevhook.launch.sequence.Attested
 monitor of the wrapper's own) has a verdict. Approved: libvirt's `cont` is forwarded and the guest
 runs. Refused, failed or out of time: libvirt's `cont` gets a QMP GenericError naming the step and
 the reason, and QEMU is killed, so its vCPUs never run. `system_reset` and migration (which `virsh
-save` uses too) are refused for an attested guest."""
+save` uses too) are refused for an attested guest.
+
+Before that, while QEMU starts, the launch of this start (sevhook.wrapper.launch.fresh_launch, in a
+thread: the broker's answer is awaited there) is written into the FIFOs QEMU's sev-guest object reads
+its GODH and session from; a refused launch kills QEMU while it still waits for them."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
+import importlib
+import os
 import signal
+import subprocess
 import sys
-from dataclasses import replace
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import HookFailure, ManagedGuest, launch_request
 from sevhook.hook.steplog import StepLog
-from sevhook.interpose.core import Interposer, MonitorRelay
+from sevhook.interpose.child import PrivateMonitors
+from sevhook.interpose.core import POLL_INTERVAL, UPSTREAM_TIMEOUT, Interposer, MonitorRelay
 from sevhook.launch.checks import Deadline
 from sevhook.sim.argv import QemuInvocation
 from sevhook.sim.qmp_protocol import GENERIC_ERROR, QmpError, error_reply
@@ -32,27 +45,124 @@ REFUSED_COMMANDS = {
     "migrate-incoming": "an attested SEV guest cannot receive a migration or a saved state",
 }
 STALE_PDH_MARKS = ("LAUNCH_START", "sev_launch_start")
+# What run_attestation needs at libvirt's `cont` (qemu.qmp, the launch sequence), loaded while QEMU starts,
+# once the launch thread (which imports what it needs itself) is done: never two threads importing at once.
+ATTESTATION_MODULES = ("sevhook.launch.qmp_port", "sevhook.launch.sequence", "sevhook.monitor.qmp")
+
+
+@dataclass(frozen=True)
+class FreshLaunch:
+    """The launch the broker made for this start: the guest with its launch id, and the GODH and session
+    QEMU's sev-guest object reads (base64, as in libvirt's <dhCert>/<session>)."""
+
+    guest: ManagedGuest
+    godh_b64: str
+    session_b64: str
+
+
+class LaunchRequest:
+    """The broker's launch, asked in a daemon thread (a blocking HTTP call) while the event loop goes on
+    with QEMU's start-up; `outcome()` awaits it."""
+
+    def __init__(self, call: Callable[[], FreshLaunch]) -> None:
+        self._call = call
+        self._value: FreshLaunch | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sevhook-qemu-launch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:  # noqa: BLE001  handed to the awaiting task by outcome()
+            self._error = exc
+
+    async def outcome(self) -> FreshLaunch:
+        while self._thread.is_alive():
+            await asyncio.sleep(POLL_INTERVAL)
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 class AttestingInterposer(Interposer):
     """The real QEMU of one emulator-mode guest, with libvirt's `cont` held for the verdict."""
 
-    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, sev_object: str, log: StepLog) -> None:
-        super().__init__(inv.argv, inv.monitors, dir_prefix="sevhook-qemu-", keep_stderr_tail=True)
+    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, log: StepLog, make_launch: Callable[[], FreshLaunch],
+                 fifos: tuple[Path, Path], private: PrivateMonitors, child: subprocess.Popen[bytes],
+                 attest_socket: str) -> None:
+        """`child`: the real QEMU, already started from `private` (sevhook.wrapper.launch), its sev-guest
+        object reading `fifos` (GODH, session) and `attest_socket` the wrapper's own monitor;
+        `make_launch` asks the broker (blocking; run in a thread)."""
+        super().__init__(inv.argv, inv.monitors, keep_stderr_tail=True, private=private)
         self.inv = inv
         self.guest = guest
-        self.sev_object = sev_object
         self.log = log
-        self.attest_socket = self.extra_socket("attest.sock")
+        self.child = child
+        self.make_launch = make_launch
+        self.fifos = fifos
+        self.launch_refusal: StepError | None = None  # why the launch was not given to QEMU
+        self._launch: asyncio.Future | None = None
+        self.attest_socket = attest_socket
         self.attested = False
         self.refusal: str | None = None
         self._verdict_lock = asyncio.Lock()
 
-    def child_argv(self) -> list[str]:
-        argv = super().child_argv()
-        assert self.inv.sev_object_index is not None
-        argv[self.inv.sev_object_index] = self.sev_object
-        return [*argv, "-qmp", f"unix:{self.attest_socket},server=on,wait=off"]
+    async def start(self, binary: str) -> None:
+        """QEMU runs already: take it over, and give it its launch."""
+        await self.adopt(self.child)
+        self._launch = asyncio.ensure_future(self._deliver_launch())
+
+    async def _deliver_launch(self) -> None:
+        """The broker's launch into QEMU's FIFOs; on any failure, QEMU is killed before it has a session."""
+        try:
+            launch = await LaunchRequest(self.make_launch).outcome()
+            self.guest = launch.guest
+            godh, session = self.fifos
+            await asyncio.gather(self._feed(godh, launch.godh_b64.encode("ascii")),
+                                 self._feed(session, launch.session_b64.encode("ascii")))
+            for module in ATTESTATION_MODULES:  # QEMU takes far longer to open its monitors than these to load
+                importlib.import_module(module)
+            gc.freeze()  # what start-up loaded stays: later collections (the guest's lifetime) skip it
+            gc.enable()  # sevhook.wrapper.main turned it off for start-up
+        except StepError as exc:
+            self.launch_refusal = exc
+        except SevhookError as exc:
+            self.launch_refusal = StepError("launch", exc.message)
+        except Exception as exc:  # noqa: BLE001  fail closed with one line, never a traceback
+            self.launch_refusal = StepError("launch", f"internal error ({exc.__class__.__name__}: {exc}); "
+                                                      "the guest was not started")
+        if self.launch_refusal is not None:
+            self.kill(signal.SIGKILL)
+
+    async def _feed(self, fifo: Path, data: bytes) -> None:
+        """Write `data` into a FIFO once QEMU opened it for reading (a non-blocking open fails with ENXIO
+        until then); closing it gives QEMU its end of file."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UPSTREAM_TIMEOUT
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+            if self.process is None or self.process.returncode is not None:
+                return  # QEMU is gone before reading it; its own exit is the failure reported
+            if loop.time() > deadline:
+                raise StepError("launch", f"QEMU did not read {fifo.name} (its sev-guest object's file) within "
+                                f"{UPSTREAM_TIMEOUT:g} s; the guest was not started")
+            await asyncio.sleep(POLL_INTERVAL)
+        try:
+            os.set_blocking(fd, True)  # a few KiB: within the pipe's buffer
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return  # QEMU died while reading; its own exit is the failure reported
+        finally:
+            os.close(fd)
 
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         if command in REFUSED_COMMANDS:
@@ -76,6 +186,10 @@ class AttestingInterposer(Interposer):
 
     async def _attest(self) -> str | None:
         """None when the broker approved and the secret is in; else `step: reason`."""
+        if self._launch is not None:
+            await self._launch
+        if self.launch_refusal is not None:
+            return f"{self.launch_refusal.step}: {self.launch_refusal.reason}"
         budget = self.guest.attestation.timeout + DEADLINE_GRACE
         try:
             await asyncio.wait_for(asyncio.to_thread(partial(run_attestation, self.guest, self.attest_socket,
@@ -99,7 +213,7 @@ class AttestingInterposer(Interposer):
         """QEMU died at start-up. A LAUNCH_START failure on a session made for the cached PDH means the
         platform's PDH is not the cached one any more."""
         text = b"".join(self.stderr_tail).decode("utf-8", "replace")
-        if any(mark in text for mark in STALE_PDH_MARKS):
+        if self.launch_refusal is None and any(mark in text for mark in STALE_PDH_MARKS):
             print(f"{PROG}: {self.guest.name}: launch: the platform's PDH changed: run `sevhook platform export` "
                   "(the launch session was made for the cached PDH, and the firmware refused it)", file=sys.stderr)
 

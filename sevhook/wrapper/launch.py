@@ -1,39 +1,54 @@
-"""An SEV guest under `sevhook-qemu`. Before the real QEMU runs: find the domain's metadata (libvirt's
-status file), refuse what an attested launch cannot survive (-incoming, no -S, a session of its own),
-get a fresh launch from the guest owner's broker for this host's platform (the platform export
-cache), check its policy is the domain's, and write its GODH and session where the sev-guest object
-reads them (root-only /run/sevhook/NAME/). Then run QEMU behind the attesting interposer.
+"""An SEV guest under `sevhook-qemu`. First, before QEMU runs: find the domain's metadata (libvirt's
+status file) and refuse what an attested launch cannot survive (-incoming, no -S, a session of its
+own). Then QEMU starts behind the attesting interposer, its sev-guest object reading its GODH and
+session from two FIFOs in root-only /run/sevhook/NAME/, and meanwhile a fresh launch is asked of the
+guest owner's broker for this host's platform (the platform export cache), its policy checked
+against the domain's, and its GODH and session written into the FIFOs. QEMU cannot get past
+LAUNCH_START before that: no launch, no guest; a refused launch kills QEMU while it waits.
+
+Every millisecond here delays `virsh start`, so QEMU's own start-up overlaps the broker's work, and
+only what deciding needs is imported before QEMU runs.
 
 A guest without emulator-mode metadata, or a QEMU that libvirt is not starting, is handed to the
 real QEMU unchanged. Failures print `sevhook-qemu: NAME: STEP: REASON` on stderr (libvirt's log,
-which virsh's error quotes) and exit 1 before QEMU ever ran."""
+which virsh's error quotes) and exit 1 before the guest ever ran."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import ManagedGuest
 from sevhook.hook.steplog import StepLog
+from sevhook.launch.broker import SESSION_RETRIES, open_broker
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
 
+if TYPE_CHECKING:
+    from sevhook.interpose.child import PrivateMonitors
+    from sevhook.wrapper.interposer import FreshLaunch
+
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
 LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sevhook:attestation timeout>)
+ATTEST_SOCKET = "attest.sock"  # the wrapper's own monitor of QEMU, for the attestation
+GODH_FIFO = "godh.b64"  # the FIFOs QEMU's sev-guest reads its dh-cert-file and session-file from
+SESSION_FIFO = "session.b64"
 
 
 class Refused(StepError):
-    """The start is refused before QEMU runs; `step: reason` goes to libvirt's log."""
+    """The start is refused before the guest runs; `step: reason` goes to libvirt's log."""
 
 
 def run_sev_guest(args: Sequence[str], config: dict[str, str]) -> int:
@@ -67,9 +82,7 @@ def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
     files = RUN_DIR / name
     try:
         _check_startable(inv, qemu)
-        with log.steps.step("launch"):
-            guest = _fresh_launch(guest, Path(config["platform-cache"]), files)
-        return _serve(inv, guest, qemu, files, log)
+        return _serve(inv, guest, qemu, Path(config["platform-cache"]), files, log)
     except StepError as exc:
         log.total("failed")
         return _refuse(name, exc.step, exc.reason)
@@ -134,42 +147,53 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
                       "with `sevhook prepare-domain --qemu PATH`")
 
 
-def _fresh_launch(guest: ManagedGuest, cache: Path, files: Path) -> ManagedGuest:
-    """A launch made now, for this host's platform; its GODH and session written for QEMU to read."""
-    from sevhook.files import write_private_file
-    from sevhook.launch.broker import SESSION_RETRIES, open_broker
-    from sevhook.sev.platform_export import read_export
+def fresh_launch(guest: ManagedGuest, cache: Path, log: StepLog) -> FreshLaunch:
+    """A launch made now by the guest owner's broker for this host's platform, its policy the domain's.
+    Runs in a thread while QEMU starts; raises StepError or SevhookError."""
+    from sevhook.sev.platform_export import read_export  # in the launch thread, while QEMU starts
+    from sevhook.wrapper.interposer import FreshLaunch
 
-    try:
-        pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
-    except SevhookError as exc:
-        raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform export`)") from exc
-    try:
-        broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT), SESSION_RETRIES)
+    with log.steps.step("launch"):
         try:
-            grant = broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
-        finally:
-            broker.close()
-    except SevhookError as exc:
-        raise Refused("launch", exc.message) from exc
-    wanted = guest.launch_security.policy.value
-    if grant.policy != wanted:
-        raise Refused("policy", f"the key broker made the launch for policy {grant.policy:#06x} but the domain asks "
-                      f"for {wanted:#06x}: make <launchSecurity><policy> the policy the guest owner registered")
-    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.rmtree(files, ignore_errors=True)  # a leftover of a start that was killed
-    files.mkdir(mode=0o700)
-    write_private_file(files / "godh.b64", grant.godh_b64)
-    write_private_file(files / "session.b64", grant.session_b64)
+            pdh_b64, chain_b64, cpu0_id_b64 = read_export(cache).launch_fields()
+        except SevhookError as exc:
+            raise Refused("platform", f"{exc.message} (the platform cache {cache}: run `sevhook platform "
+                          "export`)") from exc
+        try:
+            broker = open_broker(guest.attestation.broker, min(guest.attestation.timeout, LAUNCH_TIMEOUT),
+                                 SESSION_RETRIES)
+            try:
+                grant = broker.create_launch(guest.attestation.guest_id, pdh_b64, chain_b64, cpu0_id_b64)
+            finally:
+                broker.close()
+        except SevhookError as exc:
+            raise Refused("launch", exc.message) from exc
+        wanted = guest.launch_security.policy.value
+        if grant.policy != wanted:
+            raise Refused("policy", f"the key broker made the launch for policy {grant.policy:#06x} but the "
+                          f"domain asks for {wanted:#06x}: make <launchSecurity><policy> the policy the guest owner "
+                          "registered")
     print(f"{PROG}: {guest.name}: launch {grant.launch_id} from the key broker for guest "
           f"{guest.attestation.guest_id}, policy {grant.policy:#06x}", file=sys.stderr)
     # the wrapper resumes through libvirt's own `cont`, never by itself
-    return replace(guest, attestation=replace(guest.attestation, launch_id=grant.launch_id, resume=False))
+    launched = replace(guest, attestation=replace(guest.attestation, launch_id=grant.launch_id, resume=False))
+    return FreshLaunch(launched, grant.godh_b64, grant.session_b64)
+
+
+def _launch_fifos(files: Path) -> tuple[Path, Path]:
+    """Two FIFOs in a fresh root-only directory: QEMU's reads of its GODH and session wait for the launch."""
+    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.rmtree(files, ignore_errors=True)  # a leftover of a start that was killed
+    files.mkdir(mode=0o700)
+    fifos = files / GODH_FIFO, files / SESSION_FIFO
+    for fifo in fifos:
+        os.mkfifo(fifo, 0o600)
+    return fifos
 
 
 def sev_object_with_files(value: str, files: Path) -> str:
     """libvirt's -object sev-guest argument (JSON or key=value) with dh-cert-file and session-file."""
-    godh, session = str(files / "godh.b64"), str(files / "session.b64")
+    godh, session = str(files / GODH_FIFO), str(files / SESSION_FIFO)
     if value.lstrip().startswith("{"):
         props = json.loads(value)
         props["dh-cert-file"], props["session-file"] = godh, session
@@ -179,15 +203,53 @@ def sev_object_with_files(value: str, files: Path) -> str:
     return ",".join([*parts, f"dh-cert-file={escaped[0]}", f"session-file={escaped[1]}"])
 
 
-def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, files: Path, log: StepLog) -> int:
+def _child_argv(inv: QemuInvocation, private: PrivateMonitors, sev_object: str, attest_socket: str) -> list[str]:
+    """The real QEMU's arguments: libvirt's, with its monitors on private sockets, the sev-guest object
+    reading the launch FIFOs, and one more monitor, the wrapper's own, for the attestation."""
+    assert inv.sev_object_index is not None
+    argv = private.child_argv()
+    argv[inv.sev_object_index] = sev_object
+    return [*argv, "-qmp", f"unix:{attest_socket},server=on,wait=off"]
+
+
+def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
+    """QEMU first, then (while it starts) the relay's imports, the launch and the relay itself."""
+    from sevhook.interpose.child import PrivateMonitors  # no asyncio: QEMU starts before the relay is imported
+
+    assert inv.sev_object_index is not None
+    fifos = _launch_fifos(files)
+    sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)
+    private = PrivateMonitors(inv.argv, inv.monitors, "sevhook-qemu-")
+    attest_socket = private.extra_socket(ATTEST_SOCKET)
+    try:
+        child = private.spawn(qemu, _child_argv(inv, private, sev_object, attest_socket), relay_stderr=True,
+                              daemonize=False)
+    except OSError as exc:
+        private.cleanup()
+        raise Refused("qemu", f"cannot run the real QEMU {qemu}: {exc.strerror}") from exc
+    try:
+        return _relay(inv, guest, cache, log, fifos, private, child, attest_socket)
+    finally:
+        if child.poll() is None:  # the relay never took it over (a failure before the event loop ran)
+            child.kill()
+            child.wait()
+
+
+def _relay(inv: QemuInvocation, guest: ManagedGuest, cache: Path, log: StepLog, fifos: tuple[Path, Path],
+           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str) -> int:
+    import asyncio  # while QEMU starts
+
     from sevhook.sim.qmp_server import listening_socket
     from sevhook.wrapper.interposer import AttestingInterposer
 
-    assert inv.sev_object_index is not None
-    sev_object = sev_object_with_files(inv.argv[inv.sev_object_index], files)
-    interposer = AttestingInterposer(inv, guest, sev_object, log)
+    interposer = AttestingInterposer(inv, guest, log, partial(fresh_launch, guest, cache, log), fifos, private,
+                                     child, attest_socket)
     try:
         sockets = [listening_socket(spec) for spec in inv.monitors]
-        return asyncio.run(interposer.run(qemu, sockets, lambda: None))
+        status = asyncio.run(interposer.run(child.args[0], sockets, lambda: None))
     finally:
         interposer.cleanup()
+    if interposer.launch_refusal is not None:
+        log.total("failed")
+        return _refuse(guest.name, interposer.launch_refusal.step, interposer.launch_refusal.reason)
+    return status

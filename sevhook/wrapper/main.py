@@ -5,6 +5,7 @@ it when its sevhook metadata asks for emulator mode."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not any("sev-guest" in arg for arg in args):
         return exec_qemu(config["qemu"], args)
+    # Start-up makes almost no garbage, but the collector's passes over what the imports create cost a
+    # start tens of milliseconds: off until they are done (sevhook.wrapper.interposer turns it back on).
+    gc.disable()
     from sevhook.wrapper.launch import run_sev_guest  # only for SEV guests
 
     return run_sev_guest(args, config)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
-import http.server
 import json
 import os
+import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +20,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from qemu.qmp import ExecuteError, QMPClient
 
+from sevhook.errors import SevhookError
 from sevhook.sev.certs import SevCertificate, Usage
 from sevhook.sim.platform import SoftwarePlatform
 from sevhook.sim.state import StateDir
-from tests.wrapper.world import PASSPHRASE, SimWorld, emulator_domain, sevhook, write_platform_cache
+from sevhook.sim.world import PASSPHRASE, SimWorld, sevhook
+from sevhook.wrapper.launch import GODH_FIFO, RUN_DIR, SESSION_FIFO
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 WRAPPER = str(Path(sys.executable).with_name("sevhook-qemu"))
@@ -36,7 +36,7 @@ SECRET = PASSPHRASE.encode() + b"\0"
 def world(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
     created = SimWorld.create(tmp_path_factory.mktemp("qmpworld"), shared / "vectors/sevctl/OVMF.amdsev.trimmed.fd")
     (created.root / "state").mkdir()
-    cache = write_platform_cache(created, created.root / "platform")
+    cache = created.platform_cache(created.root / "platform")
     (created.root / "emulator.conf").write_text(f"qemu = /usr/bin/qemu-system-x86_64\nplatform-cache = {cache}\n"
                                                f"libvirt-state-dir = {created.root / 'state'}\n")
     yield created
@@ -58,7 +58,7 @@ def _start(world: SimWorld, name: str, argv: list[str], socket: Path,
     """The shell writes libvirt's status file with its own pid, then execs the wrapper (same pid)."""
     template = world.root / f"{name}.status"
     template.write_text("<domstatus state='paused' reason='starting up' pid='@PID@'>\n"
-                        f"{domain_xml or emulator_domain(world, name)}</domstatus>\n")
+                        f"{domain_xml or world.emulator_domain(name)}</domstatus>\n")
     status = world.root / "state" / f"{name}.xml"
     script = f'sed "s/@PID@/$$/" {template} > {status} && exec {WRAPPER} "$@"'
     env = {**os.environ, "SEVHOOK_QEMU_CONFIG": str(world.root / conf),
@@ -105,8 +105,13 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
 def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
     name, socket = "q-good", short_dir / "good.sock"
     process = _start(world, name, _libvirt_argv(world, name, socket), socket)
+    files = RUN_DIR / name
     try:
         assert socket.exists(), _log(world, name)
+        # QEMU read its GODH and session from FIFOs only root can reach, written once the broker answered
+        assert stat.S_IMODE(files.stat().st_mode) == 0o700
+        for fifo in (files / GODH_FIFO, files / SESSION_FIFO):
+            assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_IMODE(fifo.stat().st_mode) == 0o600
         before, reset, cont, after = asyncio.run(_session(socket, "query-status", "system_reset", "cont",
                                                           "query-status"))
         assert before["status"] == "prelaunch"
@@ -118,6 +123,7 @@ def test_cont_is_held_for_the_verdict_then_forwarded(world, short_dir):
     finally:
         _stop(process)
     assert not (world.root / "state" / name).exists()
+    assert not files.exists()
 
 
 def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, short_dir):
@@ -127,7 +133,7 @@ def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, sho
     image[0] ^= 0xFF
     patched.write_bytes(bytes(image))
     process = _start(world, name, _libvirt_argv(world, name, socket, patched), socket,
-                     emulator_domain(world, name, firmware=patched))
+                     world.emulator_domain(name, firmware=patched))
     try:
         (cont,) = asyncio.run(_session(socket, "cont"))
         assert isinstance(cont, ExecuteError)
@@ -138,7 +144,9 @@ def test_a_refused_measurement_answers_cont_with_the_reason_and_quits(world, sho
         _stop(process)
 
 
-def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(world, short_dir):
+def test_incoming_unlinked_sev_and_broker_down_are_refused_before_the_guest_launches(world, short_dir):
+    """-incoming and an unlinked sev-guest are refused before QEMU runs; with the broker down, QEMU
+    (started at once, waiting for its session on the FIFOs) is killed before its LAUNCH_START."""
     name, socket = "q-in", short_dir / "in.sock"
     process = _start(world, name, [*_libvirt_argv(world, name, socket), "-incoming", "defer"], socket)
     assert process.wait(timeout=60) == 1
@@ -149,11 +157,13 @@ def test_incoming_unlinked_sev_and_broker_down_are_refused_before_qemu_runs(worl
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: argv: the QEMU command line has no sev-guest object" in _log(world, name)
     name, socket = "q-down", short_dir / "down.sock"
-    domain = emulator_domain(world, name, broker_url="http://127.0.0.1:9")
+    domain = world.emulator_domain(name, broker_url="http://127.0.0.1:9")
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
     assert process.wait(timeout=60) == 1
     assert f"sevhook-qemu: {name}: launch: " in _log(world, name)
     assert not socket.exists() or not _alive(process)
+    with pytest.raises(SevhookError, match="has been launched"):  # the platform never saw a LAUNCH_START
+        sevhook("sim", "secrets", "--state-dir", str(world.sim_dir), "--domain", name, "--json")
 
 
 def _alive(process: subprocess.Popen[bytes]) -> bool:
@@ -193,40 +203,9 @@ def test_a_stale_pdh_in_the_cache_is_named(world, short_dir):
     assert f"sevhook-qemu: {name}: launch: the platform's PDH changed: run `sevhook platform export`" in log
 
 
-class _SlowAttestation(http.server.BaseHTTPRequestHandler):
-    """A real HTTP proxy to the broker that relays launch creation at once and never answers an
-    attestation in time (a broker slower than the guest's deadline)."""
-
-    upstream = ""
-
-    def do_POST(self) -> None:  # http.server's naming
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        if self.path.endswith("/attestation"):
-            time.sleep(20)
-            return
-        host, port = self.upstream.rsplit(":", 1)
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        connection.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
-        answer = connection.getresponse()
-        data = answer.read()
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        connection.close()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir):
-    _SlowAttestation.upstream = world.broker_url.removeprefix("http://")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowAttestation)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir, slow_broker):
     name, socket = "q-slow", short_dir / "slow.sock"
-    domain = emulator_domain(world, name, broker_url=f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    domain = world.emulator_domain(name, broker_url=slow_broker, timeout=3)
     process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain)
     try:
         begin = time.monotonic()
@@ -240,7 +219,6 @@ def test_a_broker_slower_than_the_deadline_refuses_cont_in_time(world, short_dir
         assert _secrets(world, name) == []
     finally:
         _stop(process)
-        server.shutdown()
 
 
 def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
@@ -249,7 +227,7 @@ def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
     sevhook("broker", "add-host", "host-revoked", "--token-file", str(token), *data)
     sevhook("broker", "revoke-host", "host-revoked", *data)
     name, socket = "q-revoked", short_dir / "revoked.sock"
-    process = _start(world, name, _libvirt_argv(world, name, socket), socket, emulator_domain(world, name, token=token))
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, world.emulator_domain(name, token=token))
     assert process.wait(timeout=60) == 1
     log = _log(world, name)
     assert f"sevhook-qemu: {name}: launch: the key broker refused" in log and "revoked" in log, log
@@ -259,7 +237,7 @@ def test_a_revoked_host_token_is_refused_before_qemu_runs(world, short_dir):
 def test_ten_guests_started_at_once_all_attest(world, short_dir):
     names = [f"q-crowd{index}" for index in range(10)]
     sockets = {name: short_dir / f"{name}.sock" for name in names}
-    domains = {name: emulator_domain(world, name, timeout=120) for name in names}
+    domains = {name: world.emulator_domain(name, timeout=120) for name in names}
     processes = [_start(world, name, _libvirt_argv(world, name, sockets[name]), sockets[name], domains[name])
                  for name in names]
 
