@@ -4,18 +4,17 @@ services, /v1/... for hosts (a bearer token per host) and /admin/... for the own
 Every error answer is `{"error": message, "reason": code}`. Request bodies are capped before they reach
 the app. Authenticated requests are rate-limited per host (or the admin); requests without a valid token
 are rate-limited per client address, so random tokens buy no extra requests. All database work runs in
-worker threads (the host API in a small pool of its own, the admin API in `def` routes), so a database
-waiting on a lock held by another process never stalls the event loop; /healthz and /readyz use a pool
-of their own with a deadline."""
+worker threads (the host API in the database lanes of `lanes`, the admin API in `def` routes), so a
+database waiting on a lock held by another process never stalls the event loop; /healthz and /readyz use
+a pool of their own with a deadline."""
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the route signatures.
 import asyncio
-import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,9 +56,7 @@ from sevhook.broker.vault import token_digest, tokens_match
 from sevhook.errors import SevhookError, VerificationError
 
 log = logging.getLogger("sevhook.broker")
-T = TypeVar("T")
 
-LAUNCH_WORKERS = 2  # threads for the host API's blocking work (see Offload)
 HEALTH_TIMEOUT = 2.0  # seconds a health check may take before it answers 503
 # RFC 7235: the scheme is case-insensitive; then exactly one space and a token68, nothing else
 _TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*")
@@ -114,7 +111,7 @@ class Gate:
         if not self.per_caller.allow(caller):
             raise Refusal("rate-limited", "too many requests for this token; slow down", status=429)
 
-    async def host(self, request: Request, token: str | None, run: "Offload") -> str:
+    async def host(self, request: Request, token: str | None) -> str:
         if not token:
             message = "send the host's token as 'Authorization: Bearer TOKEN'" if token is None else AUTH_FORMAT
             raise self._failed(request, Refusal("token-missing" if token is None else "token-invalid", message,
@@ -122,7 +119,7 @@ class Gate:
         if not self.launch.is_vouched_token(token) and not self.failures.has_room(_client(request)):
             raise Refusal("rate-limited", "too many requests without a valid token from this address; slow down",
                           status=429)  # spend no database lookup on an address that keeps failing
-        host = await run(self.launch.host_for_token, token)
+        host = await self.launch.host_for_token(token)
         if host is None:
             raise self._failed(request, Refusal("token-invalid", "the bearer token is not a registered host's token",
                                                 status=401))
@@ -140,24 +137,12 @@ class Gate:
         self._spend("admin")
 
 
-class Offload:
-    """Runs the host API's blocking work in a small pool of its own. Few threads on purpose: the work is
-    mostly CPU-bound Python (chain checks, ECDH, MACs), and every extra thread competing for the GIL with
-    the event loop adds hand-off latency; with SQLite (one writer at a time) more threads buy nothing.
-    Still more than one, so a write waiting on another process's lock leaves reads a thread."""
-
-    def __init__(self, workers: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sevhook-launch")
-
-    async def __call__(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(function, *args))
-
-
-def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer, run: Offload) -> APIRouter:
-    """The host API: sessions, attestation, launch status."""
+def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer) -> APIRouter:
+    """The host API: sessions, attestation, launch status. The routes are coroutines: the service
+    does their CPU work on the event loop and sends each database round trip to its lanes."""
 
     async def host_auth(request: Request, token: Annotated[str | None, Depends(bearer)]) -> str:
-        return await gate.host(request, token, run)
+        return await gate.host(request, token)
 
     router = APIRouter(prefix="/v1", tags=["host"], responses=ERRORS)
     Host = Annotated[str, Depends(host_auth)]
@@ -166,18 +151,17 @@ def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer, run: 
     @router.post("/launches", response_model=LaunchGrantBody)
     async def create_launch(body: LaunchRequest, host: Host) -> dict[str, Any]:
         """Verify the platform chain to a registered root and make a launch session for the guest."""
-        return await run(launch.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy,
-                         body.cpu0_id)
+        return await launch.create_launch(host, body.guest, body.pdh, body.cert_chain, body.policy, body.cpu0_id)
 
     @router.post("/launches/{launch_id}/attestation", response_model=SecretGrantBody)
     async def attest(launch_id: LaunchId, body: AttestationRequest, host: Host) -> dict[str, str]:
         """Check the launch measurement; answer the wrapped secret or 403 with a reason code."""
-        return await run(launch.attest, host, launch_id, body.measurement, body.api_major, body.api_minor,
-                         body.build_id, body.policy)
+        return await launch.attest(host, launch_id, body.measurement, body.api_major, body.api_minor,
+                                   body.build_id, body.policy)
 
     @router.get("/launches/{launch_id}", response_model=LaunchStatusBody)
     async def launch_status(launch_id: LaunchId, host: Host) -> dict[str, Any]:
-        return await run(launch.launch_status, host, launch_id)
+        return await launch.launch_status(host, launch_id)
 
     return router
 
@@ -335,7 +319,7 @@ def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> 
     gate = Gate(broker.launch, admin_digest, limits)
     bearer = StrictBearer(auto_error=False, description="per-host token (/v1) or the admin token (/admin)")
     app.include_router(health_router(broker))
-    app.include_router(launch_router(broker.launch, gate, bearer, Offload(LAUNCH_WORKERS)))
+    app.include_router(launch_router(broker.launch, gate, bearer))
     app.include_router(admin_router(broker.admin, gate, bearer))
     return app
 
