@@ -27,7 +27,6 @@ from sevhook.broker.kds import CekRefusal, is_unsigned
 from sevhook.broker.lanes import Lanes
 from sevhook.broker.rules import Refusal, check_launch_rules, decode_field, policy_refusal
 from sevhook.broker.store import CACHE_SECONDS, Expiring, Store
-from sevhook.broker.vault import token_digest
 from sevhook.errors import FormatError
 from sevhook.sev.certs import SEV_CERT_SIZE, AmdCertificate, SevCertificate, Usage
 from sevhook.sev.chain import CERT_CHAIN_SIZE, CertificateChain, verify_chain
@@ -117,14 +116,16 @@ class LaunchService:
 
     # ---- host authentication -----------------------------------------------------------------
 
-    async def host_for_token(self, token: str) -> str | None:
-        """The host a token belongs to; None for an unknown token; Refusal('host-revoked') for a
-        revoked host's token, so the host learns why rather than suspecting a typo. A token that
-        authenticated within CACHE_SECONDS is answered from memory."""
-        digest = token_digest(token)
-        name = self.store.host_tokens.get(digest)
-        if name is not None:
-            return name
+    def cached_host(self, digest: str) -> str | None:
+        """The host whose token (by digest) authenticated within CACHE_SECONDS, from memory; None: ask
+        `host_for_digest`."""
+        name: str | None = self.store.host_tokens.get(digest)
+        return name
+
+    async def host_for_digest(self, digest: str) -> str | None:
+        """The host a token (by digest) belongs to, from the database; None for an unknown token;
+        Refusal('host-revoked') for a revoked host's token, so the host learns why rather than
+        suspecting a typo."""
         row = await self.lanes.read(lambda conn: conn.execute(_HOST_BY_TOKEN, {"digest": digest}).first())
         if row is None:
             return None
@@ -134,13 +135,13 @@ class LaunchService:
                                    row.name, "authenticate")
         self.store.host_tokens.put(digest, row.name)  # only known tokens are cached: random ones cannot fill it
         self._vouched.put(digest, True)
-        return row.name
+        return str(row.name)
 
-    def is_vouched_token(self, token: str) -> bool:
-        """Whether the token authenticated here within VOUCHED_SECONDS (no database access). It only
-        earns a lookup when the client's address is over its failed-auth budget: the lookup itself
-        still decides, so a token revoked since then is refused as usual."""
-        return self._vouched.get(token_digest(token)) is not None
+    def is_vouched(self, digest: str) -> bool:
+        """Whether the token (by digest) authenticated here within VOUCHED_SECONDS (no database access).
+        It only earns a lookup when the client's address is over its failed-auth budget: the lookup
+        itself still decides, so a token revoked since then is refused as usual."""
+        return self._vouched.get(digest) is not None
 
     # ---- platform chains ---------------------------------------------------------------------
 
