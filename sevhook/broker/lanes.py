@@ -27,7 +27,8 @@ from sevhook.broker.store import Store
 
 T = TypeVar("T")
 Job = Callable[[Connection], Any]
-MAX_BATCH = 64  # jobs per batch: bounds one transaction's length and one wake-up's work on the loop
+MAX_BATCH = 64  # jobs per batch (more when one pass of the loop submits more): bounds a transaction's length
+_Submitted = tuple[Job, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 @dataclass(frozen=True)
@@ -50,32 +51,42 @@ def _settle(done: Sequence[tuple[asyncio.Future[Any], Outcome]]) -> None:
 
 
 class Lane:
-    """One thread running batches of jobs through `run_batch` (which gives one Outcome per job)."""
+    """One thread running batches of jobs through `run_batch` (which gives one Outcome per job). Jobs
+    submitted during one pass of the event loop reach the thread together, in one wake-up."""
 
     def __init__(self, name: str, run_batch: Callable[[list[Job]], list[Outcome]]) -> None:
         self._run_batch = run_batch
-        self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop]] = \
-            queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Submitted]] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Submitted]] = {}
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._started = False
         self._start = threading.Lock()
 
     async def __call__(self, job: Callable[[Connection], T]) -> T:
         """Run `job` in this lane and wait for its outcome without blocking the event loop."""
-        if not self._thread.is_alive():
+        if not self._started:
             with self._start:
-                if not self._thread.is_alive():
+                if not self._started:
                     self._thread.start()
+                    self._started = True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((job, future, loop))
+        pending = self._pending.get(loop)
+        if pending is None:  # the first job of this pass: hand the pass's jobs over once it ends
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append((job, future, loop))
         return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(self._pending.pop(loop))
 
     def _serve(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            batch = self._queue.get()
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch += self._queue.get_nowait()
                 except queue.Empty:
                     break
             try:
