@@ -240,31 +240,64 @@ def admin_router(admin: AdminService, gate: Gate, bearer: StrictBearer) -> APIRo
     return router
 
 
-def health_router(broker: Broker) -> APIRouter:
+class Health:
     """/healthz (a cheap read) and /readyz (a committed write), each answered within HEALTH_TIMEOUT
-    from two threads of their own, so a stuck database or a full worker pool cannot hide from them."""
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sevhook-health")
-    router = APIRouter(tags=["service"], responses={503: {"model": ErrorBody}})
+    from two threads of their own, so a stuck database or a full worker pool cannot hide from them.
+    Probes that arrive while a check of the same kind runs share its outcome: a burst of probes (many
+    load balancers, or many keep-alive connections polling at once) costs one check, not one each."""
 
-    async def probe(check: Callable[[], None], what: str) -> dict[str, str]:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sevhook-health")
+        self._running: dict[str, asyncio.Future[BaseException | None]] = {}
+
+    async def live(self) -> dict[str, str]:
+        """Liveness: the database answers a read of a broker table."""
+        return await self._probe(self.broker.check_read, "read")
+
+    async def ready(self) -> dict[str, str]:
+        """Readiness: the database commits a write (not read-only, not full, not locked)."""
+        return await self._probe(self.broker.check_write, "write")
+
+    async def _check_once(self, check: Callable[[], None]) -> BaseException | None:
+        """None when the check passed within HEALTH_TIMEOUT, else why it did not."""
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, check), HEALTH_TIMEOUT)
-        except TimeoutError as exc:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._pool, check), HEALTH_TIMEOUT)
+        except (TimeoutError, DatabaseFailure, DBAPIError) as exc:
+            return exc
+        return None
+
+    def _forget(self, what: str, done: asyncio.Future[BaseException | None]) -> None:
+        if self._running.get(what) is done:
+            del self._running[what]
+
+    async def _probe(self, check: Callable[[], None], what: str) -> dict[str, str]:
+        shared = self._running.get(what)
+        if shared is None or shared.get_loop() is not asyncio.get_running_loop():
+            shared = self._running[what] = asyncio.ensure_future(self._check_once(check))
+            shared.add_done_callback(functools.partial(self._forget, what))
+        failure = await asyncio.shield(shared)  # a probe that goes away does not cancel the others' check
+        if isinstance(failure, TimeoutError):
             raise Refusal("database-unavailable", f"the broker's database did not answer a {what} within "
-                          f"{HEALTH_TIMEOUT:g} s", status=503) from exc
-        except (DatabaseFailure, DBAPIError) as exc:
-            raise Refusal("database-unavailable", f"the broker's database failed a {what}", status=503) from exc
+                          f"{HEALTH_TIMEOUT:g} s", status=503) from failure
+        if failure is not None:
+            raise Refusal("database-unavailable", f"the broker's database failed a {what}", status=503) from failure
         return {"status": "ok"}
 
+
+def health_router(health: Health) -> APIRouter:
+    """/healthz and /readyz (see Health)."""
+    router = APIRouter(tags=["service"], responses={503: {"model": ErrorBody}})
+
     @router.get("/healthz", response_model=HealthBody)
-    async def health() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness: the database answers a read of a broker table."""
-        return await probe(broker.check_read, "read")
+        return await health.live()
 
     @router.get("/readyz", response_model=HealthBody)
-    async def ready() -> dict[str, str]:
+    async def readyz() -> dict[str, str]:
         """Readiness: the database commits a write (not read-only, not full, not locked)."""
-        return await probe(broker.check_write, "write")
+        return await health.ready()
 
     return router
 
@@ -320,26 +353,30 @@ _ATTESTATION_PATH = re.compile(r"/v1/launches/([A-Za-z0-9-]{1,64})/attestation")
 _JSON_TYPES = (None, "application/json")
 
 
-class HostFastPath:
-    """The two calls a busy broker answers most (create a launch, attest) go straight to the launch
+class FastPath:
+    """The calls a busy broker answers most (create a launch, attest, /healthz) go straight to their
     service, past FastAPI's routing and dependency solving, which took most of their CPU time. Only a
-    well-formed request takes this path: a POST to the exact route path with a JSON body its model
-    accepts. Anything else (another path or method, a bad launch id, content type or body) goes to the
-    FastAPI route unchanged, which answers it as always. The same Gate, service and error handlers
-    answer both ways, and the routes stay in the OpenAPI spec."""
+    well-formed request takes this path: a GET of /healthz, or a POST to the exact route path with a
+    JSON body its model accepts. Anything else (another path or method, a bad launch id, content type
+    or body) goes to the FastAPI route unchanged, which answers it as always. The same Gate, services
+    and error handlers answer both ways, and the routes stay in the OpenAPI spec."""
 
-    def __init__(self, app: FastAPI, launch: LaunchService, gate: Gate) -> None:
+    def __init__(self, app: FastAPI, launch: LaunchService, gate: Gate, health: Health) -> None:
         self.app = app
         self.launch = launch
         self.gate = gate
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
+        if scope["method"] == "GET" and path == "/healthz":
+            await self._answer(scope, receive, send, self.health.live)
+            return
         attestation = _ATTESTATION_PATH.fullmatch(path)
-        if attestation is None and path != "/v1/launches":
+        if scope["method"] != "POST" or (attestation is None and path != "/v1/launches"):
             await self.app(scope, receive, send)
             return
         body = await _whole_body(receive)
@@ -367,12 +404,21 @@ class HostFastPath:
         if call is None:
             await self.app(scope, replay, send)
             return
+        run = call
+
+        async def authenticated() -> dict[str, Any]:
+            return await run(await self.gate.host(request, bearer_token(request.headers.get("authorization"))))
+
+        await self._answer(scope, replay, send, authenticated, request)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send,
+                      handle: Callable[[], Awaitable[dict[str, Any]]], request: Request | None = None) -> None:
+        """Send what `handle` returns as JSON, or the app's answer to what it raised."""
         try:
-            host = await self.gate.host(request, bearer_token(request.headers.get("authorization")))
-            response: Response = JSONResponse(await call(host))
+            response: Response = JSONResponse(await handle())
         except Exception as exc:  # noqa: BLE001  (answered by the app's own handler for its type)
-            response = await self._handled(request, exc)
-        await response(scope, replay, send)
+            response = await self._handled(request or Request(scope, receive), exc)
+        await response(scope, receive, send)
 
     async def _attest(self, launch_id: str, body: AttestationRequest, host: str) -> dict[str, Any]:
         return await self.launch.attest(host, launch_id, body.measurement, body.api_major, body.api_minor,
@@ -422,10 +468,11 @@ def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> 
     _install_error_handlers(app)
     gate = Gate(broker.launch, admin_digest, limits)
     bearer = StrictBearer(auto_error=False, description="per-host token (/v1) or the admin token (/admin)")
-    app.include_router(health_router(broker))
+    health = Health(broker)
+    app.include_router(health_router(health))
     app.include_router(launch_router(broker.launch, gate, bearer))
     app.include_router(admin_router(broker.admin, gate, bearer))
-    app.state.fast_path = HostFastPath(app, broker.launch, gate)
+    app.state.fast_path = FastPath(app, broker.launch, gate, health)
     return app
 
 
