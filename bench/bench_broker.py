@@ -426,6 +426,8 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=32)
     options = parser.parse_args()
     table, latency = main(options.seconds, options.connections)
+    print(f"bench_broker, ended {time.strftime('%H:%M:%S %Z')}, load average "
+          f"{' '.join(f'{value:.2f}' for value in os.getloadavg())} on {os.cpu_count()} CPUs")
     print_table(table)
     print_latency(latency)
     quiet_run, disturbed_run = latency

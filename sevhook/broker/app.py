@@ -4,13 +4,15 @@ services, /v1/... for hosts (a bearer token per host) and /admin/... for the own
 Every error answer is `{"error": message, "reason": code}`. Request bodies are capped before they reach
 the app. Authenticated requests are rate-limited per host (or the admin); requests without a valid token
 are rate-limited per client address, so random tokens buy no extra requests. All database work runs in
-worker threads (the host API in a small pool of its own, the admin API in `def` routes), so a database
-waiting on a lock held by another process never stalls the event loop; /healthz and /readyz use a pool
-of their own with a deadline."""
+worker threads (the host API in the database lanes of `lanes`, the admin API in `def` routes), so a
+database waiting on a lock held by another process never stalls the event loop; /healthz and /readyz use
+a pool of their own with a deadline."""
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the route signatures.
 import asyncio
 import functools
+import inspect
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -19,11 +21,12 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from sevhook import __version__
 from sevhook.broker.admin import AdminService
@@ -57,9 +60,8 @@ from sevhook.broker.vault import token_digest, tokens_match
 from sevhook.errors import SevhookError, VerificationError
 
 log = logging.getLogger("sevhook.broker")
-T = TypeVar("T")
+Model = TypeVar("Model", bound=BaseModel)
 
-LAUNCH_WORKERS = 2  # threads for the host API's blocking work (see Offload)
 HEALTH_TIMEOUT = 2.0  # seconds a health check may take before it answers 503
 # RFC 7235: the scheme is case-insensitive; then exactly one space and a token68, nothing else
 _TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*")
@@ -114,15 +116,18 @@ class Gate:
         if not self.per_caller.allow(caller):
             raise Refusal("rate-limited", "too many requests for this token; slow down", status=429)
 
-    async def host(self, request: Request, token: str | None, run: "Offload") -> str:
+    async def host(self, request: Request, token: str | None) -> str:
         if not token:
             message = "send the host's token as 'Authorization: Bearer TOKEN'" if token is None else AUTH_FORMAT
             raise self._failed(request, Refusal("token-missing" if token is None else "token-invalid", message,
                                                 status=401))
-        if not self.launch.is_vouched_token(token) and not self.failures.has_room(_client(request)):
-            raise Refusal("rate-limited", "too many requests without a valid token from this address; slow down",
-                          status=429)  # spend no database lookup on an address that keeps failing
-        host = await run(self.launch.host_for_token, token)
+        digest = token_digest(token)
+        host = self.launch.cached_host(digest)
+        if host is None:
+            if not self.launch.is_vouched(digest) and not self.failures.has_room(_client(request)):
+                raise Refusal("rate-limited", "too many requests without a valid token from this address; slow "
+                              "down", status=429)  # spend no database lookup on an address that keeps failing
+            host = await self.launch.host_for_digest(digest)
         if host is None:
             raise self._failed(request, Refusal("token-invalid", "the bearer token is not a registered host's token",
                                                 status=401))
@@ -140,24 +145,12 @@ class Gate:
         self._spend("admin")
 
 
-class Offload:
-    """Runs the host API's blocking work in a small pool of its own. Few threads on purpose: the work is
-    mostly CPU-bound Python (chain checks, ECDH, MACs), and every extra thread competing for the GIL with
-    the event loop adds hand-off latency; with SQLite (one writer at a time) more threads buy nothing.
-    Still more than one, so a write waiting on another process's lock leaves reads a thread."""
-
-    def __init__(self, workers: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sevhook-launch")
-
-    async def __call__(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(function, *args))
-
-
-def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer, run: Offload) -> APIRouter:
-    """The host API: sessions, attestation, launch status."""
+def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer) -> APIRouter:
+    """The host API: sessions, attestation, launch status. The routes are coroutines: the service
+    does their CPU work on the event loop and sends each database round trip to its lanes."""
 
     async def host_auth(request: Request, token: Annotated[str | None, Depends(bearer)]) -> str:
-        return await gate.host(request, token, run)
+        return await gate.host(request, token)
 
     router = APIRouter(prefix="/v1", tags=["host"], responses=ERRORS)
     Host = Annotated[str, Depends(host_auth)]
@@ -166,18 +159,17 @@ def launch_router(launch: LaunchService, gate: Gate, bearer: StrictBearer, run: 
     @router.post("/launches", response_model=LaunchGrantBody)
     async def create_launch(body: LaunchRequest, host: Host) -> dict[str, Any]:
         """Verify the platform chain to a registered root and make a launch session for the guest."""
-        return await run(launch.create_launch, host, body.guest, body.pdh, body.cert_chain, body.policy,
-                         body.cpu0_id)
+        return await launch.create_launch(host, body.guest, body.pdh, body.cert_chain, body.policy, body.cpu0_id)
 
     @router.post("/launches/{launch_id}/attestation", response_model=SecretGrantBody)
     async def attest(launch_id: LaunchId, body: AttestationRequest, host: Host) -> dict[str, str]:
         """Check the launch measurement; answer the wrapped secret or 403 with a reason code."""
-        return await run(launch.attest, host, launch_id, body.measurement, body.api_major, body.api_minor,
-                         body.build_id, body.policy)
+        return await launch.attest(host, launch_id, body.measurement, body.api_major, body.api_minor,
+                                   body.build_id, body.policy)
 
     @router.get("/launches/{launch_id}", response_model=LaunchStatusBody)
     async def launch_status(launch_id: LaunchId, host: Host) -> dict[str, Any]:
-        return await run(launch.launch_status, host, launch_id)
+        return await launch.launch_status(host, launch_id)
 
     return router
 
@@ -248,31 +240,64 @@ def admin_router(admin: AdminService, gate: Gate, bearer: StrictBearer) -> APIRo
     return router
 
 
-def health_router(broker: Broker) -> APIRouter:
+class Health:
     """/healthz (a cheap read) and /readyz (a committed write), each answered within HEALTH_TIMEOUT
-    from two threads of their own, so a stuck database or a full worker pool cannot hide from them."""
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sevhook-health")
-    router = APIRouter(tags=["service"], responses={503: {"model": ErrorBody}})
+    from two threads of their own, so a stuck database or a full worker pool cannot hide from them.
+    Probes that arrive while a check of the same kind runs share its outcome: a burst of probes (many
+    load balancers, or many keep-alive connections polling at once) costs one check, not one each."""
 
-    async def probe(check: Callable[[], None], what: str) -> dict[str, str]:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sevhook-health")
+        self._running: dict[str, asyncio.Future[BaseException | None]] = {}
+
+    async def live(self) -> dict[str, str]:
+        """Liveness: the database answers a read of a broker table."""
+        return await self._probe(self.broker.check_read, "read")
+
+    async def ready(self) -> dict[str, str]:
+        """Readiness: the database commits a write (not read-only, not full, not locked)."""
+        return await self._probe(self.broker.check_write, "write")
+
+    async def _check_once(self, check: Callable[[], None]) -> BaseException | None:
+        """None when the check passed within HEALTH_TIMEOUT, else why it did not."""
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, check), HEALTH_TIMEOUT)
-        except TimeoutError as exc:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._pool, check), HEALTH_TIMEOUT)
+        except (TimeoutError, DatabaseFailure, DBAPIError) as exc:
+            return exc
+        return None
+
+    def _forget(self, what: str, done: asyncio.Future[BaseException | None]) -> None:
+        if self._running.get(what) is done:
+            del self._running[what]
+
+    async def _probe(self, check: Callable[[], None], what: str) -> dict[str, str]:
+        shared = self._running.get(what)
+        if shared is None or shared.get_loop() is not asyncio.get_running_loop():
+            shared = self._running[what] = asyncio.ensure_future(self._check_once(check))
+            shared.add_done_callback(functools.partial(self._forget, what))
+        failure = await asyncio.shield(shared)  # a probe that goes away does not cancel the others' check
+        if isinstance(failure, TimeoutError):
             raise Refusal("database-unavailable", f"the broker's database did not answer a {what} within "
-                          f"{HEALTH_TIMEOUT:g} s", status=503) from exc
-        except (DatabaseFailure, DBAPIError) as exc:
-            raise Refusal("database-unavailable", f"the broker's database failed a {what}", status=503) from exc
+                          f"{HEALTH_TIMEOUT:g} s", status=503) from failure
+        if failure is not None:
+            raise Refusal("database-unavailable", f"the broker's database failed a {what}", status=503) from failure
         return {"status": "ok"}
 
+
+def health_router(health: Health) -> APIRouter:
+    """/healthz and /readyz (see Health)."""
+    router = APIRouter(tags=["service"], responses={503: {"model": ErrorBody}})
+
     @router.get("/healthz", response_model=HealthBody)
-    async def health() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness: the database answers a read of a broker table."""
-        return await probe(broker.check_read, "read")
+        return await health.live()
 
     @router.get("/readyz", response_model=HealthBody)
-    async def ready() -> dict[str, str]:
+    async def readyz() -> dict[str, str]:
         """Readiness: the database commits a write (not read-only, not full, not locked)."""
-        return await probe(broker.check_write, "write")
+        return await health.ready()
 
     return router
 
@@ -324,6 +349,115 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal", "internal broker error; see the broker's log")
 
 
+_ATTESTATION_PATH = re.compile(r"/v1/launches/([A-Za-z0-9-]{1,64})/attestation")  # LaunchId's rules
+_JSON_TYPES = (None, "application/json")
+
+
+class FastPath:
+    """The calls a busy broker answers most (create a launch, attest, /healthz) go straight to their
+    service, past FastAPI's routing and dependency solving, which took most of their CPU time. Only a
+    well-formed request takes this path: a GET of /healthz, or a POST to the exact route path with a
+    JSON body its model accepts. Anything else (another path or method, a bad launch id, content type
+    or body) goes to the FastAPI route unchanged, which answers it as always. The same Gate, services
+    and error handlers answer both ways, and the routes stay in the OpenAPI spec."""
+
+    def __init__(self, app: FastAPI, launch: LaunchService, gate: Gate, health: Health) -> None:
+        self.app = app
+        self.launch = launch
+        self.gate = gate
+        self.health = health
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if scope["method"] == "GET" and path == "/healthz":
+            await self._answer(scope, receive, send, self.health.live)
+            return
+        attestation = _ATTESTATION_PATH.fullmatch(path)
+        if scope["method"] != "POST" or (attestation is None and path != "/v1/launches"):
+            await self.app(scope, receive, send)
+            return
+        body = await _whole_body(receive)
+        if body is None:  # the client went away
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        request = Request(scope, replay)
+        call: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+        if attestation is not None:
+            attest_body = _valid_body(request, body, AttestationRequest)
+            if attest_body is not None:
+                call = functools.partial(self._attest, attestation.group(1), attest_body)
+        else:
+            launch_body = _valid_body(request, body, LaunchRequest)
+            if launch_body is not None:
+                call = functools.partial(self._create, launch_body)
+        if call is None:
+            await self.app(scope, replay, send)
+            return
+        run = call
+
+        async def authenticated() -> dict[str, Any]:
+            return await run(await self.gate.host(request, bearer_token(request.headers.get("authorization"))))
+
+        await self._answer(scope, replay, send, authenticated, request)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send,
+                      handle: Callable[[], Awaitable[dict[str, Any]]], request: Request | None = None) -> None:
+        """Send what `handle` returns as JSON, or the app's answer to what it raised."""
+        try:
+            response: Response = JSONResponse(await handle())
+        except Exception as exc:  # noqa: BLE001  (answered by the app's own handler for its type)
+            response = await self._handled(request or Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+    async def _attest(self, launch_id: str, body: AttestationRequest, host: str) -> dict[str, Any]:
+        return await self.launch.attest(host, launch_id, body.measurement, body.api_major, body.api_minor,
+                                        body.build_id, body.policy)
+
+    async def _create(self, body: LaunchRequest, host: str) -> dict[str, Any]:
+        return await self.launch.create_launch(host, body.guest, body.pdh, body.cert_chain, body.policy, body.cpu0_id)
+
+    async def _handled(self, request: Request, exc: Exception) -> Response:
+        """The answer the app's exception handler for this type (or its nearest base) gives."""
+        for kind in type(exc).__mro__:
+            handler = self.app.exception_handlers.get(kind)
+            if handler is not None:
+                answer = handler(request, exc)
+                return await answer if inspect.isawaitable(answer) else answer  # type: ignore[no-any-return]
+        raise exc
+
+
+async def _whole_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _valid_body(request: Request, body: bytes, model: type[Model]) -> Model | None:
+    """The body as `model` when it is JSON the model accepts (parsed as FastAPI parses it); None otherwise."""
+    if request.headers.get("content-type") not in _JSON_TYPES:
+        return None
+    try:
+        return model.model_validate(json.loads(body))
+    except (ValueError, ValidationError):  # json's errors are ValueErrors (UnicodeDecodeError too)
+        return None
+
+
 def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> FastAPI:
     """The ASGI app for one broker; `admin_digest` is the SHA-256 of the admin token."""
     app = FastAPI(
@@ -334,12 +468,15 @@ def create_app(broker: Broker, admin_digest: str, limits: Limits = Limits()) -> 
     _install_error_handlers(app)
     gate = Gate(broker.launch, admin_digest, limits)
     bearer = StrictBearer(auto_error=False, description="per-host token (/v1) or the admin token (/admin)")
-    app.include_router(health_router(broker))
-    app.include_router(launch_router(broker.launch, gate, bearer, Offload(LAUNCH_WORKERS)))
+    health = Health(broker)
+    app.include_router(health_router(health))
+    app.include_router(launch_router(broker.launch, gate, bearer))
     app.include_router(admin_router(broker.admin, gate, bearer))
+    app.state.fast_path = FastPath(app, broker.launch, gate, health)
     return app
 
 
 def wrap_limits(app: FastAPI, limits: Limits) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The app behind the body-size cap (outermost, so nothing reads an oversized body)."""
-    return BodyLimit(app, limits.max_body)
+    """The app behind the host API's fast path and the body-size cap (outermost, so nothing reads an
+    oversized body)."""
+    return BodyLimit(app.state.fast_path, limits.max_body)

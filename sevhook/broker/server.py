@@ -4,6 +4,7 @@ one storage key (copy the data directory's storage.key and admin.token to each).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -272,6 +273,10 @@ def serve(options: ServeOptions) -> int:
     shown_host = f"[{host}]" if ":" in host else host
     log.info("broker on %s://%s:%d, database %s, data %s", scheme, shown_host, bound_port,
              broker.engine.url.render_as_string(hide_password=True), options.data_dir)
+    # what start-up made (the app, SQLAlchemy, pydantic, the caches' classes) lives as long as the process:
+    # frozen, it is left out of the collector's full passes, which otherwise walk it while requests wait
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -2,8 +2,9 @@
 writes, database failures turned into one clear error) and the short-lived caches a change made
 through the admin service must be able to clear.
 
-Every call here blocks (SQLAlchemy's synchronous engine); the HTTP layer runs it in a worker thread, so
-a database that waits on a lock never stalls the event loop."""
+Every call here blocks (SQLAlchemy's synchronous engine); the HTTP layer runs it in a worker thread (the
+host API's in the database lanes of `lanes`), so a database that waits on a lock never stalls the event
+loop."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from sevhook.broker import db
 from sevhook.broker.kds import SignedCeks
-from sevhook.broker.rules import Refusal
 from sevhook.broker.vault import Vault
 from sevhook.errors import SevhookError
 from sevhook.sev.certs import AmdCertificate
@@ -157,9 +157,3 @@ class Store:
             "at": time.time(), "actor": actor[:80], "action": action, "guest_id": guest_id and guest_id[:128],
             "launch_id": launch_id and launch_id[:64], "decision": decision, "reason": reason,
             "measurement": measurement, "detail": detail[:2000]})
-
-    def deny(self, refusal: Refusal, actor: str, action: str, **where: Any) -> Refusal:
-        """Audit a refusal and hand it back for raising."""
-        with self.write() as conn:
-            self.audit(conn, actor, action, "deny", refusal.reason, detail=refusal.message, **where)
-        return refusal
