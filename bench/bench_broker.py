@@ -100,13 +100,16 @@ end
 
 PACED_LUA = _COMMON_LUA + """
 -- wrk waits delay() ms before each request on a connection; the interval is corrected once a second
--- from the responses counted in it (LuaJIT has only a 1-second clock), so latency does not lower the rate
+-- from the responses counted in it (LuaJIT has only a 1-second clock), so latency does not lower the rate.
+-- The first second is partial (the clock ticks at an arbitrary point of it) and is not counted, and each
+-- correction is bounded to 25%, so the rate converges on the offered one instead of swinging around it.
 local requests = {}
 local next_index = 0
 local interval_ms = 0
 local per_second = 0
 local counted = 0
 local second = 0
+local whole = false
 function init(args)
   for line in io.lines(args[1] .. "/paced-" .. id .. ".txt") do
     local path, body = line:match("^(%S+)\\t(.*)$")
@@ -130,9 +133,11 @@ function response(status, headers, body)
   counted = counted + 1
   local now = os.time()
   if now ~= second then
-    if counted > 0 then
-      interval_ms = math.max(1, math.min(10000, interval_ms * counted / per_second))
+    if whole and counted > 0 then
+      local factor = math.max(0.8, math.min(1.25, counted / per_second))
+      interval_ms = math.max(1, math.min(10000, interval_ms * factor))
     end
+    whole = true
     counted = 0
     second = now
   end
