@@ -26,11 +26,11 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from sevhook import __version__
 from sevhook.broker.admin import AdminService
-from sevhook.broker.guards import BodyLimit, RateLimiter
+from sevhook.broker.guards import BodyLimit, RateLimiter, replaying
 from sevhook.broker.launch import LaunchService
 from sevhook.broker.models import (
     ERRORS,
@@ -382,15 +382,7 @@ class FastPath:
         body = await _whole_body(receive)
         if body is None:  # the client went away
             return
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        replay = replaying(body, receive)
         request = Request(scope, replay)
         call: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         if attestation is not None:
