@@ -10,23 +10,28 @@ and hand it over (`adopt`)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 from sevhook.interpose.child import PrivateMonitors
 from sevhook.sim.argv import MonitorSpec
-from sevhook.sim.qmp_protocol import StreamSplitter
-from sevhook.sim.qmp_server import Connection, MonitorListener
+from sevhook.sim.qmp_protocol import Parsed, StreamSplitter, encode
 
 UPSTREAM_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0  # a relay thread told to stop, or waiting for the event loop, at most
 STREAM_LIMIT = 256 * 1024 * 1024
+READ_SIZE = 65536
 SIGNAL_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 KILL_GRACE = 10.0
 STDERR_TAIL_LINES = 20
@@ -80,64 +85,177 @@ class ChildProcess:
         return self.popen.wait()
 
 
-class UpstreamGone(Exception):
-    """The real QEMU closed its monitor or exited."""
-
-
 class MonitorRelay:
-    """One client on one monitor, relayed to a fresh connection to the real QEMU's private socket."""
+    """One client of one monitor, relayed to a fresh connection to the real QEMU's private socket by a
+    thread of its own: libvirt sends hundreds of commands at every start, and a plain poll loop moves
+    each one for a fraction of what an asyncio round costs. The interposer's decisions stay on the event
+    loop: a command it may take (`Interposer.intercepts`) is handed to `Interposer.intercept` there, and
+    later requests of this client wait until it decided; events and the greeting are shown to it there
+    too. Replies go out in QEMU's order; a locally made answer (`answer`) after every earlier reply."""
 
-    def __init__(self, interposer: Interposer, connection: Connection, upstream_path: str) -> None:
+    def __init__(self, interposer: Interposer, client: socket.socket, upstream_path: str, pretty: bool) -> None:
         self.interposer = interposer
-        self.client = connection
+        self.client = client
         self.upstream_path = upstream_path
+        self.pretty = pretty
+        self.loop = asyncio.get_running_loop()
         self.negotiated = False
         self.pending: deque[str] = deque()  # commands relayed and not yet answered, in order
-        self.idle = asyncio.Event()  # set while nothing is pending
-        self.idle.set()
-        self.up_writer: asyncio.StreamWriter | None = None
+        self._lock = threading.Lock()  # pending and its idle waiters, shared with the event loop
+        self._idle_waiters: list[asyncio.Future] = []
+        self._backlog: deque[Parsed] = deque()  # requests read and not yet relayed or decided
+        self._decision: concurrent.futures.Future | None = None  # an intercept in progress on the loop
+        self._held: tuple[Parsed, str] | None = None  # the request it decides on
+        self._negotiating = False  # qmp_capabilities relayed: what follows waits for its reply
+        self._outbox: deque[bytes] = deque()  # local answers, written by the relay thread
+        self._stopping = False
+        self._client_open = True
+        self._partial = b""  # QEMU's output after its last complete line
+        self._greeted = False
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
 
+    # --- on the event loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        try:
-            reader, self.up_writer = await self.interposer.connect_upstream(self.upstream_path)
-        except UpstreamGone:
-            return
-        try:
-            greeting = await reader.readuntil(b"\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            return
-        self.interposer.note_greeting(greeting)
-        await self.client.send_raw(greeting)
-        downstream = asyncio.ensure_future(self._relay_replies(reader))
-        upstream = asyncio.ensure_future(self._relay_requests())
-        try:
-            await asyncio.wait({downstream, upstream}, return_when=asyncio.FIRST_COMPLETED)
-            if upstream.done() and not downstream.done():
-                # The client left. Wait for the replies still owed before closing: once QEMU sees the
-                # connection close, it would deliver them to the next client of this monitor.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wait_idle(), DRAIN_TIMEOUT)
-                downstream.cancel()
-            elif downstream.done() and not upstream.done():
-                upstream.cancel()
-            await asyncio.gather(downstream, upstream, return_exceptions=True)
-        finally:
-            with contextlib.suppress(Exception):
-                self.up_writer.close()
+        """Relay until either side leaves (or the monitor closes: cancelled)."""
+        finished = self.loop.create_future()
 
-    async def _relay_replies(self, reader: asyncio.StreamReader) -> None:
-        """Upstream -> client, verbatim; note replies (for ordering) and show events to the interposer."""
-        while True:
+        def relay() -> None:
             try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    await self.client.send_raw(exc.partial)
-                return
-            except (ConnectionError, asyncio.LimitOverrunError):
-                return
+                self._relay()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    self.loop.call_soon_threadsafe(_resolve, finished)
+
+        threading.Thread(target=relay, name="sevhook-relay", daemon=True).start()
+        try:
+            await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            self.stop()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(finished, STOP_TIMEOUT)
+            raise
+        finally:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    async def wait_idle(self) -> None:
+        """Until every relayed command has its reply: a local answer must not overtake them."""
+        while True:
+            with self._lock:
+                if not self.pending:
+                    return
+                waiter = self.loop.create_future()
+                self._idle_waiters.append(waiter)
+            await waiter
+
+    async def answer(self, message: dict) -> None:
+        """Send a locally made reply, after every earlier reply has gone out."""
+        await self.wait_idle()
+        self._outbox.append(encode(message, self.pretty))
+        self._wake()
+
+    # --- in the relay thread ------------------------------------------------------------------------
+    def _relay(self) -> None:
+        upstream = self._connect_upstream()
+        if upstream is None:
+            return
+        try:
+            self._pump(upstream)
+        except (OSError, ValueError):  # a monitor reset under us, or a stream beyond STREAM_LIMIT
+            pass
+        finally:
+            upstream.close()
+            if self._decision is not None:
+                self._decision.cancel()
+            self._release_idle_waiters()
+
+    def _connect_upstream(self) -> socket.socket | None:
+        deadline = time.monotonic() + UPSTREAM_TIMEOUT
+        while not self._stopping:
+            process = self.interposer.process
+            if process is None or process.returncode is not None:
+                return None
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self.upstream_path)
+                return upstream
+            except (FileNotFoundError, ConnectionRefusedError):
+                upstream.close()
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(POLL_INTERVAL)
+        return None
+
+    def _pump(self, upstream: socket.socket) -> None:
+        poller = select.poll()
+        poller.register(upstream, select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
+        poller.register(self.client, select.POLLIN)
+        client_fd = self.client.fileno()
+        drain_deadline: float | None = None  # once the client left: until the replies owed went out
+        splitter = StreamSplitter()
+        while not self._stopping:
+            timeout_ms = -1
+            if drain_deadline is not None:
+                timeout_ms = max(0, int((drain_deadline - time.monotonic()) * 1000))
+                if timeout_ms == 0 or not (self.pending or self._decision or self._backlog):
+                    return
+            for fd, _mask in poller.poll(timeout_ms):
+                if fd == self._wake_read:
+                    os.read(self._wake_read, 4096)
+                    self._flush_outbox()
+                    self._decided(upstream)
+                elif fd != client_fd:
+                    if not self._upstream_data(upstream.recv(READ_SIZE), upstream):
+                        return
+                elif data := self._read_client():
+                    self._backlog.extend(splitter.feed(data))
+                    self._advance(upstream)
+                elif drain_deadline is None:
+                    # The client left. Wait for the replies still owed before closing: once QEMU sees the
+                    # connection close, it would deliver them to the next client of this monitor.
+                    poller.unregister(client_fd)
+                    drain_deadline = time.monotonic() + DRAIN_TIMEOUT
+
+    def _upstream_data(self, data: bytes, upstream: socket.socket) -> bool:
+        """QEMU's output, relayed line by line as it completes; False when QEMU's side ended."""
+        if not data:
+            self._send_client(self._partial)
+            return False
+        self._partial += data
+        if b"\n" not in data:
+            return len(self._partial) <= STREAM_LIMIT
+        lines = self._partial.split(b"\n")
+        self._partial = lines.pop()
+        if not self._greeted:
+            self._greeted = True
+            greeting = lines.pop(0) + b"\n"
+            self._on_loop(self.interposer.note_greeting, greeting)
+            self._send_client(greeting)
+        self._from_upstream(lines, upstream)
+        return True
+
+    def _read_client(self) -> bytes:
+        try:
+            return self.client.recv(READ_SIZE)
+        except OSError:  # reset by the client: it left
+            return b""
+
+    def _from_upstream(self, lines: list[bytes], upstream: socket.socket) -> None:
+        """QEMU's output lines, to the client as they came; a reply settles the oldest pending command
+        (and, for a negotiation, lets the requests waiting for it go); events go to the interposer."""
+        out = []
+        negotiated_now = False
+        for body in lines:
+            line = body + b"\n"
             if line.startswith(REPLY_PREFIXES):
-                if not self._reply_arrived(succeeded=line.startswith(REPLY_PREFIXES[0])):
+                kept, negotiated_now = self._reply_arrived(line.startswith(REPLY_PREFIXES[0]), negotiated_now)
+                if not kept:
                     continue
             else:
                 try:
@@ -146,62 +264,159 @@ class MonitorRelay:
                     message = None
                 if isinstance(message, dict):
                     if "event" in message:
-                        self.interposer.observe_event(message)
-                    elif ("return" in message or "error" in message) and not self._reply_arrived(
-                            succeeded="return" in message):
-                        continue
-            await self.client.send_raw(line)
+                        self._on_loop(self.interposer.observe_event, message)
+                    elif "return" in message or "error" in message:
+                        kept, negotiated_now = self._reply_arrived("return" in message, negotiated_now)
+                        if not kept:
+                            continue
+            out.append(line)
+        if out:
+            self._send_client(b"".join(out))
+        if negotiated_now or (self._negotiating and not self.pending):
+            self._negotiating = False
+            self._advance(upstream)
 
-    def _reply_arrived(self, succeeded: bool) -> bool:
-        """A reply to the oldest relayed command. False when none is owed: QEMU keeps one output queue per
-        monitor, so a reply to a command of a client that left arrives on the next connection; it is not
-        this client's and is dropped."""
-        if not self.pending:
-            return False
-        command = self.pending.popleft()
-        if command == "qmp_capabilities" and succeeded:
+    def _reply_arrived(self, succeeded: bool, negotiated_now: bool) -> tuple[bool, bool]:
+        """A reply to the oldest relayed command: (whether it is this client's, whether negotiation just
+        succeeded). Not this client's when none is owed: QEMU keeps one output queue per monitor, so a
+        reply to a command of a client that left arrives on the next connection, and is dropped."""
+        with self._lock:
+            if not self.pending:
+                return False, negotiated_now
+            command = self.pending.popleft()
+            waiters: list[asyncio.Future] = []
+            if not self.pending:
+                waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            self.loop.call_soon_threadsafe(_resolve, waiter)
+        if command == "qmp_capabilities" and succeeded and not self.negotiated:
             self.negotiated = True
-        if not self.pending:
-            self.idle.set()
-        return True
+            return True, True
+        return True, negotiated_now
 
-    async def _relay_requests(self) -> None:
-        """Client -> upstream; a negotiated command the interposer takes is not relayed."""
-        splitter = StreamSplitter()
-        while True:
-            data = await self.client.reader.read(65536)
-            if not data:
+    def _advance(self, upstream: socket.socket) -> None:
+        """Relay the requests read so far, in order, until one goes to the interposer to decide or a
+        negotiation's reply must come first."""
+        while self._backlog and self._decision is None and not self._negotiating:
+            parsed = self._backlog.popleft()
+            value = parsed.value
+            command = value.get("execute") if isinstance(value, dict) else None
+            name = command if isinstance(command, str) else ""
+            if self.negotiated and name and self.interposer.intercepts(name):
+                self._held = (parsed, name)
+                try:
+                    self._decision = asyncio.run_coroutine_threadsafe(
+                        self.interposer.intercept(self, name, value), self.loop)
+                except RuntimeError:  # the loop closed: the interposer is going away
+                    self._stopping = True
+                    return
+                self._decision.add_done_callback(lambda _future: self._wake())
                 return
-            for parsed in splitter.feed(data):
-                value = parsed.value
-                command = value.get("execute") if isinstance(value, dict) else None
-                if self.negotiated and isinstance(command, str) and isinstance(value, dict):
-                    if await self.interposer.intercept(self, command, value):
-                        continue
-                self.pending.append(command if isinstance(command, str) else "")
-                self.idle.clear()
-                await self._send_upstream(parsed.raw + b"\n")
-                if command == "qmp_capabilities" and not self.negotiated:
-                    # what follows depends on whether negotiation succeeded: wait for its reply
-                    await self.wait_idle()
+            self._forward(parsed, name, upstream)
 
-    async def wait_idle(self) -> None:
-        """Until every relayed command has its reply: a local answer must not overtake them."""
-        while self.pending:
-            await self.idle.wait()
+    def _decided(self, upstream: socket.socket) -> None:
+        """The interposer's decision on the held request: answered there, or relayed now."""
+        if self._decision is None or not self._decision.done():
+            return
+        decision, self._decision = self._decision, None
+        assert self._held is not None
+        (parsed, name), self._held = self._held, None
+        if decision.cancelled() or decision.exception() is not None:
+            self._stopping = True  # no decision, no relay: the client's session ends
+            return
+        if not decision.result():
+            self._forward(parsed, name, upstream)
+        self._advance(upstream)
 
-    async def answer(self, message: dict) -> None:
-        """Send a locally made reply, after every earlier reply has gone out."""
-        await self.wait_idle()
-        await self.client.send(message)
+    def _forward(self, parsed: Parsed, name: str, upstream: socket.socket) -> None:
+        with self._lock:
+            self.pending.append(name)
+        if name == "qmp_capabilities" and not self.negotiated:
+            self._negotiating = True  # what follows depends on whether negotiation succeeded
+        upstream.sendall(parsed.raw + b"\n")
 
-    async def _send_upstream(self, data: bytes) -> None:
-        assert self.up_writer is not None
+    def _flush_outbox(self) -> None:
+        while self._outbox:
+            self._send_client(self._outbox.popleft())
+
+    def _send_client(self, data: bytes) -> None:
+        """To the client; once it has gone, nothing (what QEMU still says is dropped)."""
+        if not data or not self._client_open:
+            return
         try:
-            self.up_writer.write(data)
-            await self.up_writer.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            raise UpstreamGone() from exc
+            self.client.sendall(data)
+        except OSError:
+            self._client_open = False
+
+    def _on_loop(self, callback: Callable[[object], None], argument: object) -> None:
+        """Run an interposer's callback on the event loop, before the relay goes on."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                callback(argument)
+            finally:
+                done.set_result(None)
+
+        try:
+            self.loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop closed: the interposer is going away
+            return
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            done.result(STOP_TIMEOUT)
+
+    def _release_idle_waiters(self) -> None:
+        with self._lock:
+            self.pending.clear()
+            waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_resolve, waiter)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed (the relay ended)
+            os.write(self._wake_write, b"w")
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class RelayListener:
+    """The listening socket of one monitor libvirt asked for: its clients one at a time, as QEMU serves
+    them (a second client waits for its greeting until the first leaves), each through a MonitorRelay."""
+
+    def __init__(self, interposer: Interposer, spec: MonitorSpec, sock: socket.socket, upstream_path: str) -> None:
+        self.interposer = interposer
+        self.spec = spec
+        self.sock = sock
+        self.upstream_path = upstream_path
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _address = await loop.sock_accept(self.sock)
+            client.setblocking(True)
+            try:
+                await MonitorRelay(self.interposer, client, self.upstream_path, self.spec.pretty).run()
+            finally:
+                client.close()
+
+    async def close(self) -> None:
+        """Stop accepting, end the client's relay, remove the socket path."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT + 1)
+        if self.spec.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec.path)
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 class Interposer:
@@ -222,7 +437,7 @@ class Interposer:
         self.private_paths = self.private.paths
         self.extra_sockets = self.private.extra  # private monitors of the interposer's own, waited for too
         self.process: ChildProcess | None = None
-        self.listeners: list[MonitorListener] = []
+        self.listeners: list[RelayListener] = []
         self._stderr_task: asyncio.Future | None = None
 
     # --- what subclasses decide -------------------------------------------------------------------
@@ -230,15 +445,21 @@ class Interposer:
         """The real QEMU's arguments (without the program); by default only the monitors change."""
         return self.private.child_argv()
 
+    def intercepts(self, command: str) -> bool:
+        """Whether `intercept` may take this command; asked in the relay's thread for every negotiated
+        command, so it must be quick, and everything else is relayed without asking."""
+        return False
+
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
-        """A negotiated command from a client: True when it was answered here (not relayed)."""
+        """A negotiated command from a client that `intercepts` named: True when it was answered here
+        (not relayed)."""
         return False
 
     def observe_event(self, message: dict) -> None:
-        """An event from the real QEMU, before it is relayed."""
+        """An event from the real QEMU, before it is relayed (on the event loop)."""
 
     def note_greeting(self, line: bytes) -> None:
-        """The real QEMU's QMP greeting, before it is relayed."""
+        """The real QEMU's QMP greeting, before it is relayed (on the event loop)."""
 
     def child_failed_early(self) -> None:
         """The real QEMU exited before its monitors were up (its stderr was relayed already)."""
@@ -275,22 +496,6 @@ class Interposer:
             await asyncio.sleep(POLL_INTERVAL)
         return self.process.returncode is None
 
-    async def connect_upstream(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + UPSTREAM_TIMEOUT
-        while True:
-            if self.process is None or self.process.returncode is not None:
-                raise UpstreamGone()
-            try:
-                return await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if loop.time() > deadline:
-                    raise UpstreamGone() from exc
-                await asyncio.sleep(POLL_INTERVAL)
-
-    async def _session(self, spec: MonitorSpec, connection: Connection) -> None:
-        await MonitorRelay(self, connection, self.private_paths[spec.option_index]).run()
-
     def kill(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -301,12 +506,10 @@ class Interposer:
         loop = asyncio.get_running_loop()
         for signum in SIGNAL_FORWARD:
             loop.add_signal_handler(signum, self._forward_signal, signum)
-        self.listeners = [
-            MonitorListener(spec, sock, lambda connection, spec=spec: self._session(spec, connection))
-            for spec, sock in zip(self.monitors, sockets, strict=True)
-        ]
+        self.listeners = [RelayListener(self, spec, sock, self.private_paths[spec.option_index])
+                          for spec, sock in zip(self.monitors, sockets, strict=True)]
         for listener in self.listeners:
-            await listener.start()
+            listener.start()
         assert self.process is not None
         try:
             code = await self.process.wait()

@@ -128,6 +128,9 @@ class QemuWrapper(Interposer):
         if message.get("event") == "RESUME":
             self.guest_resumed()
 
+    def intercepts(self, command: str) -> bool:
+        return command in SevMonitor.COMMANDS or command == "cont"
+
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         if command in SevMonitor.COMMANDS:
             await relay.answer(self._execute_sev(request))

@@ -70,12 +70,30 @@ class StreamSplitter:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> Iterator[Parsed]:
+        if not self._buffer:
+            whole = self._whole_object(data)
+            if whole is not None:
+                yield whole
+                return
         self._buffer += data
         while True:
             item = self._next()
             if item is None:
                 return
             yield item
+
+    @staticmethod
+    def _whole_object(data: bytes) -> Parsed | None:
+        """The usual case, one complete object per read (`{...}` and a line end), parsed at C speed: when
+        ASCII data parses as exactly one JSON object, the bracket scan would end at its last byte too."""
+        text = data.strip(b" \t\r\n")
+        if not (text.startswith(b"{") and text.endswith(b"}") and text.isascii()):
+            return None
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        return Parsed(value=value, raw=text) if isinstance(value, dict) else None
 
     def _next(self) -> Parsed | None:
         buf = self._buffer

@@ -164,6 +164,9 @@ class AttestingInterposer(Interposer):
         finally:
             os.close(fd)
 
+    def intercepts(self, command: str) -> bool:
+        return command in REFUSED_COMMANDS or (command == "cont" and not self.attested)
+
     async def intercept(self, relay: MonitorRelay, command: str, request: dict) -> bool:
         if command in REFUSED_COMMANDS:
             await relay.answer(self._error(request, f"{command}: {REFUSED_COMMANDS[command]}"))

@@ -129,6 +129,27 @@ def test_fuzz_qmp_stream_never_raises(data: bytes) -> None:
                 pass
 
 
+def _split(chunks: list[bytes]) -> list[tuple[object, str | None, bytes]]:
+    splitter = StreamSplitter()
+    return [(parsed.value, parsed.error and parsed.error.desc, parsed.raw) for chunk in chunks
+            for parsed in splitter.feed(chunk)]
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=120),
+                 st.builds(lambda value, before, after: before + json.dumps(value).encode() + after,
+                           st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4),
+                           st.sampled_from([b"", b" ", b"\r\n"]), st.sampled_from([b"", b"\r\n", b"\n", b"{", b" x"]))))
+def test_a_whole_read_splits_as_the_byte_by_byte_stream(data: bytes) -> None:
+    """The relay's fast path for a read holding one whole object gives what QEMU's streamer would."""
+    assert _split([data]) == _split([data[i:i + 1] for i in range(len(data))])
+
+
 def test_sev_object_is_checked_as_qemu_checks_it() -> None:
     machine = ["-machine", "q35,confidential-guest-support=s0"]
     inv = parse_qemu_argv([*machine, "-object", "sev-guest,id=s0,policy=010,handle=0x2,kernel-hashes=on"])
