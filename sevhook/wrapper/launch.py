@@ -15,6 +15,7 @@ which virsh's error quotes) and exit 1 before the guest ever ran."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -30,14 +31,13 @@ from typing import TYPE_CHECKING
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import ManagedGuest
 from sevhook.hook.steplog import StepLog
-from sevhook.launch.broker import SESSION_RETRIES, open_broker
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
 
 if TYPE_CHECKING:
     from sevhook.interpose.child import PrivateMonitors
-    from sevhook.wrapper.interposer import FreshLaunch
+    from sevhook.wrapper.launch_request import FreshLaunch, LaunchRequest
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
@@ -45,6 +45,9 @@ LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sev
 ATTEST_SOCKET = "attest.sock"  # the wrapper's own monitor of QEMU, for the attestation
 GODH_FIFO = "godh.b64"  # the FIFOs QEMU's sev-guest reads its dh-cert-file and session-file from
 SESSION_FIFO = "session.b64"
+# What fresh_launch needs (the platform cache's certificates, the broker's HTTP client), loaded right after
+# QEMU's spawn, before the launch thread starts and before the relay (asyncio) is imported.
+LAUNCH_MODULES = ("sevhook.sev.platform_export", "sevhook.launch.broker", "sevhook.broker.client")
 
 
 class Refused(StepError):
@@ -149,9 +152,11 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
 
 def fresh_launch(guest: ManagedGuest, cache: Path, log: StepLog) -> FreshLaunch:
     """A launch made now by the guest owner's broker for this host's platform, its policy the domain's.
-    Runs in a thread while QEMU starts; raises StepError or SevhookError."""
-    from sevhook.sev.platform_export import read_export  # in the launch thread, while QEMU starts
-    from sevhook.wrapper.interposer import FreshLaunch
+    Runs in a thread from QEMU's spawn on (its modules loaded before: LAUNCH_MODULES); raises StepError or
+    SevhookError."""
+    from sevhook.launch.broker import SESSION_RETRIES, open_broker
+    from sevhook.sev.platform_export import read_export
+    from sevhook.wrapper.launch_request import FreshLaunch
 
     with log.steps.step("launch"):
         try:
@@ -213,7 +218,7 @@ def _child_argv(inv: QemuInvocation, private: PrivateMonitors, sev_object: str, 
 
 
 def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
-    """QEMU first, then (while it starts) the relay's imports, the launch and the relay itself."""
+    """QEMU first; then, while it starts, the broker's launch (asked in a thread at once) and the relay."""
     from sevhook.interpose.child import PrivateMonitors  # no asyncio: QEMU starts before the relay is imported
 
     assert inv.sev_object_index is not None
@@ -228,22 +233,27 @@ def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, fil
         private.cleanup()
         raise Refused("qemu", f"cannot run the real QEMU {qemu}: {exc.strerror}") from exc
     try:
-        return _relay(inv, guest, cache, log, fifos, private, child, attest_socket)
+        for module in LAUNCH_MODULES:  # here, not in the thread: one thread imports at a time
+            importlib.import_module(module)
+        from sevhook.wrapper.launch_request import LaunchRequest
+
+        request = LaunchRequest(partial(fresh_launch, guest, cache, log))  # the broker works while the relay loads
+        return _relay(inv, guest, log, fifos, private, child, attest_socket, request)
     finally:
         if child.poll() is None:  # the relay never took it over (a failure before the event loop ran)
             child.kill()
             child.wait()
 
 
-def _relay(inv: QemuInvocation, guest: ManagedGuest, cache: Path, log: StepLog, fifos: tuple[Path, Path],
-           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str) -> int:
+def _relay(inv: QemuInvocation, guest: ManagedGuest, log: StepLog, fifos: tuple[Path, Path],
+           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str,
+           request: LaunchRequest) -> int:
     import asyncio  # while QEMU starts
 
     from sevhook.sim.qmp_server import listening_socket
     from sevhook.wrapper.interposer import AttestingInterposer
 
-    interposer = AttestingInterposer(inv, guest, log, partial(fresh_launch, guest, cache, log), fifos, private,
-                                     child, attest_socket)
+    interposer = AttestingInterposer(inv, guest, log, request, fifos, private, child, attest_socket)
     try:
         sockets = [listening_socket(spec) for spec in inv.monitors]
         status = asyncio.run(interposer.run(child.args[0], sockets, lambda: None))
