@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
@@ -34,8 +34,11 @@ from sevhook.hook.steplog import StepLog
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
+from sevhook.wrapper.domain_source import emulator_qemu, guest_from_status, managed_guest, read_status
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from sevhook.interpose.child import PrivateMonitors
     from sevhook.wrapper.launch_request import FreshLaunch, LaunchRequest
 
@@ -72,20 +75,24 @@ def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
             return _refuse(name, "argv", f"{exc.message}: sevhook-qemu cannot read this command line")
         return exec_qemu(config["qemu"], argv)  # QEMU's own parser gives the authoritative message
     try:
-        guest = _emulator_mode_guest(inv, state_dir)
+        domain = read_status(inv.name, os.getpid(), state_dir) if inv.name is not None else None
+        named_qemu = emulator_qemu(domain) if domain is not None else None
+        if named_qemu is None:  # not emulator mode: the full checks still refuse unreadable metadata first
+            if domain is not None:
+                managed_guest(domain, name, state_dir)
+            return exec_qemu(config["qemu"], argv)
     except StepError as exc:
         return _refuse(name, exc.step, exc.reason)
-    if guest is None:
-        return exec_qemu(config["qemu"], argv)
     if inv.sev is None:
         return _refuse(name, "argv", "the QEMU command line has no sev-guest object that -machine "
                        "confidential-guest-support names, so the guest would run unencrypted and unattested")
-    qemu = guest.attestation.emulator_qemu or config["qemu"]
+    qemu = named_qemu or config["qemu"]
     log = StepLog.open(name, "emulator", os.environ.get("SEVHOOK_QEMU_LOG") or LOG_FILE)
     files = RUN_DIR / name
     try:
         _check_startable(inv, qemu)
-        return _serve(inv, guest, qemu, Path(config["platform-cache"]), files, log)
+        return _serve(inv, partial(_emulator_mode_guest, domain, name, state_dir), qemu,
+                      Path(config["platform-cache"]), files, log)
     except StepError as exc:
         log.total("failed")
         return _refuse(name, exc.step, exc.reason)
@@ -113,8 +120,6 @@ def _name_argument(argv: list[str]) -> str | None:
 
 def _is_emulator_mode(name: str, state_dir: Path) -> bool:
     """Whether libvirt is starting an emulator-mode guest of that name (a status file in doubt: yes)."""
-    from sevhook.wrapper.domain_source import guest_from_status
-
     try:
         guest = guest_from_status(name, os.getpid(), state_dir)
     except StepError:
@@ -122,14 +127,12 @@ def _is_emulator_mode(name: str, state_dir: Path) -> bool:
     return guest is not None and guest.attestation.mode == "emulator"
 
 
-def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
-    from sevhook.wrapper.domain_source import guest_from_status  # lxml, the XML checks
-
-    if inv.name is None:
-        return None
-    guest = guest_from_status(inv.name, os.getpid(), state_dir)
-    if guest is None or guest.attestation.mode != "emulator":
-        return None
+def _emulator_mode_guest(domain: etree._Element, name: str, state_dir: Path) -> ManagedGuest:
+    """The guest, its metadata checked in full while QEMU starts (the first look chose emulator mode)."""
+    guest = managed_guest(domain, name, state_dir)
+    if guest is None or guest.attestation.mode != "emulator":  # the two readings of one element disagree
+        raise Refused("metadata", "sevhook's metadata does not ask for emulator mode after all; the guest was not "
+                      "started: check it with `sevhook validate`")
     return guest
 
 
@@ -217,8 +220,10 @@ def _child_argv(inv: QemuInvocation, private: PrivateMonitors, sev_object: str, 
     return [*argv, "-qmp", f"unix:{attest_socket},server=on,wait=off"]
 
 
-def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
-    """QEMU first; then, while it starts, the broker's launch (asked in a thread at once) and the relay."""
+def _serve(inv: QemuInvocation, checked_guest: Callable[[], ManagedGuest], qemu: str, cache: Path, files: Path,
+           log: StepLog) -> int:
+    """QEMU first; then, while it starts, the full metadata checks (`checked_guest`), the broker's launch
+    (asked in a thread at once) and the relay. QEMU waits for its launch on the FIFOs until then."""
     from sevhook.interpose.child import PrivateMonitors  # no asyncio: QEMU starts before the relay is imported
 
     assert inv.sev_object_index is not None
@@ -233,6 +238,7 @@ def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, fil
         private.cleanup()
         raise Refused("qemu", f"cannot run the real QEMU {qemu}: {exc.strerror}") from exc
     try:
+        guest = checked_guest()
         for module in LAUNCH_MODULES:  # here, not in the thread: one thread imports at a time
             importlib.import_module(module)
         from sevhook.wrapper.launch_request import LaunchRequest
