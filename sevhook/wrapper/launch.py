@@ -249,6 +249,7 @@ def _serve(inv: QemuInvocation, checked_guest: Callable[[], ManagedGuest], qemu:
         if child.poll() is None:  # the relay never took it over (a failure before the event loop ran)
             child.kill()
             child.wait()
+        private.cleanup()  # done already by the relay, unless it failed before it ran
 
 
 def _relay(inv: QemuInvocation, guest: ManagedGuest, log: StepLog, fifos: tuple[Path, Path],
