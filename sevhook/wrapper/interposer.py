@@ -5,9 +5,9 @@ runs. Refused, failed or out of time: libvirt's `cont` gets a QMP GenericError n
 the reason, and QEMU is killed, so its vCPUs never run. `system_reset` and migration (which `virsh
 save` uses too) are refused for an attested guest.
 
-Before that, while QEMU starts, the launch of this start (sevhook.wrapper.launch.fresh_launch, in a
-thread: the broker's answer is awaited there) is written into the FIFOs QEMU's sev-guest object reads
-its GODH and session from; a refused launch kills QEMU while it still waits for them."""
+Before that, while QEMU starts, the launch of this start (sevhook.wrapper.launch.fresh_launch, asked in a
+thread since QEMU's spawn: sevhook.wrapper.launch_request) is written into the FIFOs QEMU's sev-guest
+object reads its GODH and session from; a refused launch kills QEMU while it still waits for them."""
 
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from sevhook.launch.checks import Deadline
 from sevhook.sim.argv import QemuInvocation
 from sevhook.sim.qmp_protocol import GENERIC_ERROR, QmpError, error_reply
 from sevhook.wrapper.config import PROG
+from sevhook.wrapper.launch_request import LaunchRequest
 
 DEADLINE_GRACE = 5.0  # past <sevhook:attestation timeout>, the held `cont` is refused whatever the steps do
 KILL_DELAY = 0.5  # libvirt reads the refusal before the monitor closes
@@ -50,57 +49,21 @@ STALE_PDH_MARKS = ("LAUNCH_START", "sev_launch_start")
 ATTESTATION_MODULES = ("sevhook.launch.qmp_port", "sevhook.launch.sequence", "sevhook.monitor.qmp")
 
 
-@dataclass(frozen=True)
-class FreshLaunch:
-    """The launch the broker made for this start: the guest with its launch id, and the GODH and session
-    QEMU's sev-guest object reads (base64, as in libvirt's <dhCert>/<session>)."""
-
-    guest: ManagedGuest
-    godh_b64: str
-    session_b64: str
-
-
-class LaunchRequest:
-    """The broker's launch, asked in a daemon thread (a blocking HTTP call) while the event loop goes on
-    with QEMU's start-up; `outcome()` awaits it."""
-
-    def __init__(self, call: Callable[[], FreshLaunch]) -> None:
-        self._call = call
-        self._value: FreshLaunch | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sevhook-qemu-launch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._call()
-        except BaseException as exc:  # noqa: BLE001  handed to the awaiting task by outcome()
-            self._error = exc
-
-    async def outcome(self) -> FreshLaunch:
-        while self._thread.is_alive():
-            await asyncio.sleep(POLL_INTERVAL)
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
-
-
 class AttestingInterposer(Interposer):
     """The real QEMU of one emulator-mode guest, with libvirt's `cont` held for the verdict."""
 
-    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, log: StepLog, make_launch: Callable[[], FreshLaunch],
+    def __init__(self, inv: QemuInvocation, guest: ManagedGuest, log: StepLog, launch_request: LaunchRequest,
                  fifos: tuple[Path, Path], private: PrivateMonitors, child: subprocess.Popen[bytes],
                  attest_socket: str) -> None:
         """`child`: the real QEMU, already started from `private` (sevhook.wrapper.launch), its sev-guest
         object reading `fifos` (GODH, session) and `attest_socket` the wrapper's own monitor;
-        `make_launch` asks the broker (blocking; run in a thread)."""
+        `launch_request`: the broker's launch, asked since QEMU's spawn."""
         super().__init__(inv.argv, inv.monitors, keep_stderr_tail=True, private=private)
         self.inv = inv
         self.guest = guest
         self.log = log
         self.child = child
-        self.make_launch = make_launch
+        self.launch_request = launch_request
         self.fifos = fifos
         self.launch_refusal: StepError | None = None  # why the launch was not given to QEMU
         self._launch: asyncio.Future | None = None
@@ -117,7 +80,7 @@ class AttestingInterposer(Interposer):
     async def _deliver_launch(self) -> None:
         """The broker's launch into QEMU's FIFOs; on any failure, QEMU is killed before it has a session."""
         try:
-            launch = await LaunchRequest(self.make_launch).outcome()
+            launch = await asyncio.wrap_future(self.launch_request.future)
             self.guest = launch.guest
             godh, session = self.fifos
             await asyncio.gather(self._feed(godh, launch.godh_b64.encode("ascii")),

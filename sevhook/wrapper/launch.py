@@ -15,12 +15,13 @@ which virsh's error quotes) and exit 1 before the guest ever ran."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
@@ -30,14 +31,16 @@ from typing import TYPE_CHECKING
 from sevhook.errors import SevhookError, StepError
 from sevhook.hook.plan import ManagedGuest
 from sevhook.hook.steplog import StepLog
-from sevhook.launch.broker import SESSION_RETRIES, open_broker
 from sevhook.qemu_cmdline.options import split_keyval_parts
 from sevhook.sim.argv import QemuInvocation, parse_qemu_argv
 from sevhook.wrapper.config import PROG, exec_qemu
+from sevhook.wrapper.domain_source import emulator_qemu, guest_from_status, managed_guest, read_status
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from sevhook.interpose.child import PrivateMonitors
-    from sevhook.wrapper.interposer import FreshLaunch
+    from sevhook.wrapper.launch_request import FreshLaunch, LaunchRequest
 
 RUN_DIR = Path("/run/sevhook")
 LOG_FILE = "/var/log/sevhook/emulator.log"
@@ -45,6 +48,9 @@ LAUNCH_TIMEOUT = 30.0  # the broker's launch call, at most (also bounded by <sev
 ATTEST_SOCKET = "attest.sock"  # the wrapper's own monitor of QEMU, for the attestation
 GODH_FIFO = "godh.b64"  # the FIFOs QEMU's sev-guest reads its dh-cert-file and session-file from
 SESSION_FIFO = "session.b64"
+# What fresh_launch needs (the platform cache's certificates, the broker's HTTP client), loaded right after
+# QEMU's spawn, before the launch thread starts and before the relay (asyncio) is imported.
+LAUNCH_MODULES = ("sevhook.sev.platform_export", "sevhook.launch.broker", "sevhook.broker.client")
 
 
 class Refused(StepError):
@@ -69,20 +75,24 @@ def _run(argv: list[str], name: str, config: dict[str, str]) -> int:
             return _refuse(name, "argv", f"{exc.message}: sevhook-qemu cannot read this command line")
         return exec_qemu(config["qemu"], argv)  # QEMU's own parser gives the authoritative message
     try:
-        guest = _emulator_mode_guest(inv, state_dir)
+        domain = read_status(inv.name, os.getpid(), state_dir) if inv.name is not None else None
+        named_qemu = emulator_qemu(domain) if domain is not None else None
+        if named_qemu is None:  # not emulator mode: the full checks still refuse unreadable metadata first
+            if domain is not None:
+                managed_guest(domain, name, state_dir)
+            return exec_qemu(config["qemu"], argv)
     except StepError as exc:
         return _refuse(name, exc.step, exc.reason)
-    if guest is None:
-        return exec_qemu(config["qemu"], argv)
     if inv.sev is None:
         return _refuse(name, "argv", "the QEMU command line has no sev-guest object that -machine "
                        "confidential-guest-support names, so the guest would run unencrypted and unattested")
-    qemu = guest.attestation.emulator_qemu or config["qemu"]
+    qemu = named_qemu or config["qemu"]
     log = StepLog.open(name, "emulator", os.environ.get("SEVHOOK_QEMU_LOG") or LOG_FILE)
     files = RUN_DIR / name
     try:
         _check_startable(inv, qemu)
-        return _serve(inv, guest, qemu, Path(config["platform-cache"]), files, log)
+        return _serve(inv, partial(_emulator_mode_guest, domain, name, state_dir), qemu,
+                      Path(config["platform-cache"]), files, log)
     except StepError as exc:
         log.total("failed")
         return _refuse(name, exc.step, exc.reason)
@@ -110,8 +120,6 @@ def _name_argument(argv: list[str]) -> str | None:
 
 def _is_emulator_mode(name: str, state_dir: Path) -> bool:
     """Whether libvirt is starting an emulator-mode guest of that name (a status file in doubt: yes)."""
-    from sevhook.wrapper.domain_source import guest_from_status
-
     try:
         guest = guest_from_status(name, os.getpid(), state_dir)
     except StepError:
@@ -119,14 +127,12 @@ def _is_emulator_mode(name: str, state_dir: Path) -> bool:
     return guest is not None and guest.attestation.mode == "emulator"
 
 
-def _emulator_mode_guest(inv: QemuInvocation, state_dir: Path) -> ManagedGuest | None:
-    from sevhook.wrapper.domain_source import guest_from_status  # lxml, the XML checks
-
-    if inv.name is None:
-        return None
-    guest = guest_from_status(inv.name, os.getpid(), state_dir)
-    if guest is None or guest.attestation.mode != "emulator":
-        return None
+def _emulator_mode_guest(domain: etree._Element, name: str, state_dir: Path) -> ManagedGuest:
+    """The guest, its metadata checked in full while QEMU starts (the first look chose emulator mode)."""
+    guest = managed_guest(domain, name, state_dir)
+    if guest is None or guest.attestation.mode != "emulator":  # the two readings of one element disagree
+        raise Refused("metadata", "sevhook's metadata does not ask for emulator mode after all; the guest was not "
+                      "started: check it with `sevhook validate`")
     return guest
 
 
@@ -149,9 +155,11 @@ def _check_startable(inv: QemuInvocation, qemu: str) -> None:
 
 def fresh_launch(guest: ManagedGuest, cache: Path, log: StepLog) -> FreshLaunch:
     """A launch made now by the guest owner's broker for this host's platform, its policy the domain's.
-    Runs in a thread while QEMU starts; raises StepError or SevhookError."""
-    from sevhook.sev.platform_export import read_export  # in the launch thread, while QEMU starts
-    from sevhook.wrapper.interposer import FreshLaunch
+    Runs in a thread from QEMU's spawn on (its modules loaded before: LAUNCH_MODULES); raises StepError or
+    SevhookError."""
+    from sevhook.launch.broker import SESSION_RETRIES, open_broker
+    from sevhook.sev.platform_export import read_export
+    from sevhook.wrapper.launch_request import FreshLaunch
 
     with log.steps.step("launch"):
         try:
@@ -212,8 +220,10 @@ def _child_argv(inv: QemuInvocation, private: PrivateMonitors, sev_object: str, 
     return [*argv, "-qmp", f"unix:{attest_socket},server=on,wait=off"]
 
 
-def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, files: Path, log: StepLog) -> int:
-    """QEMU first, then (while it starts) the relay's imports, the launch and the relay itself."""
+def _serve(inv: QemuInvocation, checked_guest: Callable[[], ManagedGuest], qemu: str, cache: Path, files: Path,
+           log: StepLog) -> int:
+    """QEMU first; then, while it starts, the full metadata checks (`checked_guest`), the broker's launch
+    (asked in a thread at once) and the relay. QEMU waits for its launch on the FIFOs until then."""
     from sevhook.interpose.child import PrivateMonitors  # no asyncio: QEMU starts before the relay is imported
 
     assert inv.sev_object_index is not None
@@ -228,22 +238,29 @@ def _serve(inv: QemuInvocation, guest: ManagedGuest, qemu: str, cache: Path, fil
         private.cleanup()
         raise Refused("qemu", f"cannot run the real QEMU {qemu}: {exc.strerror}") from exc
     try:
-        return _relay(inv, guest, cache, log, fifos, private, child, attest_socket)
+        guest = checked_guest()
+        for module in LAUNCH_MODULES:  # here, not in the thread: one thread imports at a time
+            importlib.import_module(module)
+        from sevhook.wrapper.launch_request import LaunchRequest
+
+        request = LaunchRequest(partial(fresh_launch, guest, cache, log))  # the broker works while the relay loads
+        return _relay(inv, guest, log, fifos, private, child, attest_socket, request)
     finally:
         if child.poll() is None:  # the relay never took it over (a failure before the event loop ran)
             child.kill()
             child.wait()
+        private.cleanup()  # done already by the relay, unless it failed before it ran
 
 
-def _relay(inv: QemuInvocation, guest: ManagedGuest, cache: Path, log: StepLog, fifos: tuple[Path, Path],
-           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str) -> int:
+def _relay(inv: QemuInvocation, guest: ManagedGuest, log: StepLog, fifos: tuple[Path, Path],
+           private: PrivateMonitors, child: subprocess.Popen[bytes], attest_socket: str,
+           request: LaunchRequest) -> int:
     import asyncio  # while QEMU starts
 
     from sevhook.sim.qmp_server import listening_socket
     from sevhook.wrapper.interposer import AttestingInterposer
 
-    interposer = AttestingInterposer(inv, guest, log, partial(fresh_launch, guest, cache, log), fifos, private,
-                                     child, attest_socket)
+    interposer = AttestingInterposer(inv, guest, log, request, fifos, private, child, attest_socket)
     try:
         sockets = [listening_socket(spec) for spec in inv.monitors]
         status = asyncio.run(interposer.run(child.args[0], sockets, lambda: None))

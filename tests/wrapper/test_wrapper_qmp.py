@@ -166,6 +166,22 @@ def test_incoming_unlinked_sev_and_broker_down_are_refused_before_the_guest_laun
         sevhook("sim", "secrets", "--state-dir", str(world.sim_dir), "--domain", name, "--json")
 
 
+def test_emulator_mode_metadata_the_full_checks_refuse_kills_qemu_before_its_launch(world, short_dir):
+    """QEMU is spawned after a first look at the metadata; the full checks (here: a second
+    <sevhook:attestation>) refuse it while QEMU waits on its FIFOs, so the platform never sees a launch."""
+    name, socket = "q-meta", short_dir / "meta.sock"
+    domain = world.emulator_domain(name)
+    second = ("<sevhook:attestation xmlns:sevhook='http://sevhook.org/xmlns/libvirt/1.0'><sevhook:broker "
+              "url='http://127.0.0.1:9'/><sevhook:guest id='x'/></sevhook:attestation></metadata>")
+    assert "</metadata>" in domain
+    process = _start(world, name, _libvirt_argv(world, name, socket), socket, domain.replace("</metadata>", second))
+    assert process.wait(timeout=60) == 1
+    assert f"sevhook-qemu: {name}: metadata: " in _log(world, name)
+    assert "a second <sevhook:attestation>" in _log(world, name)
+    with pytest.raises(SevhookError, match="has been launched"):  # the platform never saw a LAUNCH_START
+        sevhook("sim", "secrets", "--state-dir", str(world.sim_dir), "--domain", name, "--json")
+
+
 def _alive(process: subprocess.Popen[bytes]) -> bool:
     return process.poll() is None
 
