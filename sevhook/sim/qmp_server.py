@@ -105,16 +105,6 @@ class Connection:
         except (ConnectionError, RuntimeError):
             self.closed = True
 
-    async def send_raw(self, data: bytes) -> None:
-        """Relay bytes as they came (wrapping mode)."""
-        if self.closed:
-            return
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, RuntimeError):
-            self.closed = True
-
     def send_nowait(self, message: dict) -> None:
         if self.closed or self.writer.is_closing():
             return
